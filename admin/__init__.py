@@ -1,0 +1,1 @@
+"""The pochta command line: admin verbs and process supervision."""

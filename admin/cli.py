@@ -1,0 +1,222 @@
+"""The ``pochta`` command: thin Typer verbs over store/, mta/ and mda/.
+
+No logic lives here beyond argument handling and printing. Every user mistake surfaces as one
+line on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import getpass
+import sys
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from store.config import Config, ConfigError
+from store.config import load as load_config
+from store.db import Database
+from store.directory import Directory, DirectoryError, DirectoryUnavailable
+
+app = typer.Typer(
+    name="pochta",
+    help="pochta: SMTP MTA, submission MSA and LMTP MDA for a self-hosted domain.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+db_app = typer.Typer(help="The directory database.", no_args_is_help=True)
+domain_app = typer.Typer(help="Domains we receive mail for.", no_args_is_help=True)
+user_app = typer.Typer(help="Mailbox users.", no_args_is_help=True)
+alias_app = typer.Typer(help="Aliases; '@domain' is the catch-all.", no_args_is_help=True)
+queue_app = typer.Typer(help="The mail queue (spool).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(domain_app, name="domain")
+app.add_typer(user_app, name="user")
+app.add_typer(alias_app, name="alias")
+app.add_typer(queue_app, name="queue")
+
+
+class UserError(Exception):
+    """A mistake on the command line, reported in one line."""
+
+
+@dataclass
+class Context:
+    """What the verbs need, built lazily from the one config loaded at start."""
+
+    config_path: str | None
+    _db: Database | None = field(default=None, repr=False)
+
+    @cached_property
+    def config(self) -> Config:
+        return load_config(self.config_path)
+
+    @property
+    def db(self) -> Database:
+        if self._db is None:
+            self._db = Database(self.config.database_url)
+        return self._db
+
+    @property
+    def directory(self) -> Directory:
+        return Directory(self.db)
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    config: str | None = typer.Option(
+        None, "--config", "-c", envvar="POCHTA_CONFIG", help="TOML config file."),
+) -> None:
+    ctx.obj = Context(config)
+
+
+def _ctx(ctx: typer.Context) -> Context:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, Context)
+    return obj
+
+
+def table(headers: list[str], rows: list[list[str]]) -> None:
+    t = Table(*headers, box=None, pad_edge=False, header_style="bold")
+    for r in rows:
+        t.add_row(*r)
+    Console(width=200 if not sys.stdout.isatty() else None, soft_wrap=True).print(t)
+
+
+def read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        data = sys.stdin.read()
+        if data.endswith("\r\n"):
+            data = data[:-2]
+        elif data.endswith("\n"):
+            data = data[:-1]
+        return data
+    if not sys.stdin.isatty():
+        raise UserError("no terminal to ask for the password: use --password-stdin")
+    first = getpass.getpass("Password: ")
+    if getpass.getpass("Again: ") != first:
+        raise UserError("the passwords differ")
+    return first
+
+
+# --- db ------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context) -> None:
+    """Create the database if new and migrate it to the newest schema."""
+    from store.migrate import current_revision, upgrade_to_head
+
+    c = _ctx(ctx)
+    upgrade_to_head(c.config.database_url)
+    typer.echo(f"database at revision {current_revision(c.config.database_url)}")
+
+
+# --- domain --------------------------------------------------------------------------------
+
+
+@domain_app.command("add")
+def domain_add(ctx: typer.Context, domain: str) -> None:
+    """Receive mail for DOMAIN."""
+    typer.echo(f"added domain {_ctx(ctx).directory.add_domain(domain)}")
+
+
+@domain_app.command("list")
+def domain_list(ctx: typer.Context) -> None:
+    rows = _ctx(ctx).directory.list_domains()
+    table(["DOMAIN", "USERS", "ALIASES"], [[d, str(u), str(a)] for d, u, a in rows])
+
+
+@domain_app.command("remove")
+def domain_remove(
+    ctx: typer.Context, domain: str,
+    force: bool = typer.Option(False, "--force", help="Also remove its users and aliases."),
+) -> None:
+    _ctx(ctx).directory.remove_domain(domain, force=force)
+    typer.echo(f"removed domain {domain}")
+
+
+# --- user ----------------------------------------------------------------------------------
+
+
+@user_app.command("add")
+def user_add(
+    ctx: typer.Context, address: str,
+    password_stdin: bool = typer.Option(False, "--password-stdin",
+                                        help="Read the password from standard input."),
+    quota: int | None = typer.Option(None, "--quota", help="Mailbox quota in bytes."),
+) -> None:
+    """Create the mailbox ADDRESS (its domain must exist)."""
+    password = read_password(password_stdin)
+    typer.echo(f"added user {_ctx(ctx).directory.add_user(address, password, quota)}")
+
+
+@user_app.command("passwd")
+def user_passwd(
+    ctx: typer.Context, address: str,
+    password_stdin: bool = typer.Option(False, "--password-stdin"),
+) -> None:
+    password = read_password(password_stdin)
+    typer.echo(f"changed password of {_ctx(ctx).directory.set_password(address, password)}")
+
+
+@user_app.command("list")
+def user_list(ctx: typer.Context, domain: str | None = typer.Argument(None)) -> None:
+    users = _ctx(ctx).directory.list_users(domain)
+    table(["ADDRESS", "ENABLED", "QUOTA", "CREATED"],
+          [[u.address, "yes" if u.enabled else "no",
+            str(u.quota_bytes) if u.quota_bytes else "-",
+            u.created.strftime("%Y-%m-%d %H:%M")] for u in users])
+
+
+@user_app.command("remove")
+def user_remove(ctx: typer.Context, address: str) -> None:
+    _ctx(ctx).directory.remove_user(address)
+    typer.echo(f"removed user {address}")
+
+
+# --- alias ---------------------------------------------------------------------------------
+
+
+@alias_app.command("add")
+def alias_add(ctx: typer.Context, alias: str, targets: list[str]) -> None:
+    """Deliver mail for ALIAS (or '@domain', the catch-all) to each TARGET."""
+    src, tgts = _ctx(ctx).directory.add_alias(alias, targets)
+    typer.echo(f"added alias {src} -> {', '.join(tgts)}")
+
+
+@alias_app.command("list")
+def alias_list(ctx: typer.Context) -> None:
+    rows = _ctx(ctx).directory.list_aliases()
+    table(["ALIAS", "TARGETS"], [[src, ", ".join(t)] for src, t in rows])
+
+
+@alias_app.command("remove")
+def alias_remove(ctx: typer.Context, alias: str,
+                 target: str | None = typer.Argument(None)) -> None:
+    _ctx(ctx).directory.remove_alias(alias, target)
+    typer.echo(f"removed alias {alias}" + (f" -> {target}" if target else ""))
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+def main() -> None:
+    # Import for their side effect of registering commands on ``app``.
+    from admin import dovecot, queue_cmds, serve  # noqa: F401
+
+    try:
+        app()
+    except (ConfigError, DirectoryError, UserError) as e:
+        typer.echo(f"pochta: {e}", err=True)
+        sys.exit(1)
+    except DirectoryUnavailable as e:
+        hint = " (run 'pochta db upgrade')" if "no such table" in str(e) \
+            or "does not exist" in str(e) else ""
+        typer.echo(f"pochta: database error: {e}{hint}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

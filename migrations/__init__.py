@@ -1,0 +1,1 @@
+"""Alembic history of the directory schema; ``store.migrate`` runs it."""

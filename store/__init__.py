@@ -1,0 +1,1 @@
+"""The shared kernel: config, the directory database (domains, users, aliases), file-system safety."""

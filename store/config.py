@@ -1,0 +1,207 @@
+"""The one configuration object every pochta process loads once and passes down.
+
+A TOML file (``--config`` or ``POCHTA_CONFIG``) overrides embedded defaults. The defaults put
+all state under one data folder (``data_dir``) and listen on unprivileged loopback ports, so
+``pochta up`` works on a fresh machine. Unknown keys and values of the wrong type are refused
+with a ``ConfigError`` naming the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class ConfigError(Exception):
+    """A configuration problem, described in one line for the admin."""
+
+
+@dataclass(frozen=True)
+class MTAConfig:
+    listen: list[str] = field(default_factory=lambda: ["127.0.0.1:10025"])
+    vrfy: bool = False
+    expn: bool = False
+    max_message_size: int = 52428800
+    max_recipients: int = 100
+    max_connections: int = 200
+    max_connections_per_ip: int = 20
+    idle_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: at least 5 minutes
+    max_errors: int = 10
+    min_free_space: int = 104857600  # bytes free in spool_dir before MAIL gets 452 4.3.1
+
+
+@dataclass(frozen=True)
+class MSAConfig:
+    listen: list[str] = field(default_factory=lambda: ["127.0.0.1:10587"])
+    listen_tls: list[str] = field(default_factory=lambda: ["127.0.0.1:10465"])
+    vrfy: bool = True
+    expn: bool = True
+
+
+@dataclass(frozen=True)
+class MDAConfig:
+    listen: str = "127.0.0.1:10024"
+    mailbox_root: str = ""
+    format: str = "maildir"
+    max_message_size: int = 52428800
+    idle_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: str = ""
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    resolver: str = ""
+    smtp_port: int = 25
+    smarthost: str = ""
+    retry_initial: float = 300.0  # seconds before the first retry; doubles up to retry_max
+    retry_max: float = 3600.0
+    max_queue_lifetime: float = 432000.0  # 5 days, then the message bounces
+    lmtp_timeout: float = 120.0
+
+
+@dataclass(frozen=True)
+class Config:
+    hostname: str = "localhost"
+    data_dir: str = ""
+    database_url: str = ""
+    spool_dir: str = ""
+    log_level: str = "info"
+    mta: MTAConfig = field(default_factory=MTAConfig)
+    msa: MSAConfig = field(default_factory=MSAConfig)
+    mda: MDAConfig = field(default_factory=MDAConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    source: str = "(embedded defaults)"  # where this config came from, for messages
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "pochta"
+
+
+def _check_value(key: str, value: Any, expected: Any) -> Any:
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
+        return value
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"config key {key!r}: expected a non-negative integer, got {value!r}")
+        return value
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"config key {key!r}: expected a non-negative number, got {value!r}")
+        return float(value)
+    if expected is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+        return value
+    if expected == list[str]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config key {key!r}: expected a list of strings, got {value!r}")
+        return list(value)
+    raise ConfigError(f"config key {key!r}: unsupported type")  # pragma: no cover
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}")
+        expected = hints[key]
+        if dataclasses.is_dataclass(expected):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {full!r}: expected a table [{full}]")
+            kwargs[key] = _build(expected, value, f"{full}.")  # type: ignore[arg-type]
+        else:
+            kwargs[key] = _check_value(full, value, expected)
+    return cls(**kwargs)
+
+
+def parse_address(value: str, key: str) -> tuple[str, int]:
+    """Split "host:port" (IPv6 as "[::1]:25") and check the port."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+        raise ConfigError(f"config key {key!r}: expected \"host:port\", got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _validate(cfg: Config) -> None:
+    for i, addr in enumerate(cfg.mta.listen):
+        parse_address(addr, f"mta.listen[{i}]")
+    for i, addr in enumerate(cfg.msa.listen):
+        parse_address(addr, f"msa.listen[{i}]")
+    for i, addr in enumerate(cfg.msa.listen_tls):
+        parse_address(addr, f"msa.listen_tls[{i}]")
+    if not cfg.mda.listen.startswith("unix:"):
+        parse_address(cfg.mda.listen, "mda.listen")
+    if cfg.mda.format not in ("maildir", "mbox"):
+        raise ConfigError(f"config key 'mda.format': expected \"maildir\" or \"mbox\", "
+                          f"got {cfg.mda.format!r}")
+    if cfg.delivery.resolver:
+        parse_address(cfg.delivery.resolver, "delivery.resolver")
+    if cfg.delivery.smarthost:
+        parse_address(cfg.delivery.smarthost, "delivery.smarthost")
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"config key 'log_level': expected debug, info, warning or error, "
+                          f"got {cfg.log_level!r}")
+    if not cfg.hostname or any(c.isspace() for c in cfg.hostname):
+        raise ConfigError(f"config key 'hostname': expected a host name, got {cfg.hostname!r}")
+
+
+def _fill_paths(cfg: Config) -> Config:
+    """Derive every unset path from data_dir, so the defaults live in one folder."""
+    data = Path(cfg.data_dir).expanduser() if cfg.data_dir else default_data_dir()
+    data = data.absolute()
+    mda = cfg.mda
+    if not mda.mailbox_root:
+        mda = dataclasses.replace(mda, mailbox_root=str(data / "mail"))
+    tls = cfg.tls
+    if not tls.cert and not tls.key:
+        tls = TLSConfig(cert=str(data / "tls" / "cert.pem"), key=str(data / "tls" / "key.pem"))
+    elif not (tls.cert and tls.key):
+        raise ConfigError("config keys 'tls.cert' and 'tls.key' must be set together")
+    return dataclasses.replace(
+        cfg,
+        data_dir=str(data),
+        database_url=cfg.database_url or f"sqlite:///{data / 'pochta.db'}",
+        spool_dir=cfg.spool_dir or str(data / "spool"),
+        mda=mda,
+        tls=tls,
+    )
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load the config from ``path``, else ``$POCHTA_CONFIG``, else the embedded defaults."""
+    path = path or os.environ.get("POCHTA_CONFIG") or None
+    if path is None:
+        cfg = Config()
+    else:
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} not found") from None
+        except OSError as e:
+            raise ConfigError(f"config file {str(path)!r}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(path)!r}: {e}") from None
+        cfg = _build(Config, table, "")
+        cfg = dataclasses.replace(cfg, source=str(path))
+    cfg = _fill_paths(cfg)
+    _validate(cfg)
+    return cfg

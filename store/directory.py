@@ -1,0 +1,379 @@
+"""The directory: which domains are ours, which mailboxes and aliases exist, who may log in.
+
+Every process asks the same questions through ``Directory``: the MTA (``resolve`` at RCPT,
+``vrfy``/``expn``), the MSA (``authenticate``), the MDA (``mailbox_exists``) and the admin CLI
+(the add/list/remove verbs). Lookup failures of the database raise ``DirectoryUnavailable`` so
+the SMTP layer answers 4xx, never 550 for a real user.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from store import addresses, passwords
+from store.addresses import AddressError
+from store.db import Database
+from store.models import Alias, Domain, User
+
+log = logging.getLogger("pochta.directory")
+
+MAX_ALIAS_DEPTH = 10  # nested aliases deeper than this are treated as a loop
+
+
+class DirectoryError(Exception):
+    """A user mistake in an admin operation (unknown domain, duplicate, ...): one line."""
+
+
+class DirectoryUnavailable(Exception):
+    """The database could not be reached or failed: a temporary condition."""
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    address: str
+    enabled: bool
+    created: datetime
+    quota_bytes: int | None
+
+
+def catch_all(domain: str) -> str:
+    return f"@{domain}"
+
+
+def _normalize_source(source: str) -> str:
+    """An alias source: a full address, or ``@domain`` for the catch-all."""
+    if source.startswith("@"):
+        return catch_all(addresses.normalize_domain(source[1:]))
+    return addresses.normalize(source)
+
+
+class Directory:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # --- lookups used by the mail processes -------------------------------------------------
+
+    def is_local_domain(self, domain: str) -> bool:
+        try:
+            name = addresses.normalize_domain(domain)
+        except AddressError:
+            return False
+        with self._read() as s:
+            return s.scalar(select(Domain.id).where(Domain.name == name)) is not None
+
+    def mailbox_exists(self, address: str) -> bool:
+        """True if ``address`` (subaddress stripped) is an enabled mailbox of ours."""
+        try:
+            addr = addresses.strip_subaddress(addresses.normalize(address))
+        except AddressError:
+            return False
+        with self._read() as s:
+            return self._is_user(s, addr)
+
+    def resolve(self, address: str) -> list[str]:
+        """The final mailboxes and foreign addresses mail to ``address`` goes to.
+
+        Order of look-up for a local address: the exact address (alias before mailbox, as
+        Postfix's virtual_alias_maps), then without its ``+tag``, then the domain's catch-all.
+        Aliases nest; a loop or a chain deeper than MAX_ALIAS_DEPTH yields nothing for that
+        branch. Unknown local addresses resolve to []. Foreign addresses resolve to themselves.
+        """
+        try:
+            addr = addresses.normalize(address)
+        except AddressError:
+            return []
+        with self._read() as s:
+            out: list[str] = []
+            self._expand(s, addr, (), out)
+            return out
+
+    def vrfy(self, address: str) -> str | None:
+        """The mailbox ``address`` names, or None (RFC 5321 3.5.1: VRFY names a user)."""
+        try:
+            addr = addresses.strip_subaddress(addresses.normalize(address))
+        except AddressError:
+            return None
+        with self._read() as s:
+            if self._is_user(s, addr):
+                return addr
+            targets = self._alias_targets(s, addr)
+            return addr if targets else None
+
+    def expn(self, address: str) -> list[str] | None:
+        """The members of the alias ``address`` (one level), or None if it is no alias."""
+        try:
+            addr = addresses.normalize(address)
+        except AddressError:
+            return None
+        with self._read() as s:
+            targets = self._alias_targets(s, addr)
+            return targets or None
+
+    def authenticate(self, address: str, password: str) -> str | None:
+        """The normalised login if ``password`` is right for an enabled user, else None.
+
+        Unknown users cost one hash verification too, so timing tells nothing; a hash made with
+        older parameters is replaced on a successful login.
+        """
+        try:
+            addr = addresses.normalize(address)
+        except AddressError:
+            addr = None
+        stored: str | None = None
+        if addr is not None:
+            with self._read() as s:
+                user = s.scalar(select(User).where(User.address == addr))
+                if user is not None and user.enabled:
+                    stored = user.password_hash
+        if not passwords.verify_password(stored, password) or stored is None or addr is None:
+            return None
+        if passwords.needs_rehash(stored):
+            try:
+                with self.db.transaction() as s:
+                    user = s.scalar(select(User).where(User.address == addr))
+                    if user is not None:
+                        user.password_hash = passwords.hash_password(password)
+            except SQLAlchemyError:
+                log.warning("could not rehash password of %s", addr)
+        return addr
+
+    # --- admin verbs -------------------------------------------------------------------------
+
+    def add_domain(self, name: str) -> str:
+        domain = self._domain_arg(name)
+        with self._write() as s:
+            if s.scalar(select(Domain.id).where(Domain.name == domain)) is not None:
+                raise DirectoryError(f"domain {domain} already exists")
+            s.add(Domain(name=domain))
+        return domain
+
+    def list_domains(self) -> list[tuple[str, int, int]]:
+        """(domain, number of users, number of alias rows), sorted by name."""
+        with self._read() as s:
+            users = (select(User.domain_id, func.count().label("n"))
+                     .group_by(User.domain_id).subquery())
+            aliases = (select(Alias.domain_id, func.count().label("n"))
+                       .group_by(Alias.domain_id).subquery())
+            rows = s.execute(
+                select(Domain.name, func.coalesce(users.c.n, 0), func.coalesce(aliases.c.n, 0))
+                .outerjoin(users, users.c.domain_id == Domain.id)
+                .outerjoin(aliases, aliases.c.domain_id == Domain.id)
+                .order_by(Domain.name)
+            ).all()
+            return [(r[0], int(r[1]), int(r[2])) for r in rows]
+
+    def remove_domain(self, name: str, force: bool = False) -> None:
+        domain = self._domain_arg(name)
+        with self._write() as s:
+            d = s.scalar(select(Domain).where(Domain.name == domain))
+            if d is None:
+                raise DirectoryError(f"domain {domain} does not exist")
+            n_users = s.scalar(select(func.count()).where(User.domain_id == d.id)) or 0
+            n_alias = s.scalar(select(func.count()).where(Alias.domain_id == d.id)) or 0
+            if (n_users or n_alias) and not force:
+                raise DirectoryError(
+                    f"domain {domain} still has {n_users} user(s) and {n_alias} alias(es); "
+                    "remove them first or use --force")
+            s.execute(delete(User).where(User.domain_id == d.id))
+            s.execute(delete(Alias).where(Alias.domain_id == d.id))
+            s.delete(d)
+
+    def add_user(self, address: str, password: str, quota_bytes: int | None = None) -> str:
+        addr = self._mailbox_arg(address)
+        _check_password(password)
+        pw_hash = passwords.hash_password(password)
+        with self._write() as s:
+            domain = self._own_domain(s, addr)
+            if s.scalar(select(User.id).where(User.address == addr)) is not None:
+                raise DirectoryError(f"user {addr} already exists")
+            s.add(User(address=addr, domain_id=domain.id, password_hash=pw_hash,
+                       quota_bytes=quota_bytes))
+        return addr
+
+    def set_password(self, address: str, password: str) -> str:
+        addr = self._mailbox_arg(address)
+        _check_password(password)
+        pw_hash = passwords.hash_password(password)
+        with self._write() as s:
+            user = s.scalar(select(User).where(User.address == addr))
+            if user is None:
+                raise DirectoryError(f"user {addr} does not exist")
+            user.password_hash = pw_hash
+        return addr
+
+    def list_users(self, domain: str | None = None) -> list[UserInfo]:
+        with self._read() as s:
+            q = select(User).order_by(User.address)
+            if domain is not None:
+                d = s.scalar(select(Domain).where(Domain.name == self._domain_arg(domain)))
+                if d is None:
+                    raise DirectoryError(f"domain {self._domain_arg(domain)} does not exist")
+                q = q.where(User.domain_id == d.id)
+            return [UserInfo(u.address, u.enabled, u.created, u.quota_bytes)
+                    for u in s.scalars(q)]
+
+    def remove_user(self, address: str) -> None:
+        addr = self._mailbox_arg(address)
+        with self._write() as s:
+            if s.execute(delete(User).where(User.address == addr)).rowcount == 0:
+                raise DirectoryError(f"user {addr} does not exist")
+
+    def add_alias(self, source: str, targets: list[str]) -> tuple[str, list[str]]:
+        try:
+            src = _normalize_source(source)
+            tgts = [addresses.normalize(t) for t in targets]
+        except AddressError as e:
+            raise DirectoryError(str(e)) from None
+        if not tgts:
+            raise DirectoryError("an alias needs at least one target")
+        if not src.startswith("@"):
+            try:
+                src = addresses.normalize_mailbox(src)
+            except AddressError as e:
+                raise DirectoryError(str(e)) from None
+        with self._write() as s:
+            domain = self._own_domain(s, src)
+            existing = set(s.scalars(select(Alias.target).where(Alias.source == src)))
+            dupes = [t for t in tgts if t in existing]
+            if dupes:
+                raise DirectoryError(f"alias {src} -> {dupes[0]} already exists")
+            for t in dict.fromkeys(tgts):
+                s.add(Alias(source=src, target=t, domain_id=domain.id))
+        return src, tgts
+
+    def list_aliases(self) -> list[tuple[str, list[str]]]:
+        with self._read() as s:
+            rows = s.execute(select(Alias.source, Alias.target)
+                             .order_by(Alias.source, Alias.id)).all()
+        grouped: dict[str, list[str]] = {}
+        for src, tgt in rows:
+            grouped.setdefault(src, []).append(tgt)
+        return list(grouped.items())
+
+    def remove_alias(self, source: str, target: str | None = None) -> None:
+        try:
+            src = _normalize_source(source)
+            tgt = addresses.normalize(target) if target else None
+        except AddressError as e:
+            raise DirectoryError(str(e)) from None
+        with self._write() as s:
+            q = delete(Alias).where(Alias.source == src)
+            if tgt is not None:
+                q = q.where(Alias.target == tgt)
+            if s.execute(q).rowcount == 0:
+                what = f"{src} -> {tgt}" if tgt else src
+                raise DirectoryError(f"alias {what} does not exist")
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _read(self) -> _Guard:
+        return _Guard(self.db, write=False)
+
+    def _write(self) -> _Guard:
+        return _Guard(self.db, write=True)
+
+    @staticmethod
+    def _domain_arg(name: str) -> str:
+        try:
+            return addresses.normalize_domain(name)
+        except AddressError as e:
+            raise DirectoryError(str(e)) from None
+
+    @staticmethod
+    def _mailbox_arg(address: str) -> str:
+        try:
+            return addresses.normalize_mailbox(address)
+        except AddressError as e:
+            raise DirectoryError(str(e)) from None
+
+    @staticmethod
+    def _own_domain(s: Session, address: str) -> Domain:
+        name = address.rpartition("@")[2]
+        domain = s.scalar(select(Domain).where(Domain.name == name))
+        if domain is None:
+            raise DirectoryError(f"domain {name} is not a domain of ours (pochta domain add {name})")
+        return domain
+
+    @staticmethod
+    def _is_user(s: Session, addr: str) -> bool:
+        return s.scalar(select(User.id).where(User.address == addr, User.enabled.is_(True))) \
+            is not None
+
+    @staticmethod
+    def _alias_targets(s: Session, source: str) -> list[str]:
+        return list(s.scalars(select(Alias.target).where(Alias.source == source)
+                              .order_by(Alias.id)))
+
+    def _expand(self, s: Session, addr: str, chain: tuple[str, ...], out: list[str]) -> None:
+        domain = addresses.domain_of(addr)
+        if s.scalar(select(Domain.id).where(Domain.name == domain)) is None:
+            if addr not in out:
+                out.append(addr)  # foreign: delivered by SMTP, not ours to expand
+            return
+        if addr in chain or len(chain) >= MAX_ALIAS_DEPTH:
+            # An alias that reaches itself again delivers to the mailbox of that name, if any.
+            if self._is_user(s, addr) and addr not in out:
+                out.append(addr)
+            else:
+                log.warning("alias loop or depth limit at %s (chain %s)", addr, " -> ".join(chain))
+            return
+        base = addresses.strip_subaddress(addr)
+        for candidate in dict.fromkeys((addr, base)):
+            targets = self._alias_targets(s, candidate)
+            if targets:
+                for t in targets:
+                    self._expand(s, t, (*chain, candidate), out)
+                return
+            if self._is_user(s, candidate):
+                if candidate not in out:
+                    out.append(candidate)
+                return
+        for t in self._alias_targets(s, catch_all(domain)):
+            self._expand(s, t, (*chain, addr), out)
+
+
+def _check_password(password: str) -> None:
+    if not password:
+        raise DirectoryError("the password is empty")
+    if "\n" in password or "\r" in password or "\0" in password:
+        raise DirectoryError("the password holds a line break or NUL")
+
+
+class _Guard:
+    """A transaction that turns database failures into DirectoryUnavailable."""
+
+    def __init__(self, db: Database, write: bool) -> None:
+        self.db = db
+        self.write = write
+        self._cm = db.transaction()
+
+    def __enter__(self) -> Session:
+        try:
+            return self._cm.__enter__()
+        except SQLAlchemyError as e:
+            raise DirectoryUnavailable(_describe(e)) from e
+
+    def __exit__(self, et: object, ev: BaseException | None, tb: object) -> bool:
+        try:
+            self._cm.__exit__(et, ev, tb)  # type: ignore[arg-type]
+        except IntegrityError as e:
+            raise DirectoryError(f"conflicting change: {_describe(e)}") from e
+        except SQLAlchemyError as e:
+            raise DirectoryUnavailable(_describe(e)) from e
+        if isinstance(ev, IntegrityError):
+            raise DirectoryError(f"conflicting change: {_describe(ev)}") from ev
+        if isinstance(ev, SQLAlchemyError):
+            raise DirectoryUnavailable(_describe(ev)) from ev
+        return False
+
+
+def _describe(e: SQLAlchemyError) -> str:
+    orig = getattr(e, "orig", None)
+    text = str(orig if orig is not None else e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,74 @@
+"""File-system primitives for durability, shared by the spool and the mailboxes.
+
+POSIX only promises that a file survives a crash once the file is fsynced AND the directory
+entry pointing at it is fsynced; ``rename``/``link`` alone are not durable. Every write that
+precedes a 250 goes through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_synced(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
+    """Create ``path`` (which must not exist), write ``data`` and fsync it; no directory sync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(path)
+        raise
+    os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600,
+                 sync_dir: bool = True) -> None:
+    """Replace ``path`` with ``data`` all at once: temp file, fsync, rename, fsync directory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _unlink_quietly(tmp)
+    write_file_synced(tmp, data, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def ensure_dir(path: str | os.PathLike[str], mode: int = 0o700) -> Path:
+    """Create ``path`` and any missing parents; fsync each parent of a directory we created."""
+    p = Path(path)
+    missing: list[Path] = []
+    q = p
+    while not q.exists():
+        missing.append(q)
+        q = q.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:
+            continue
+        fsync_dir(d.parent)
+    return p
+
+
+def _unlink_quietly(path: str | os.PathLike[str]) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

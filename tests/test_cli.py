@@ -1,0 +1,94 @@
+"""The real `pochta` command in a subprocess: output, exit codes, one-line errors."""
+
+import pytest
+from conftest import run_pochta
+
+
+@pytest.fixture
+def cfg(tmp_path, database_url):
+    p = tmp_path / "pochta.toml"
+    p.write_text(f'data_dir = "{tmp_path}"\ndatabase_url = "{database_url}"\n')
+    r = run_pochta(p, "db", "upgrade")
+    assert r.returncode == 0, r.stderr
+    return p
+
+
+def ok(cfg, *args, stdin=None):
+    r = run_pochta(cfg, *args, stdin=stdin)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def fails(cfg, *args, stdin=None):
+    r = run_pochta(cfg, *args, stdin=stdin)
+    assert r.returncode != 0
+    assert r.stderr.startswith("pochta: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    return r.stderr
+
+
+def test_domain_user_alias_round_trip(cfg):
+    ok(cfg, "domain", "add", "Example.COM")
+    ok(cfg, "domain", "add", "xn--bcher-kva.de")
+    ok(cfg, "user", "add", "Alice@example.com", "--password-stdin", stdin="s3cret\n")
+    ok(cfg, "user", "add", "jürgen@bücher.de", "--password-stdin", stdin="pw\n")
+    ok(cfg, "alias", "add", "team@example.com", "alice@example.com", "friend@foreign.org")
+    ok(cfg, "alias", "add", "@example.com", "alice@example.com")
+
+    domains = ok(cfg, "domain", "list").splitlines()
+    assert domains[0].split() == ["DOMAIN", "USERS", "ALIASES"]
+    assert domains[1].split() == ["bücher.de", "1", "0"]
+    assert domains[2].split() == ["example.com", "1", "3"]
+    users = ok(cfg, "user", "list", "example.com")
+    assert "alice@example.com" in users and "jürgen" not in users
+    aliases = ok(cfg, "alias", "list")
+    assert "team@example.com" in aliases and "friend@foreign.org" in aliases
+
+    ok(cfg, "alias", "remove", "team@example.com", "friend@foreign.org")
+    assert "friend@foreign.org" not in ok(cfg, "alias", "list")
+    ok(cfg, "user", "remove", "alice@example.com")
+    assert "alice" not in ok(cfg, "user", "list")
+
+
+def test_password_is_stored_hashed_and_checked(cfg, database_url):
+    from store.db import Database
+    from store.directory import Directory
+
+    ok(cfg, "domain", "add", "example.com")
+    ok(cfg, "user", "add", "bob@example.com", "--password-stdin", stdin="correct horse\n")
+    db = Database(database_url)
+    try:
+        d = Directory(db)
+        assert d.authenticate("bob@example.com", "correct horse") == "bob@example.com"
+        ok(cfg, "user", "passwd", "bob@example.com", "--password-stdin", stdin="battery\n")
+        assert d.authenticate("bob@example.com", "correct horse") is None
+        assert d.authenticate("bob@example.com", "battery") == "bob@example.com"
+    finally:
+        db.dispose()
+
+
+def test_mistakes_get_one_line(cfg):
+    ok(cfg, "domain", "add", "example.com")
+    ok(cfg, "user", "add", "bob@example.com", "--password-stdin", stdin="pw\n")
+    assert "not a domain of ours" in fails(cfg, "user", "add", "x@unknown.org",
+                                           "--password-stdin", stdin="pw\n")
+    assert "already exists" in fails(cfg, "user", "add", "BOB@example.com",
+                                     "--password-stdin", stdin="pw\n")
+    assert "already exists" in fails(cfg, "domain", "add", "EXAMPLE.com")
+    assert "invalid" in fails(cfg, "user", "add", "bad address@example.com",
+                              "--password-stdin", stdin="pw\n")
+    assert "still has" in fails(cfg, "domain", "remove", "example.com")
+    assert "--password-stdin" in fails(cfg, "user", "add", "new@example.com", stdin="")
+    ok(cfg, "domain", "remove", "example.com", "--force")
+    assert "does not exist" in fails(cfg, "user", "remove", "bob@example.com")
+
+
+def test_bad_config_and_missing_schema(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[mta]\nmax_recipients = 'many'\n")
+    r = run_pochta(bad, "domain", "list")
+    assert r.returncode != 0 and "'mta.max_recipients'" in r.stderr and "Traceback" not in r.stderr
+    fresh = tmp_path / "fresh.toml"
+    fresh.write_text(f'data_dir = "{tmp_path / "fresh"}"\n')
+    r = run_pochta(fresh, "domain", "list")
+    assert r.returncode != 0 and "pochta db upgrade" in r.stderr
