@@ -1,1 +1,177 @@
-"""(filled in below)"""
+"""`pochta serve mta|msa|mda` (one process, foreground) and `pochta up` (all, supervised)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from enum import Enum
+
+import typer
+
+from admin.cli import _ctx, app
+from store.config import Config, parse_address
+
+ROLES = ("mda", "mta", "msa")
+
+
+class Role(str, Enum):
+    mta = "mta"
+    msa = "msa"
+    mda = "mda"
+
+
+def setup_logging(cfg: Config, role: str) -> None:
+    logging.basicConfig(
+        level=cfg.log_level.upper(), stream=sys.stderr,
+        format=f"%(asctime)s {role}[{os.getpid()}]: %(message)s", datefmt="%Y-%m-%dT%H:%M:%S",
+        force=True)
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
+
+
+async def _serve(cfg: Config, role: str) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if role == "mda":
+        from mda.server import run
+    elif role == "mta":
+        from mta.server import run_mta as run
+    else:
+        from mta.server import run_msa as run
+    await run(cfg, stop)
+
+
+@app.command("serve")
+def serve(ctx: typer.Context, role: Role) -> None:
+    """Run one process in the foreground, logging to stderr."""
+    cfg = _ctx(ctx).config
+    setup_logging(cfg, role.value)
+    try:
+        asyncio.run(_serve(cfg, role.value))
+    except OSError as e:
+        logging.getLogger("pochta").error("cannot start %s: %s", role.value, e)
+        raise SystemExit(1) from None
+
+
+def listen_addresses(cfg: Config, role: str) -> list[str]:
+    if role == "mda":
+        return [cfg.mda.listen]
+    if role == "mta":
+        return list(cfg.mta.listen)
+    return list(cfg.msa.listen) + list(cfg.msa.listen_tls)
+
+
+def is_listening(addr: str) -> bool:
+    try:
+        if addr.startswith("unix:"):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(0.5)
+                s.connect(addr[5:])
+        else:
+            host, port = parse_address(addr, "listen")
+            if host in ("0.0.0.0", "::"):
+                host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+            with socket.create_connection((host, port), timeout=0.5):
+                pass
+        return True
+    except OSError:
+        return False
+
+
+class Supervisor:
+    """Starts each role as its own process, restarts the ones that die, stops all on signal."""
+
+    def __init__(self, cfg: Config, config_path: str | None, roles: list[str]) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.roles = roles
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.restarts: dict[str, int] = dict.fromkeys(roles, 0)
+        self.next_start: dict[str, float] = dict.fromkeys(roles, 0.0)
+        self.stopping = False
+        self.log = logging.getLogger("pochta.up")
+
+    def spawn(self, role: str) -> None:
+        cmd = [sys.executable, "-m", "admin"]
+        if self.config_path:
+            cmd += ["--config", self.config_path]
+        cmd += ["serve", role]
+        self.procs[role] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        self.log.info("started %s (pid %d)", role, self.procs[role].pid)
+
+    def wait_ready(self, role: str, timeout: float = 20.0) -> bool:
+        deadline = time.monotonic() + timeout
+        addrs = listen_addresses(self.cfg, role)
+        while time.monotonic() < deadline and not self.stopping:
+            if self.procs[role].poll() is not None:
+                return False
+            if all(is_listening(a) for a in addrs):
+                self.log.info("%s ready on %s", role, " ".join(addrs))
+                return True
+            time.sleep(0.05)
+        return False
+
+    def run(self) -> int:
+        def on_signal(signum: int, _frame: object) -> None:
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        for role in self.roles:
+            self.spawn(role)
+            if not self.wait_ready(role):
+                if self.stopping:
+                    break
+                self.log.error("%s did not become ready; stopping", role)
+                self.stop_all()
+                return 1
+        if not self.stopping:
+            self.log.info("pochta up: %s running", ", ".join(self.roles))
+        while not self.stopping:
+            time.sleep(0.2)
+            for role, proc in list(self.procs.items()):
+                if proc.poll() is None or self.stopping:
+                    continue
+                now = time.monotonic()
+                if self.next_start[role] == 0.0:
+                    delay = min(30.0, 2.0 ** min(self.restarts[role], 5))
+                    self.log.warning("%s exited with status %s; restarting in %.0f s",
+                                     role, proc.returncode, delay)
+                    self.next_start[role] = now + delay
+                elif now >= self.next_start[role]:
+                    self.restarts[role] += 1
+                    self.next_start[role] = 0.0
+                    self.spawn(role)
+        self.stop_all()
+        return 0
+
+    def stop_all(self) -> None:
+        for role, proc in reversed(list(self.procs.items())):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                self.log.info("stopping %s (pid %d)", role, proc.pid)
+        deadline = time.monotonic() + 15
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.log.info("pochta stopped")
+
+
+@app.command("up")
+def up(ctx: typer.Context) -> None:
+    """Start the MDA, MTA and MSA as supervised processes; Ctrl-C or SIGTERM stops them."""
+    c = _ctx(ctx)
+    cfg = c.config
+    setup_logging(cfg, "up")
+    roles = [r for r in ROLES if listen_addresses(cfg, r)]
+    raise SystemExit(Supervisor(cfg, c.config_path, roles).run())

@@ -76,6 +76,16 @@ class Directory:
         with self._read() as s:
             return self._is_user(s, addr)
 
+    def mailbox(self, address: str) -> UserInfo | None:
+        """The enabled mailbox ``address`` (subaddress stripped) names, with its quota."""
+        try:
+            addr = addresses.strip_subaddress(addresses.normalize(address))
+        except AddressError:
+            return None
+        with self._read() as s:
+            u = s.scalar(select(User).where(User.address == addr, User.enabled.is_(True)))
+            return None if u is None else UserInfo(u.address, u.enabled, u.created, u.quota_bytes)
+
     def resolve(self, address: str) -> list[str]:
         """The final mailboxes and foreign addresses mail to ``address`` goes to.
 

@@ -1,0 +1,152 @@
+"""mbox delivery in mboxrd format, locked the way Dovecot and mutt lock.
+
+Each message is ``From <sender> <asctime>\\n``, the message with every line matching
+``^>*From `` given one more '>' (mboxrd: reversible, unlike stdlib mailbox.mbox's mboxo), and a
+blank line. Locks, in Dovecot's default write order: a ``<mbox>.lock`` dotlock, then an fcntl
+write lock on the file; inside one process a threading lock too, because fcntl locks belong to
+the process and would not keep two of our own threads apart. On any failure the file is
+truncated back to its old length, so no partial message stays behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from store.fsio import ensure_dir
+
+_FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
+_QUOTED_FROM = re.compile(rb"^>(>*From )", re.MULTILINE)
+DOTLOCK_STALE = 300.0  # seconds after which a dotlock is considered left by a dead process
+LOCK_TIMEOUT = 60.0
+
+
+class LockTimeout(OSError):
+    pass
+
+
+def quote(message: bytes) -> bytes:
+    """mboxrd quoting: one more '>' before each line matching ``^>*From ``."""
+    return _FROM_LINE.sub(rb">\1", message)
+
+
+def unquote(message: bytes) -> bytes:
+    return _QUOTED_FROM.sub(rb"\1", message)
+
+
+def from_line(mail_from: str, when: float | None = None) -> bytes:
+    sender = mail_from if mail_from not in ("", "<>") else "MAILER-DAEMON"
+    sender = "".join(c for c in sender if not c.isspace()) or "MAILER-DAEMON"
+    stamp = time.asctime(time.gmtime(when))
+    return f"From {sender} {stamp}\n".encode()
+
+
+def entry(message: bytes, mail_from: str, when: float | None = None) -> bytes:
+    """One complete mbox entry for ``message`` (LF line endings)."""
+    body = quote(message)
+    if not body.endswith(b"\n"):
+        body += b"\n"
+    return from_line(mail_from, when) + body + b"\n"
+
+
+def split_entries(mbox: bytes) -> list[bytes]:
+    """The messages of an mboxrd file, unquoted (for tests and tools)."""
+    parts = re.split(rb"(?:^|\n\n)From [^\n]*\n", mbox)
+    out = []
+    for p in parts[1:]:
+        if p.endswith(b"\n\n"):
+            p = p[:-1]
+        out.append(unquote(p))
+    return out
+
+
+class MboxWriter:
+    """Appends to mbox files; one instance per process holds the per-path thread locks."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    def _thread_lock(self, path: Path) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(str(path), threading.Lock())
+
+    def deliver(self, path: Path, message: bytes, mail_from: str) -> None:
+        ensure_dir(path.parent, 0o700)
+        data = entry(message, mail_from)
+        with self._thread_lock(path), _dotlock(path), _open_locked(path) as fd:
+            old_size = os.fstat(fd).st_size
+            try:
+                if old_size:
+                    # A file not ending in a blank line would glue our From line to its last
+                    # message; add the separator it lacks.
+                    tail = os.pread(fd, 2, old_size - min(2, old_size))
+                    if not tail.endswith(b"\n\n"):
+                        data = (b"\n" if tail.endswith(b"\n") else b"\n\n") + data
+                _write_all(fd, data, old_size)
+                os.fsync(fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, old_size)
+                    os.fsync(fd)
+                raise
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+@contextlib.contextmanager
+def _open_locked(path: Path) -> Iterator[int]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() > deadline:
+                    raise LockTimeout(errno.ETIMEDOUT, f"fcntl lock on {path} timed out") from None
+                time.sleep(0.02)
+        yield fd
+    finally:
+        os.close(fd)  # closing releases the fcntl lock
+
+
+@contextlib.contextmanager
+def _dotlock(path: Path) -> Iterator[None]:
+    lock = path.with_name(path.name + ".lock")
+    deadline = time.monotonic() + LOCK_TIMEOUT
+    while True:
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.close(fd)
+            break
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - os.stat(lock).st_mtime > DOTLOCK_STALE:
+                    os.unlink(lock)
+                    continue
+            if time.monotonic() > deadline:
+                raise LockTimeout(errno.ETIMEDOUT, f"dotlock {lock} timed out") from None
+            time.sleep(0.02)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)

@@ -1,0 +1,44 @@
+"""`pochta serve mda`: the LMTP listener on ``[mda] listen`` (TCP or unix socket)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mda.deliver import Deliverer
+from mda.session import LMTPHandler, LMTPProtocol
+from store.config import Config
+from store.db import Database
+from store.directory import Directory
+from store.smtpserver import Connections, start_listeners
+
+log = logging.getLogger("pochta.mda")
+
+
+async def run(cfg: Config, stop: asyncio.Event) -> None:
+    db = Database(cfg.database_url)
+    handler = LMTPHandler(Directory(db), Deliverer(cfg.mda, cfg.hostname))
+    connections = Connections(max_total=500, max_per_ip=0)
+
+    def factory() -> LMTPProtocol:
+        return LMTPProtocol(
+            handler, connections=connections, hostname=cfg.hostname, ident="LMTP",
+            data_size_limit=cfg.mda.max_message_size or None, enable_SMTPUTF8=True,
+            decode_data=False, timeout=cfg.mda.idle_timeout)
+
+    servers = await start_listeners([cfg.mda.listen], factory, key="mda.listen")
+    log.info("mda ready: LMTP on %s, %s in %s", cfg.mda.listen, cfg.mda.format,
+             cfg.mda.mailbox_root)
+    try:
+        await stop.wait()
+    finally:
+        for s in servers:
+            s.close()
+        connections.shutdown(cfg.hostname)
+        for s in servers:
+            try:
+                await asyncio.wait_for(s.wait_closed(), 5)
+            except TimeoutError:
+                pass
+        db.dispose()
+        log.info("mda stopped")

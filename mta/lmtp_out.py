@@ -1,0 +1,157 @@
+"""A small async LMTP client (RFC 2033) that reads one reply per accepted RCPT after DATA.
+
+smtplib.LMTP reads a single reply after DATA (bpo-32803), which loses every per-recipient
+result but the first; this client is what the queue runner hands local mail to the MDA with.
+Commands are pipelined (LMTP servers must support PIPELINING, RFC 2033 §4.2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from store.config import parse_address
+
+
+class LMTPError(Exception):
+    """The session failed as a whole (connection, protocol): every recipient is temporary."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    text: str
+
+    @property
+    def line(self) -> str:
+        return f"{self.code} {self.text}"
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+
+def dot_stuff(data: bytes) -> bytes:
+    """CRLF-terminated, dot-stuffed message body followed by the end-of-data line."""
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if data.startswith(b"."):
+        data = b"." + data
+    return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+class LMTPClient:
+    def __init__(self, address: str, timeout: float = 120.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def connect(self, local_name: str) -> None:
+        try:
+            if self.address.startswith("unix:"):
+                conn = asyncio.open_unix_connection(self.address[5:], limit=1 << 16)
+            else:
+                host, port = parse_address(self.address, "mda.listen")
+                conn = asyncio.open_connection(host, port, limit=1 << 16)
+            self.reader, self.writer = await asyncio.wait_for(conn, self.timeout)
+            greeting = await self.read_reply()
+            if greeting.code != 220:
+                raise LMTPError(f"greeting: {greeting.line}")
+            self.send(f"LHLO {local_name}")
+            lhlo = await self.read_reply()
+            if lhlo.code != 250:
+                raise LMTPError(f"LHLO: {lhlo.line}")
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
+            await self.close()
+            raise LMTPError(f"cannot talk to the MDA at {self.address}: {e}") from e
+
+    @property
+    def connected(self) -> bool:
+        return self.writer is not None and not self.writer.is_closing()
+
+    def send(self, line: str) -> None:
+        assert self.writer is not None
+        self.writer.write(line.encode("utf-8") + b"\r\n")
+
+    async def read_reply(self) -> Reply:
+        assert self.reader is not None
+        lines: list[str] = []
+        while True:
+            raw = await asyncio.wait_for(self.reader.readuntil(b"\n"), self.timeout)
+            line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+            if len(line) < 3 or not line[:3].isdigit():
+                raise LMTPError(f"malformed reply {line!r}")
+            lines.append(line[4:])
+            if line[3:4] != "-":
+                return Reply(int(line[:3]), " ".join(lines))
+            if len(lines) > 100:
+                raise LMTPError("reply too long")
+
+    async def deliver(self, mail_from: str, rcpts: list[str], data: bytes,
+                      smtputf8: bool = False) -> dict[str, Reply]:
+        """One transaction; the reply for each recipient (RCPT refusal or its DATA reply)."""
+        if not self.connected:
+            raise LMTPError("not connected")
+        try:
+            return await self._transaction(mail_from, rcpts, data, smtputf8)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, UnicodeError) as e:
+            await self.close()
+            raise LMTPError(f"LMTP session with {self.address} failed: {e!r}") from e
+        except LMTPError:
+            await self.close()
+            raise
+
+    async def _transaction(self, mail_from: str, rcpts: list[str], data: bytes,
+                           smtputf8: bool) -> dict[str, Reply]:
+        assert self.writer is not None
+        params = " SMTPUTF8" if smtputf8 else ""
+        sender = "" if mail_from in ("", "<>") else mail_from
+        self.send(f"MAIL FROM:<{sender}> BODY=8BITMIME{params}")
+        for r in rcpts:
+            self.send(f"RCPT TO:<{r}>")
+        self.send("DATA")
+        await self.writer.drain()
+        mail = await self.read_reply()
+        results: dict[str, Reply] = {}
+        accepted: list[str] = []
+        for r in rcpts:
+            reply = await self.read_reply()
+            if mail.code != 250:
+                results[r] = mail  # the MAIL refusal answers for everyone
+            elif reply.code == 250:
+                accepted.append(r)
+            else:
+                results[r] = reply
+        data_reply = await self.read_reply()
+        if data_reply.code != 354:
+            if accepted and data_reply.code < 500 and mail.code == 250:
+                for r in accepted:
+                    results[r] = data_reply
+            return {r: results.get(r, data_reply) for r in rcpts}
+        self.writer.write(dot_stuff(data))
+        await self.writer.drain()
+        for r in accepted:  # RFC 2033 §4.2: one reply per accepted RCPT, in order
+            results[r] = await self.read_reply()
+        return {r: results[r] for r in rcpts}
+
+    async def reset(self) -> None:
+        self.send("RSET")
+        reply = await self.read_reply()
+        if reply.code != 250:
+            raise LMTPError(f"RSET: {reply.line}")
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            w, self.writer = self.writer, None
+            try:
+                if not w.is_closing():
+                    w.write(b"QUIT\r\n")
+                w.close()
+                await asyncio.wait_for(w.wait_closed(), 2)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError):
+                pass

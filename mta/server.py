@@ -1,0 +1,1 @@
+"""(the MTA process, next)"""
