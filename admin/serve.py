@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from enum import Enum
+from enum import StrEnum
 
 import typer
 
@@ -20,7 +20,7 @@ from store.config import Config, parse_address
 ROLES = ("mda", "mta", "msa")
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     mta = "mta"
     msa = "msa"
     mda = "mda"
