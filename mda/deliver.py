@@ -29,6 +29,12 @@ class Deliverer:
         self.format = cfg.format
         self.names = maildir.UniqueNames(hostname)
         self.mbox = MboxWriter()
+        self.owner: tuple[int, int] | None = None
+        if cfg.mail_owner and os.geteuid() == 0:
+            import pwd
+
+            pw = pwd.getpwnam(cfg.mail_owner)
+            self.owner = (pw.pw_uid, pw.pw_gid)
 
     def deliver(self, mailbox: UserInfo, rcpt: str, mail_from: str, data: bytes) -> str:
         """Store one copy for ``mailbox``; return the LMTP reply line for this recipient."""
@@ -43,9 +49,9 @@ class Deliverer:
             return f"452 4.2.2 <{rcpt}> Mailbox full"
         try:
             if self.format == "maildir":
-                where = str(maildir.deliver(path, message, self.names).name)
+                where = str(maildir.deliver(path, message, self.names, self.owner).name)
             else:
-                self.mbox.deliver(path, message, mail_from)
+                self.mbox.deliver(path, message, mail_from, self.owner)
                 where = str(path)
         except OSError as e:
             log.error("to=<%s> status=deferred (%s: %s)", rcpt, path, e.strerror or e)

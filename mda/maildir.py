@@ -33,18 +33,19 @@ class UniqueNames:
         return f"{sec}.M{usec}P{os.getpid()}Q{next(self._counter)}.{self.host},S={size}"
 
 
-def ensure_maildir(path: Path) -> None:
+def ensure_maildir(path: Path, owner: tuple[int, int] | None = None) -> None:
     for sub in ("cur", "new", "tmp"):
-        ensure_dir(path / sub, 0o700)
+        ensure_dir(path / sub, 0o700, owner)
 
 
-def deliver(path: Path, message: bytes, names: UniqueNames) -> Path:
+def deliver(path: Path, message: bytes, names: UniqueNames,
+            owner: tuple[int, int] | None = None) -> Path:
     """Write ``message`` into the maildir at ``path``; return its file in new/."""
-    ensure_maildir(path)
+    ensure_maildir(path, owner)
     name = names.next(len(message))
     tmp = path / "tmp" / name
     final = path / "new" / name
-    write_file_synced(tmp, message, 0o600)
+    write_file_synced(tmp, message, 0o600, owner)
     try:
         os.link(tmp, final)
     finally:

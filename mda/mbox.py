@@ -58,13 +58,11 @@ def entry(message: bytes, mail_from: str, when: float | None = None) -> bytes:
 
 def split_entries(mbox: bytes) -> list[bytes]:
     """The messages of an mboxrd file, unquoted (for tests and tools)."""
-    parts = re.split(rb"(?:^|\n\n)From [^\n]*\n", mbox)
-    out = []
-    for p in parts[1:]:
-        if p.endswith(b"\n\n"):
-            p = p[:-1]
-        out.append(unquote(p))
-    return out
+    # Each entry is a From line, the message (ending in LF) and one blank line.
+    parts = re.split(rb"(?:^|(?<=\n)\n)From [^\n]*\n", mbox)[1:]
+    if parts and parts[-1].endswith(b"\n\n"):
+        parts[-1] = parts[-1][:-1]
+    return [unquote(p) for p in parts]
 
 
 class MboxWriter:
@@ -78,10 +76,13 @@ class MboxWriter:
         with self._guard:
             return self._locks.setdefault(str(path), threading.Lock())
 
-    def deliver(self, path: Path, message: bytes, mail_from: str) -> None:
-        ensure_dir(path.parent, 0o700)
+    def deliver(self, path: Path, message: bytes, mail_from: str,
+                owner: tuple[int, int] | None = None) -> None:
+        ensure_dir(path.parent, 0o700, owner)
         data = entry(message, mail_from)
         with self._thread_lock(path), _dotlock(path), _open_locked(path) as fd:
+            if owner is not None:
+                os.fchown(fd, *owner)
             old_size = os.fstat(fd).st_size
             try:
                 if old_size:

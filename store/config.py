@@ -47,6 +47,7 @@ class MDAConfig:
     listen: str = "127.0.0.1:10024"
     mailbox_root: str = ""
     format: str = "maildir"
+    mail_owner: str = ""  # when run as root: chown mailboxes to this user, like virtual_uid_maps
     max_message_size: int = 52428800
     idle_timeout: float = 300.0
 
@@ -152,6 +153,13 @@ def _validate(cfg: Config) -> None:
     if cfg.mda.format not in ("maildir", "mbox"):
         raise ConfigError(f"config key 'mda.format': expected \"maildir\" or \"mbox\", "
                           f"got {cfg.mda.format!r}")
+    if cfg.mda.mail_owner:
+        import pwd
+
+        try:
+            pwd.getpwnam(cfg.mda.mail_owner)
+        except KeyError:
+            raise ConfigError(f"config key 'mda.mail_owner': no user {cfg.mda.mail_owner!r}") from None
     if cfg.delivery.resolver:
         parse_address(cfg.delivery.resolver, "delivery.resolver")
     if cfg.delivery.smarthost:

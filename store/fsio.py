@@ -20,10 +20,13 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def write_file_synced(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
+def write_file_synced(path: str | os.PathLike[str], data: bytes, mode: int = 0o600,
+                      owner: tuple[int, int] | None = None) -> None:
     """Create ``path`` (which must not exist), write ``data`` and fsync it; no directory sync."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
+        if owner is not None:
+            os.fchown(fd, *owner)
         view = memoryview(data)
         while view:
             n = os.write(fd, view)
@@ -52,8 +55,12 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600,
         fsync_dir(path.parent)
 
 
-def ensure_dir(path: str | os.PathLike[str], mode: int = 0o700) -> Path:
-    """Create ``path`` and any missing parents; fsync each parent of a directory we created."""
+def ensure_dir(path: str | os.PathLike[str], mode: int = 0o700,
+               owner: tuple[int, int] | None = None) -> Path:
+    """Create ``path`` and any missing parents; fsync each parent of a directory we created.
+
+    ``owner`` (uid, gid) is given to the directories created here, not to existing ones.
+    """
     p = Path(path)
     missing: list[Path] = []
     q = p
@@ -65,6 +72,8 @@ def ensure_dir(path: str | os.PathLike[str], mode: int = 0o700) -> Path:
             os.mkdir(d, mode)
         except FileExistsError:
             continue
+        if owner is not None:
+            os.chown(d, *owner)
         fsync_dir(d.parent)
     return p
 

@@ -1,0 +1,47 @@
+"""A raw LMTP conversation over a socket, independent of pochta's own client."""
+
+from __future__ import annotations
+
+import socket
+
+
+class RawLMTP:
+    def __init__(self, addr: str, timeout: float = 15) -> None:
+        if addr.startswith("unix:"):
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.settimeout(timeout)
+            self.sock.connect(addr[5:])
+        else:
+            host, port = addr.rsplit(":", 1)
+            self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+        self.buf = b""
+        self.greeting = self.reply()
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line
+
+    def reply(self) -> str:
+        lines = [self.line().decode()]
+        while lines[-1][3:4] == "-":
+            lines.append(self.line().decode())
+        return "\n".join(lines)
+
+    def cmd(self, text: str) -> str:
+        self.sock.sendall(text.encode() + b"\r\n")
+        return self.reply()
+
+    def send_data(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(b"QUIT\r\n")
+        except OSError:
+            pass
+        self.sock.close()

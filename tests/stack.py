@@ -1,0 +1,146 @@
+"""Start real pochta processes from a TOML config in a temporary folder, and stop them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import pochta_bin, run_pochta
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(addr: str, proc: subprocess.Popen | None = None, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {addr}")
+        try:
+            if addr.startswith("unix:"):
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(addr[5:])
+            else:
+                host, port = addr.rsplit(":", 1)
+                with socket.create_connection((host, int(port)), timeout=1):
+                    pass
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {addr}")
+
+
+class Stack:
+    """A pochta data folder with its config; starts `pochta serve ROLE` or `pochta up`."""
+
+    def __init__(self, base: Path, **sections: dict) -> None:
+        self.base = base
+        self.mta_port = free_port()
+        self.msa_port = free_port()
+        self.msa_tls_port = free_port()
+        self.mda_port = free_port()
+        self.settings: dict[str, dict] = {
+            "": {"hostname": "mx.pochta.test", "data_dir": str(base)},
+            "mta": {"listen": [f"127.0.0.1:{self.mta_port}"]},
+            "msa": {"listen": [f"127.0.0.1:{self.msa_port}"],
+                    "listen_tls": [f"127.0.0.1:{self.msa_tls_port}"]},
+            "mda": {"listen": f"127.0.0.1:{self.mda_port}"},
+            "delivery": {"retry_initial": 1, "retry_max": 2},
+        }
+        for name, values in sections.items():
+            self.settings.setdefault("" if name == "top" else name, {}).update(values)
+        self.config = base / "pochta.toml"
+        self.write()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+
+    def write(self) -> None:
+        def value(v):
+            if isinstance(v, bool):
+                return "true" if v else "false"
+            if isinstance(v, list):
+                return "[" + ", ".join(value(x) for x in v) + "]"
+            if isinstance(v, str):
+                return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            return str(v)
+
+        lines = [f"{k} = {value(v)}" for k, v in self.settings[""].items()]
+        for section, values in self.settings.items():
+            if section:
+                lines.append(f"[{section}]")
+                lines += [f"{k} = {value(v)}" for k, v in values.items()]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    @property
+    def mda_listen(self) -> str:
+        return self.settings["mda"]["listen"]
+
+    @property
+    def mailbox_root(self) -> Path:
+        return Path(self.settings["mda"].get("mailbox_root", self.base / "mail"))
+
+    def pochta(self, *args: str, stdin: str | None = None, check: bool = True):
+        r = run_pochta(self.config, *args, stdin=stdin)
+        if check and r.returncode != 0:
+            raise AssertionError(f"pochta {' '.join(args)} failed: {r.stderr}")
+        return r
+
+    def setup_users(self, domain: str, *users: str, password: str = "pw") -> None:
+        self.pochta("db", "upgrade")
+        self.pochta("domain", "add", domain)
+        for u in users:
+            self.pochta("user", "add", u, "--password-stdin", stdin=password + "\n")
+
+    def start(self, role: str, listen: list[str] | None = None, preexec=None) -> subprocess.Popen:
+        log = self.base / f"{role}.log"
+        self.logs[role] = log
+        env = {k: v for k, v in os.environ.items() if k != "POCHTA_CONFIG"}
+        args = ["up"] if role == "up" else ["serve", role]
+        proc = subprocess.Popen([pochta_bin(), "--config", str(self.config), *args],
+                                stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
+                                stdin=subprocess.DEVNULL, env=env, preexec_fn=preexec)
+        self.procs[role] = proc
+        addrs = listen or {
+            "mda": [self.mda_listen],
+            "mta": self.settings["mta"]["listen"],
+            "msa": self.settings["msa"]["listen"],
+            "up": [self.mda_listen] + self.settings["mta"]["listen"],
+        }[role]
+        for a in addrs:
+            wait_listening(a, proc)
+        return proc
+
+    def stop(self, role: str, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        proc = self.procs.pop(role)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def stop_all(self) -> None:
+        for role in list(self.procs):
+            self.stop(role)
+
+    def log(self, role: str) -> str:
+        return self.logs[role].read_text(errors="replace") if role in self.logs else ""
+
+
+def mail_files(root: Path, address: str) -> list[Path]:
+    local, domain = address.split("@")
+    new = root / domain / local / "new"
+    return sorted(new.iterdir()) if new.exists() else []
+
+
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,197 @@
+"""The real `pochta serve mda` process over LMTP (TCP and unix socket), both mailbox formats."""
+
+from __future__ import annotations
+
+import resource
+import signal
+import threading
+
+import pytest
+
+from lmtp_raw import RawLMTP
+from stack import Stack, mail_files
+
+MSG = (b"From: Sender <sender@remote.test>\r\nTo: bob@example.com\r\nSubject: caf\xc3\xa9 \xe2\x98\x95\r\n"
+       b"Message-ID: <m1@remote.test>\r\n\r\nBody line one\r\n.leading dot\r\n8-bit: \xff\xfe\r\n")
+
+
+def lmtp_send(addr, mail_from, rcpts, data):
+    """One transaction; (RCPT replies, DATA replies) read from the socket ourselves."""
+    c = RawLMTP(addr)
+    assert c.greeting.startswith("220 ")
+    assert c.cmd("LHLO client.test").startswith("250")
+    assert c.cmd(f"MAIL FROM:<{mail_from}>").startswith("250")
+    rcpt_replies = [c.cmd(f"RCPT TO:<{r}>") for r in rcpts]
+    accepted = sum(r.startswith("250") for r in rcpt_replies)
+    data_replies = []
+    if accepted:
+        assert c.cmd("DATA").startswith("354")
+        stuffed = data.replace(b"\r\n.", b"\r\n..")
+        c.send_data(stuffed + b".\r\n")
+        data_replies = [c.reply() for _ in range(accepted)]
+    c.close()
+    return rcpt_replies, data_replies
+
+
+@pytest.fixture
+def stack(tmp_path):
+    s = Stack(tmp_path)
+    s.setup_users("example.com", "bob@example.com", "amy@example.com", "cy@example.com")
+    yield s
+    s.stop_all()
+
+
+def expected_copy(rcpt: str, data: bytes = MSG, sender: str = "sender@remote.test") -> bytes:
+    return (f"Return-Path: <{sender}>\nDelivered-To: {rcpt}\n".encode()
+            + data.replace(b"\r\n", b"\n"))
+
+
+def test_maildir_multi_recipient_mixed_results_in_order(stack):
+    stack.start("mda")
+    rcpt, data = lmtp_send(stack.mda_listen, "sender@remote.test",
+                           ["bob@example.com", "nobody@example.com", "Amy+News@Example.com",
+                            "x@other.test"], MSG)
+    assert rcpt[0].startswith("250 2.1.5")
+    assert rcpt[1].startswith("550 5.1.1")
+    assert rcpt[2].startswith("250 2.1.5")
+    assert rcpt[3].startswith("550 5.1.1")
+    assert len(data) == 2
+    assert data[0].startswith("250 2.0.0") and "bob@example.com" in data[0]
+    assert data[1].startswith("250 2.0.0") and "amy+news@example.com" in data[1]
+    [bob] = mail_files(stack.mailbox_root, "bob@example.com")
+    [amy] = mail_files(stack.mailbox_root, "amy@example.com")
+    assert bob.read_bytes() == expected_copy("bob@example.com")
+    assert amy.read_bytes() == expected_copy("amy+news@example.com")
+    assert bob.name.endswith(f",S={bob.stat().st_size}")
+    assert (bob.parent.parent.stat().st_mode & 0o777) == 0o700
+    assert not list((bob.parent.parent / "tmp").iterdir())
+
+
+def test_unix_socket_and_null_sender(stack, tmp_path):
+    sock = tmp_path / "lmtp.sock"
+    sock.write_bytes(b"")  # a stale non-socket file is not ours to remove...
+    sock.unlink()
+    stack.settings["mda"]["listen"] = f"unix:{sock}"
+    stack.write()
+    stack.start("mda")
+    assert (sock.stat().st_mode & 0o777) == 0o660
+    rcpt, data = lmtp_send(f"unix:{sock}", "", ["cy@example.com"], b"Subject: bounce\r\n\r\nx\r\n")
+    assert data[0].startswith("250 2.0.0")
+    [f] = mail_files(stack.mailbox_root, "cy@example.com")
+    assert f.read_bytes().startswith(b"Return-Path: <>\nDelivered-To: cy@example.com\n")
+    # Restart replaces the stale socket left by a killed process.
+    stack.stop("mda", signal.SIGKILL)
+    stack.start("mda")
+    assert lmtp_send(f"unix:{sock}", "a@b.test", ["cy@example.com"], b"\r\nx\r\n")[1][0] \
+        .startswith("250")
+
+
+def test_mbox_format_mboxrd(stack):
+    stack.settings["mda"]["format"] = "mbox"
+    stack.write()
+    stack.start("mda")
+    body = b"Subject: quoting\r\n\r\nFrom the start\r\n>From quoted\r\nplain\r\n"
+    for _ in range(2):
+        _, data = lmtp_send(stack.mda_listen, "s@remote.test", ["bob@example.com"], body)
+        assert data == [data[0]] and data[0].startswith("250 2.0.0")
+    mbox = (stack.mailbox_root / "example.com" / "bob").read_bytes()
+    assert mbox.startswith(b"From s@remote.test ")
+    assert mbox.count(b"\nFrom s@remote.test ") == 1  # second separator
+    assert b"\n>From the start\n>>From quoted\n" in mbox
+    assert mbox.endswith(b"plain\n\n")
+    from mda.mbox import split_entries
+    entries = split_entries(mbox)
+    assert entries == [expected_copy("bob@example.com", body, "s@remote.test")] * 2
+    assert not (stack.mailbox_root / "example.com" / "bob.lock").exists()
+
+
+def test_unwritable_mailbox_fails_alone(stack):
+    stack.start("mda")
+    # A regular file where bob's maildir should be: even root cannot create it.
+    (stack.mailbox_root / "example.com").mkdir(parents=True)
+    (stack.mailbox_root / "example.com" / "bob").write_text("in the way")
+    _, data = lmtp_send(stack.mda_listen, "s@remote.test",
+                        ["amy@example.com", "bob@example.com", "cy@example.com"], MSG)
+    assert data[0].startswith("250 2.0.0")
+    assert data[1].startswith("451 4.3.0") and "bob@example.com" in data[1]
+    assert data[2].startswith("250 2.0.0")
+    assert len(mail_files(stack.mailbox_root, "amy@example.com")) == 1
+    assert len(mail_files(stack.mailbox_root, "cy@example.com")) == 1
+
+
+def _limit_file_size():
+    # Writes past 64 KiB fail with EFBIG (SIGXFSZ ignored): a disk filling up mid-message.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+
+
+@pytest.mark.parametrize("fmt", ["maildir", "mbox"])
+def test_failed_write_leaves_nothing_partial(stack, fmt):
+    stack.settings["mda"]["format"] = fmt
+    stack.write()
+    stack.pochta("domain", "list")  # database ready before the MDA runs under the limit
+    stack.start("mda", preexec=_limit_file_size)
+    small = b"Subject: small\r\n\r\nfits\r\n"
+    assert lmtp_send(stack.mda_listen, "s@r.test", ["bob@example.com"], small)[1][0] \
+        .startswith("250")
+    big = b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n" + (b"y" * 998 + b"\r\n") * 80
+    _, data = lmtp_send(stack.mda_listen, "s@r.test", ["bob@example.com"], big)
+    assert data[0].startswith("452 4.3.1")
+    if fmt == "maildir":
+        [only] = mail_files(stack.mailbox_root, "bob@example.com")
+        assert b"fits" in only.read_bytes()
+        assert not list((stack.mailbox_root / "example.com" / "bob" / "tmp").iterdir())
+    else:
+        mbox = (stack.mailbox_root / "example.com" / "bob").read_bytes()
+        assert mbox == b"".join(mbox.partition(b"fits\n\n")[:2])  # nothing after the first
+        assert b"yyyy" not in mbox
+
+
+def test_quota(stack):
+    stack.pochta("user", "add", "small@example.com", "--password-stdin", "--quota", "300",
+                 stdin="pw\n")
+    stack.start("mda")
+    msg = b"Subject: q\r\n\r\n" + b"z" * 150 + b"\r\n"
+    assert lmtp_send(stack.mda_listen, "s@r.test", ["small@example.com"], msg)[1][0] \
+        .startswith("250")
+    _, data = lmtp_send(stack.mda_listen, "s@r.test", ["small@example.com", "bob@example.com"], msg)
+    assert data[0].startswith("452 4.2.2") and data[1].startswith("250")
+
+
+def test_concurrent_mbox_deliveries_never_interleave(stack):
+    stack.settings["mda"]["format"] = "mbox"
+    stack.write()
+    stack.start("mda")
+    errors = []
+
+    def worker(n):
+        try:
+            for i in range(5):
+                body = f"Subject: {n}-{i}\r\n\r\n".encode() + (f"{n}-{i} ".encode() * 10 + b"\r\n") * 300
+                _, data = lmtp_send(stack.mda_listen, "s@r.test", ["amy@example.com"], body)
+                assert data[0].startswith("250"), data
+        except Exception as e:  # collected: assertion errors in threads would be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    from mda.mbox import split_entries
+    entries = split_entries((stack.mailbox_root / "example.com" / "amy").read_bytes())
+    assert len(entries) == 30
+    for e in entries:
+        subject = e.split(b"Subject: ")[1].split(b"\n")[0]
+        body = e.split(b"\n\n", 1)[1]
+        assert body == ((subject + b" ") * 10 + b"\n") * 300
+
+
+def test_lhlo_only_and_shutdown_421(stack):
+    stack.start("mda")
+    c = RawLMTP(stack.mda_listen)
+    assert c.cmd("HELO x").startswith("500 5.5.1")
+    assert c.cmd("LHLO x").startswith("250-mx.pochta.test")
+    stack.stop("mda")
+    assert c.reply().startswith("421 4.3.2")
