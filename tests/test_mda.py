@@ -7,7 +7,6 @@ import signal
 import threading
 
 import pytest
-
 from lmtp_raw import RawLMTP
 from stack import Stack, mail_files
 
