@@ -104,9 +104,10 @@ class Stack:
         self.logs[role] = log
         env = {k: v for k, v in os.environ.items() if k != "POCHTA_CONFIG"}
         args = ["up"] if role == "up" else ["serve", role]
-        proc = subprocess.Popen([pochta_bin(), "--config", str(self.config), *args],
-                                stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
-                                stdin=subprocess.DEVNULL, env=env, preexec_fn=preexec)
+        with open(log, "ab") as err:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen([pochta_bin(), "--config", str(self.config), *args],
+                                    stdout=subprocess.DEVNULL, stderr=err,
+                                    stdin=subprocess.DEVNULL, env=env, preexec_fn=preexec)
         self.procs[role] = proc
         addrs = listen or {
             "mda": [self.mda_listen],
