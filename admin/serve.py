@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from enum import StrEnum
 
 import typer
@@ -31,7 +32,10 @@ def setup_logging(cfg: Config, role: str) -> None:
         level=cfg.log_level.upper(), stream=sys.stderr,
         format=f"%(asctime)s {role}[{os.getpid()}]: %(message)s", datefmt="%Y-%m-%dT%H:%M:%S",
         force=True)
-    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
+    # aiosmtpd's per-command chatter; we log sessions and messages ourselves.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
+    # aiosmtpd warns about AUTH without STARTTLS; our implicit-TLS listener is all TLS.
+    warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
 
 
 async def _serve(cfg: Config, role: str) -> None:

@@ -21,6 +21,7 @@ class LMTPError(Exception):
 class Reply:
     code: int
     text: str
+    relay: str = ""  # who gave this reply, for the log ("mda", "mx.example.org[192.0.2.1]")
 
     @property
     def line(self) -> str:

@@ -1,0 +1,117 @@
+"""Reading the DATA section: CRLF-strict, in large chunks, bytes searches instead of a loop per line.
+
+RFC 5321 §2.3.8 allows only CRLF as a line ending, and §4.1.1.4 ends DATA with CRLF.CRLF. A
+server that also accepts a bare LF (or CR) around the dot can be fooled into seeing two messages
+where the next hop sees one: SMTP smuggling (CVE-2023-51764 class). Here the only end marker is
+``\\r\\n.\\r\\n`` (the DATA command's own CRLF counts as the first), and any CR or LF that is not
+part of a CRLF pair makes the whole transaction fail, so nothing of it is delivered.
+
+``DataDecoder`` is the pure part (feed chunks, get the un-dot-stuffed message); ``read_data`` is
+the thin shell that pulls chunks from an asyncio StreamReader and gives back what it read past
+the end marker (a pipelining client may already have sent its next command).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+END = b"\r\n.\r\n"
+MAX_LINE = 1000  # octets including CRLF, RFC 5321 §4.5.3.1.6
+CHUNK = 1 << 16
+
+
+@dataclass
+class DataResult:
+    content: bytes
+    error: str | None  # "size", "line" or "bare-eol"; content is empty when set
+    size: int  # octets received, for the log
+
+
+class DataDecoder:
+    """Incremental decoder. ``feed`` returns the offset just past the end marker, or -1."""
+
+    def __init__(self, max_size: int | None, max_line: int = MAX_LINE) -> None:
+        self.max_size = max_size
+        self.max_line = max_line
+        # Invariant: pending starts at a line start with the CRLF that precedes that line.
+        self.pending = bytearray(b"\r\n")
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.error: str | None = None
+        self.done = False
+
+    def feed(self, chunk: bytes) -> int:
+        """Consume ``chunk``; return how many of its bytes belonged to DATA (or -1: need more)."""
+        start = max(0, len(self.pending) - (len(END) - 1))
+        self.pending += chunk
+        end = self.pending.find(END, start)
+        if end >= 0:
+            if end > 0:
+                self._process(bytes(self.pending[:end]))
+            used = end + len(END) - (len(self.pending) - len(chunk))
+            self.pending = bytearray()
+            self.done = True
+            return used
+        cut = self.pending.rfind(b"\r\n")
+        if cut > 0:
+            self._process(bytes(self.pending[:cut]))
+            del self.pending[:cut]
+        # cut == 0: one line still in progress. Keep only what the search needs once too long.
+        if len(self.pending) > self.max_line + 2:
+            self._fail("line")
+            del self.pending[: len(self.pending) - (len(END) - 1)]
+            self.pending[:0] = b"x"  # no longer at a line start
+        return -1
+
+    def _process(self, segment: bytes) -> None:
+        """``segment`` = CRLF + complete lines joined by CRLF; the last line's CRLF follows it."""
+        self.size += len(segment)
+        if self.error:
+            return
+        if self.max_size and self.size > self.max_size:
+            self._fail("size")
+            return
+        pairs = segment.count(b"\r\n")
+        if segment.count(b"\n") != pairs or segment.count(b"\r") != pairs:
+            self._fail("bare-eol")
+            return
+        if len(segment) > self.max_line and \
+                max(map(len, segment.split(b"\r\n"))) > self.max_line - 1:  # -CRLF, +1 stuffed dot
+            self._fail("line")
+            return
+        self._emit(segment.replace(b"\r\n.", b"\r\n")[2:] + b"\r\n")
+
+    def _emit(self, data: bytes) -> None:
+        if not self.error:
+            self.parts.append(data)
+
+    def _fail(self, why: str) -> None:
+        if self.error is None:
+            self.error = why
+        self.parts.clear()
+
+    def result(self) -> DataResult:
+        content = b"" if self.error else b"".join(self.parts)
+        return DataResult(content, self.error, self.size)
+
+
+async def read_data(reader: asyncio.StreamReader, max_size: int | None,
+                    on_progress: Callable[[], None] | None = None) -> DataResult:
+    """Read one DATA section from ``reader``; bytes after the end marker stay in the reader."""
+    decoder = DataDecoder(max_size)
+    while True:
+        chunk = await reader.read(CHUNK)
+        if not chunk:
+            raise ConnectionResetError("connection closed during DATA")
+        if on_progress is not None:
+            on_progress()
+        used = decoder.feed(chunk)
+        if used >= 0:
+            rest = chunk[used:]
+            if rest:
+                # Pipelined commands after the final dot: hand them back to the command loop.
+                # asyncio has no unread(); aiosmtpd itself manipulates _buffer for STARTTLS.
+                reader._buffer[:0] = rest  # type: ignore[attr-defined]
+            return decoder.result()

@@ -1,0 +1,142 @@
+"""Delivery status notifications (RFC 3464 in an RFC 6522 multipart/report).
+
+``build_dsn`` is pure: the envelope, the recipients to report and the original message in, the
+bounce's bytes out. ``Bouncer`` spools it from ``<>`` to the original sender, never to ``<>``
+itself (RFC 5321 §4.5.5: no bounce loops), and only for recipients whose NOTIFY asks for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from email.utils import format_datetime, formatdate
+
+from mta.spool import EXPIRED, Envelope, Recipient, Spool, new_id
+from store import addresses
+from store.directory import Directory
+
+log = logging.getLogger("pochta.dsn")
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+def status_of(rcpt: Recipient) -> str:
+    """The RFC 3463 status for a recipient's outcome, from its last reply where it says one."""
+    if rcpt.status == EXPIRED:
+        return "4.4.7"  # delivery time expired
+    code, _, text = rcpt.last_reply.partition(" ")
+    m = _ENHANCED.match(text)
+    if m:
+        return m.group(0)
+    return "5.0.0" if code.startswith("5") else "4.0.0"
+
+
+def _date(ts: float) -> str:
+    return format_datetime(datetime.fromtimestamp(ts, UTC))
+
+
+def build_dsn(env: Envelope, failed: list[Recipient], original: bytes, hostname: str,
+              now: float | None = None) -> bytes:
+    now = time.time() if now is None else now
+    boundary = f"{env.id}.{secrets.token_hex(8)}/{hostname}"
+    headers_only = (env.dsn or {}).get("ret") == "HDRS"
+    human = [f"This is the mail system at {hostname}.", "",
+             "Your message could not be delivered to one or more recipients.",
+             "The mail system said:", ""]
+    for r in failed:
+        why = "it stayed undeliverable too long" if r.status == EXPIRED else r.last_reply
+        human.append(f"<{r.original}>: {why}")
+    per_message = [f"Reporting-MTA: dns; {hostname}", f"X-Pochta-Queue-ID: {env.id}",
+                   f"Arrival-Date: {_date(env.created)}"]
+    envid = (env.dsn or {}).get("envid")
+    if envid:
+        per_message.append(f"Original-Envelope-Id: {envid}")
+    blocks = ["\r\n".join(per_message)]
+    for r in failed:
+        fields = [f"Final-Recipient: rfc822; {r.address}"]
+        if r.orcpt:
+            fields.append(f"Original-Recipient: {r.orcpt}")
+        elif r.original != r.address:
+            fields.append(f"Original-Recipient: rfc822; {r.original}")
+        fields += ["Action: failed", f"Status: {status_of(r)}"]
+        relay = r.last_relay
+        if relay and relay not in ("mda", "dns"):
+            fields.append(f"Remote-MTA: dns; {relay.split('[')[0]}")
+        if r.last_reply:
+            fields.append(f"Diagnostic-Code: smtp; {r.last_reply}")
+        fields.append(f"Last-Attempt-Date: {_date(now)}")
+        blocks.append("\r\n".join(fields))
+    if headers_only:
+        end = original.find(b"\r\n\r\n")
+        returned = original if end < 0 else original[: end + 2]
+        returned_type = "text/rfc822-headers"
+    else:
+        returned, returned_type = original, "message/rfc822"
+    if not returned.endswith(b"\r\n"):
+        returned += b"\r\n"
+    head = "\r\n".join([
+        f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
+        f"To: <{env.mail_from}>",
+        "Subject: Undelivered Mail Returned to Sender",
+        f"Date: {formatdate(now, localtime=False, usegmt=True)}",
+        f"Message-ID: <{env.id}.{secrets.token_hex(4)}.dsn@{hostname}>",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
+        "", "This is a MIME-encapsulated delivery status notification.", ""])
+    parts = [
+        head.encode(),
+        f"--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Transfer-Encoding: 8bit\r\nContent-Description: Notification\r\n\r\n"
+        .encode() + "\r\n".join(human).encode() + b"\r\n\r\n",
+        f"--{boundary}\r\nContent-Type: message/delivery-status\r\n"
+        f"Content-Description: Delivery report\r\n\r\n".encode()
+        + "\r\n\r\n".join(blocks).encode() + b"\r\n\r\n",
+        f"--{boundary}\r\nContent-Type: {returned_type}\r\n"
+        f"Content-Description: Undelivered message\r\n\r\n".encode() + returned,
+        f"\r\n--{boundary}--\r\n".encode(),
+    ]
+    return b"".join(parts)
+
+
+class Bouncer:
+    def __init__(self, hostname: str, spool: Spool, directory: Directory,
+                 enqueue: Callable[[Envelope], None] | None = None) -> None:
+        self.hostname = hostname
+        self.spool = spool
+        self.directory = directory
+        self.enqueue = enqueue
+
+    async def bounce(self, env: Envelope, original: bytes) -> None:
+        failed = [r for r in env.recipients if r.status in ("failed", EXPIRED)
+                  and (r.notify is None or "FAILURE" in r.notify)]
+        if not failed:
+            return
+        if not env.mail_from:
+            log.info("%s: no bounce for %d failed recipient(s): the sender is <>", env.id,
+                     len(failed))
+            return
+        data = build_dsn(env, failed, original, self.hostname)
+        sender_domain = addresses.domain_of(env.mail_from)
+        if await asyncio.to_thread(self.directory.is_local_domain, sender_domain):
+            targets = await asyncio.to_thread(self.directory.resolve, env.mail_from)
+        else:
+            targets = [env.mail_from]
+        if not targets:
+            log.warning("%s: bounce recipient <%s> does not exist; dropped", env.id, env.mail_from)
+            return
+        now = time.time()
+        dsn = Envelope(id=new_id(), created=now, mail_from="", size=len(data),
+                       recipients=[Recipient(address=t, original=env.mail_from, next_attempt=now,
+                                             notify=["NEVER"]) for t in targets],
+                       body="8BITMIME", client={"protocol": "local", "ip": "", "helo": ""},
+                       dsn={"ret": None, "envid": None})
+        await asyncio.to_thread(self.spool.put, dsn, data)
+        log.info("%s: sender non-delivery notification: %s", env.id, dsn.id)
+        if self.enqueue is not None:
+            self.enqueue(dsn)

@@ -1,0 +1,189 @@
+"""Outbound SMTP: foreign recipients of a message to their domain's MX hosts (or a smarthost).
+
+One connection per destination domain carries all of that domain's recipients. Hosts are tried
+best first; a host that cannot be reached, or answers 4xx, passes the still-deferred recipients
+to the next one. STARTTLS is used whenever offered (opportunistic, unauthenticated: RFC 7435);
+a host whose TLS handshake fails is retried in plain text. Capabilities are respected: a
+message needing SMTPUTF8 or 8BITMIME that the host lacks fails permanently (5.6.7 / 5.6.3), and
+so does one larger than its SIZE. Concurrency is capped per domain and in total.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import defaultdict
+
+import aiosmtplib
+
+from mta.dns import Host, Resolver, RouteError
+from mta.lmtp_out import Reply
+from mta.spool import Envelope, Recipient
+from store import addresses
+from store.config import Config, parse_address
+
+log = logging.getLogger("pochta.outbound")
+
+
+def _insecure_context() -> ssl.SSLContext:
+    # Opportunistic TLS: encrypt against passive eavesdropping; MX certificates are not checked.
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def wire_address(address: str) -> str:
+    """The address as sent on the wire: A-label domain; the local part as is (UTF-8 if any)."""
+    if not address:
+        return ""
+    local, domain = addresses.split(address)
+    return f"{local}@{addresses.ascii_domain(domain)}"
+
+
+def needs_smtputf8(env: Envelope, rcpts: list[Recipient]) -> bool:
+    if env.smtputf8:
+        return True
+    return any(not addresses.local_of(a).isascii() for a in
+               [env.mail_from, *(r.address for r in rcpts)] if a)
+
+
+class _Retry(Exception):
+    """This host failed as a whole: try the next one."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.line)
+        self.reply = reply
+
+
+class Outbound:
+    def __init__(self, cfg: Config, resolver: Resolver | None = None,
+                 per_domain: int = 4, total: int = 64) -> None:
+        self.cfg = cfg
+        self.resolver = resolver or Resolver(cfg.delivery.resolver)
+        self.port = cfg.delivery.smtp_port
+        self.smarthost = (parse_address(cfg.delivery.smarthost, "delivery.smarthost")
+                          if cfg.delivery.smarthost else None)
+        self.total = asyncio.Semaphore(total)
+        self.per_domain: defaultdict[str, asyncio.Semaphore] = defaultdict(
+            lambda: asyncio.Semaphore(per_domain))
+        self.tls = _insecure_context()
+
+    async def deliver(self, env: Envelope, rcpts: list[Recipient], data: bytes
+                      ) -> dict[str, Reply]:
+        by_domain: dict[str, list[Recipient]] = defaultdict(list)
+        for r in rcpts:
+            by_domain[addresses.domain_of(r.address)].append(r)
+        results: dict[str, Reply] = {}
+        parts = await asyncio.gather(*(self._domain(env, d, rs, data)
+                                       for d, rs in by_domain.items()))
+        for part in parts:
+            results.update(part)
+        return results
+
+    async def _domain(self, env: Envelope, domain: str, rcpts: list[Recipient], data: bytes
+                      ) -> dict[str, Reply]:
+        async with self.per_domain[domain], self.total:
+            if self.smarthost:
+                hosts = [Host(self.smarthost[0], self.smarthost[0])]
+                port = self.smarthost[1]
+            else:
+                try:
+                    hosts = await self.resolver.route(addresses.ascii_domain(domain))
+                except RouteError as e:
+                    code = 550 if e.permanent else 451
+                    return {r.address: Reply(code, f"{e.status} {e.text}", "dns") for r in rcpts}
+                port = self.port
+            pending = list(rcpts)
+            results: dict[str, Reply] = {}
+            for host in hosts:
+                try:
+                    got = await self._session(env, host, port, pending, data)
+                except _Retry as e:
+                    log.info("%s: %s[%s]:%d: %s", env.id, host.name, host.ip, port, e.reply.line)
+                    got = {r.address: e.reply for r in pending}
+                results.update(got)
+                pending = [r for r in pending if 400 <= results[r.address].code < 500]
+                if not pending:
+                    break
+            return results
+
+    async def _session(self, env: Envelope, host: Host, port: int, rcpts: list[Recipient],
+                       data: bytes, use_tls: bool = True) -> dict[str, Reply]:
+        relay = f"{host.name}[{host.ip}]:{port}"
+
+        def reply(code: int, text: str) -> Reply:
+            return Reply(code, text, relay)
+
+        smtp = aiosmtplib.SMTP(hostname=host.ip, port=port, local_hostname=self.cfg.hostname,
+                               timeout=60, start_tls=False, validate_certs=False)
+        try:
+            try:
+                await smtp.connect()
+            except (aiosmtplib.SMTPException, OSError) as e:
+                raise _Retry(reply(451, f"4.4.1 cannot connect: {e}")) from None
+            try:
+                await smtp.ehlo()
+            except aiosmtplib.SMTPResponseException:
+                await smtp.helo()
+            if use_tls and smtp.supports_extension("starttls"):
+                try:
+                    await smtp.starttls(tls_context=self.tls, server_hostname=host.name)
+                except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
+                    log.info("%s: %s: STARTTLS failed (%s); retrying without TLS", env.id, relay, e)
+                    smtp.close()
+                    return await self._session(env, host, port, rcpts, data, use_tls=False)
+            return await self._transaction(env, smtp, rcpts, data, reply)
+        except aiosmtplib.SMTPResponseException as e:
+            r = reply(e.code, e.message)
+            if e.code >= 500:
+                return {x.address: r for x in rcpts}
+            raise _Retry(r) from None
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+            raise _Retry(reply(451, f"4.4.2 connection with {relay} failed: {e}")) from None
+        finally:
+            if smtp.is_connected:
+                try:
+                    await smtp.quit()
+                except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                    smtp.close()
+
+    async def _transaction(self, env: Envelope, smtp: aiosmtplib.SMTP, rcpts: list[Recipient],
+                           data: bytes, reply) -> dict[str, Reply]:  # type: ignore[no-untyped-def]
+        options: list[str] = []
+        if needs_smtputf8(env, rcpts):
+            if not smtp.supports_extension("smtputf8"):
+                r = reply(554, "5.6.7 the receiving host does not support SMTPUTF8")
+                return {x.address: r for x in rcpts}
+            options.append("SMTPUTF8")
+        if env.body == "8BITMIME" or not data.isascii():
+            if smtp.supports_extension("8bitmime"):
+                options.append("BODY=8BITMIME")
+            else:
+                r = reply(554, "5.6.3 the receiving host does not accept 8-bit messages")
+                return {x.address: r for x in rcpts}
+        if smtp.supports_extension("size"):
+            limit = smtp.esmtp_extensions.get("size", "")
+            if limit.isdigit() and int(limit) and len(data) > int(limit):
+                r = reply(552, f"5.3.4 message size {len(data)} exceeds the host's limit {limit}")
+                return {x.address: r for x in rcpts}
+            options.append(f"SIZE={len(data)}")
+        encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
+        await smtp.mail(wire_address(env.mail_from), options=options, encoding=encoding)
+        results: dict[str, Reply] = {}
+        accepted: list[str] = []
+        for r in rcpts:
+            try:
+                resp = await smtp.rcpt(wire_address(r.address), encoding=encoding)
+                accepted.append(r.address)
+                results[r.address] = reply(resp.code, resp.message)
+            except aiosmtplib.SMTPRecipientRefused as e:
+                results[r.address] = reply(e.code, e.message)
+        if not accepted:
+            return results
+        resp = await smtp.data(data)
+        for a in accepted:
+            results[a] = reply(resp.code, resp.message)
+        return results

@@ -1,0 +1,71 @@
+"""Pure policy decisions of the MTA/MSA, tested without sockets.
+
+- ``routing_trick``: the classic ways to make a server relay (percent hack, bang paths, source
+  routes, quoted local parts hiding '@', address literals);
+- ``received_header``: the RFC 5321 §4.4 trace field with RFC 3848/6531 protocol names;
+- ``count_received``: trace fields in the header section, for loop detection (§6.3);
+- ``retry_delay``: the backoff schedule.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+MAX_RECEIVED = 50  # more trace fields than this means a loop (RFC 5321 §6.3 suggests 100)
+
+_SOURCE_ROUTE = re.compile(r"^\s*<\s*@")
+
+
+def routing_trick(raw_arg: str, address: str) -> str | None:
+    """Why ``address`` (as parsed from ``raw_arg``) is a relay trick, or None."""
+    if _SOURCE_ROUTE.match(raw_arg):
+        return "source route"
+    local, _, domain = address.rpartition("@")
+    if local.startswith('"'):
+        return "quoted local part"
+    if "%" in local:
+        return "percent hack"
+    if "!" in local:
+        return "bang path"
+    if domain.startswith("["):
+        return "address literal"
+    if "@" in local:
+        return "'@' in local part"
+    return None
+
+
+def protocol_name(esmtp: bool, tls: bool, auth: bool, utf8: bool) -> str:
+    """WITH protocol type: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA (RFC 3848), UTF8 variants (6531)."""
+    if not esmtp:
+        return "SMTP"
+    name = "ESMTP" + ("S" if tls else "") + ("A" if auth else "")
+    return ("UTF8SMTP" + name[5:]) if utf8 else name
+
+
+def received_header(*, helo: str, ip: str, hostname: str, protocol: str, qid: str,
+                    tls_info: str = "", when: datetime | None = None) -> bytes:
+    """The trace field we prepend. It names no recipient: that would leak Bcc addresses."""
+    helo = re.sub(r"[^\x21-\x7e]", "?", helo)[:255] or "unknown"
+    stamp = format_datetime(when or datetime.now(UTC))
+    tls = f"\r\n\t({tls_info})" if tls_info else ""
+    return (f"Received: from {helo} ([{ip}])\r\n\tby {hostname} (pochta) with {protocol}"
+            f" id {qid}{tls};\r\n\t{stamp}\r\n").encode()
+
+
+def header_section(message: bytes) -> bytes:
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[: end + 2]
+
+
+def count_received(message: bytes) -> int:
+    return len(re.findall(rb"(?im)^received:", header_section(message)))
+
+
+def retry_delay(attempts: int, initial: float, maximum: float, rng: random.Random | None = None
+                ) -> float:
+    """Delay before attempt ``attempts + 1``: initial, doubling to maximum, plus 0-10% jitter."""
+    base = min(maximum, initial * (2 ** max(0, attempts - 1)))
+    return base * (1 + 0.1 * (rng or random).random())

@@ -1,0 +1,193 @@
+"""aiosmtpd's SMTP class, extended where 1.4.6 falls short for a public MX and for submission.
+
+Wire-level only; every policy decision is the handler's (``mta/session.py``).
+
+- command lines ending in a bare LF are refused (500 5.5.2), never taken as a command;
+- DATA is read by ``mta.dataread`` (CRLF-strict, chunked), not aiosmtpd's line loop;
+- RCPT takes DSN parameters (NOTIFY, ORCPT) and refuses source routes before aiosmtpd's parser
+  silently drops them; EXPN and TURN get real handling; STARTTLS works once per session;
+- a session with too many errors is told 421 and closed (RFC 5321 §4.5.3.2 spirit, chasquid);
+- AUTH exists only where the handler allows it (the submission ports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any
+
+from aiosmtpd.smtp import MISSING, Envelope, syntax
+
+from mta import replies
+from mta.dataread import read_data
+from store.smtpserver import BaseSMTP
+
+log = logging.getLogger("pochta.smtp")
+
+# Commands a client may repeat this often per connection before we hang up (421).
+CALL_LIMITS = {"NOOP": 100, "RSET": 500, "VRFY": 30, "EXPN": 30, "HELP": 30, "EHLO": 30,
+               "HELO": 30, "STARTTLS": 5, "AUTH": 10, "*": 1_000_000}
+
+
+class BareLineFeed(Exception):
+    """A command line that ended in LF without CR."""
+
+
+class StrictLineReader:
+    """Wraps the session's StreamReader: command lines must end in CRLF.
+
+    aiosmtpd reads commands with ``readuntil()`` and strips any line ending; this proxy raises
+    ``BareLineFeed`` instead, which the handler's ``handle_exception`` turns into a 500 reply.
+    Everything else (DATA reads, STARTTLS buffer handling) goes to the real reader.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        object.__setattr__(self, "_real", reader)
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        line = await self._real.readuntil(separator)
+        if separator == b"\n" and not line.endswith(b"\r\n"):
+            raise BareLineFeed()
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._real, name, value)
+
+
+class SMTPEnvelope(Envelope):
+    def __init__(self) -> None:
+        super().__init__()
+        self.recipients: list[Any] = []  # the handler's per-RCPT records, parallel to rcpt_tos
+
+
+class SMTPProtocol(BaseSMTP):
+    def __init__(self, handler: Any, *, max_errors: int = 10, **kwargs: Any) -> None:
+        kwargs.setdefault("command_call_limit", CALL_LIMITS)
+        super().__init__(handler, **kwargs)
+        self.max_errors = max_errors
+        self.errors = 0
+
+    def _create_envelope(self) -> SMTPEnvelope:
+        return SMTPEnvelope()
+
+    def _cb_client_connected(self, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        super()._cb_client_connected(StrictLineReader(reader), writer)  # type: ignore[arg-type]
+
+    @property
+    def tls_active(self) -> bool:
+        """STARTTLS done, or an implicit-TLS listener (aiosmtpd only knows the former)."""
+        if self._tls_protocol is not None:
+            return True
+        return self.transport is not None and \
+            self.transport.get_extra_info("ssl_object") is not None
+
+    def tls_description(self) -> str:
+        if self.transport is None:
+            return ""
+        obj = self.transport.get_extra_info("ssl_object")
+        if obj is None:
+            return ""
+        return f"using {obj.version()} with cipher {obj.cipher()[0]}"
+
+    async def push(self, status: str | bytes) -> None:
+        await super().push(status)
+        if isinstance(status, str) and status[:1] == "5" and not status.startswith("502 5.5.1 Too"):
+            self.errors += 1
+            if self.max_errors and self.errors >= self.max_errors:
+                log.info("%s: too many errors, closing", self.peer_ip)
+                self.say_and_close(replies.TOO_MANY_ERRORS)
+
+    # -- commands aiosmtpd lacks or gets wrong ------------------------------------------------
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self.tls_active:
+            await self.push(replies.ALREADY_TLS)  # RFC 3207 §4: only once per session
+            return
+        await super().smtp_STARTTLS(arg)
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        if not getattr(self.event_handler, "offers_auth", False):
+            await self.push(replies.NO_AUTH_HERE)
+            return
+        await super().smtp_AUTH(arg)
+
+    @syntax("EXPN <list>")
+    async def smtp_EXPN(self, arg: str) -> None:
+        if not arg:
+            await self.push("501 5.5.4 Syntax: EXPN <list>")
+            return
+        status = await self._call_handler_hook("EXPN", arg.strip())
+        await self.push(replies.EXPN_DISABLED if status is MISSING else status)
+
+    async def smtp_TURN(self, arg: str) -> None:
+        await self.push(replies.NOT_IMPLEMENTED)  # RFC 5321 §4.1.1: TURN is obsolete, unsafe
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("RCPT"):
+            return
+        assert self.envelope is not None and self.session is not None
+        if not self.envelope.mail_from:
+            await self.push(replies.NEED_MAIL)
+            return
+        syntaxerr = "501 5.5.4 Syntax: RCPT TO:<address> [SP <parameters>]"
+        raw = self._strip_command_keyword("TO:", arg or "")
+        if raw is None or not raw:
+            await self.push(syntaxerr)
+            return
+        address, rest = self._getaddr(raw)
+        if address is None or not address:
+            await self.push(f"553 5.1.3 Malformed address: {raw[:100]}")
+            return
+        assert rest is not None
+        if rest and not self.session.extended_smtp:
+            await self.push(syntaxerr)
+            return
+        params: dict[str, str] = {}
+        for p in rest.split():
+            key, eq, value = p.partition("=")
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", key) or (eq and not value):
+                await self.push(syntaxerr)
+                return
+            params[key.upper()] = value
+        unknown = set(params) - {"NOTIFY", "ORCPT"}
+        if unknown:
+            await self.push(f"555 5.5.4 RCPT TO parameter {sorted(unknown)[0]} not supported")
+            return
+        status = await self._call_handler_hook("RCPT", address, raw, params)
+        await self.push(status)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push(replies.NEED_RCPT)
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        result = await read_data(self._reader, self.data_size_limit, self._reset_timeout)
+        if result.error is not None:
+            log.info("%s: DATA refused (%s, %d octets)", self.peer_ip, result.error, result.size)
+            self._set_post_data_state()
+            await self.push({"size": replies.TOO_BIG, "line": replies.LINE_TOO_LONG,
+                             "bare-eol": replies.BARE_EOL_DATA}[result.error])
+            return
+        self.envelope.content = self.envelope.original_content = result.content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)

@@ -1,0 +1,215 @@
+"""The queue runner: one asyncio task in the MTA process that empties the spool.
+
+It loads every committed message at start (crash recovery), then sleeps until the earliest
+``next_attempt``, a ``kick`` (a new message from this process; a marker file from another) or a
+flush. For each due message it delivers the pending recipients: ours to the MDA over LMTP in one
+transaction, foreign ones through ``Outbound`` (MX or smarthost). Each outcome is recorded in the
+envelope file before the next attempt: 2xx sent, 5xx failed, 4xx retried with backoff until
+``max_queue_lifetime``. A message leaves the spool when every recipient is final; failed and
+expired recipients then get one DSN (``mta/dsn.py``) unless the sender is ``<>``.
+
+Acceptance never waits for this: sessions only write the spool and call ``add``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from mta import policy
+from mta.lmtp_out import LMTPClient, LMTPError, Reply
+from mta.spool import EXPIRED, FAILED, FLUSH, KICK, SENT, Envelope, Recipient, Spool
+from store import addresses
+from store.config import Config
+from store.directory import Directory, DirectoryUnavailable
+
+log = logging.getLogger("pochta.queue")
+
+RemoteDeliver = Callable[[Envelope, list[Recipient], bytes], Awaitable[dict[str, Reply]]]
+Bounce = Callable[[Envelope, bytes], Awaitable[None]]
+
+
+class LocalDelivery:
+    """Hands local recipients to the MDA over LMTP, reusing idle connections."""
+
+    def __init__(self, cfg: Config, max_idle: int = 16) -> None:
+        self.address = cfg.mda.listen
+        self.hostname = cfg.hostname
+        self.timeout = cfg.delivery.lmtp_timeout
+        self.max_idle = max_idle
+        self.idle: list[LMTPClient] = []
+
+    async def deliver(self, env: Envelope, rcpts: list[Recipient], data: bytes
+                      ) -> dict[str, Reply]:
+        addrs = list(dict.fromkeys(r.address for r in rcpts))
+        client = self.idle.pop() if self.idle else None
+        try:
+            if client is None or not client.connected:
+                client = LMTPClient(self.address, self.timeout)
+                await client.connect(self.hostname)
+            results = await client.deliver(env.mail_from, addrs, data, env.smtputf8)
+        except LMTPError as e:
+            log.warning("%s: MDA: %s", env.id, e)
+            return {a: Reply(451, f"4.4.1 MDA not available: {e}") for a in addrs}
+        if client.connected and len(self.idle) < self.max_idle:
+            self.idle.append(client)
+        else:
+            await client.close()
+        return results
+
+    async def close(self) -> None:
+        while self.idle:
+            await self.idle.pop().close()
+
+
+class QueueRunner:
+    def __init__(self, cfg: Config, spool: Spool, directory: Directory, local: LocalDelivery,
+                 remote: RemoteDeliver, bounce: Bounce, concurrency: int = 32,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.directory = directory
+        self.local = local
+        self.remote = remote
+        self.bounce = bounce
+        self.clock = clock
+        self.items: dict[str, Envelope] = {}
+        self.busy: set[str] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.wake = asyncio.Event()
+        self.slots = asyncio.Semaphore(concurrency)
+
+    def add(self, env: Envelope) -> None:
+        """A message this process just spooled: deliver it now."""
+        self.items[env.id] = env
+        self.wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        for env in await asyncio.to_thread(self.spool.recover):
+            self.items[env.id] = env
+        if self.items:
+            log.info("recovered %d message(s) from the spool", len(self.items))
+        while not stop.is_set():
+            await self._markers()
+            now = self.clock()
+            next_due = now + 1.0  # also the marker poll interval
+            for env in list(self.items.values()):
+                if env.id in self.busy:
+                    continue
+                due = min((r.next_attempt for r in env.pending), default=None)
+                if due is None:
+                    continue
+                if due <= now:
+                    self.busy.add(env.id)
+                    task = asyncio.create_task(self._attempt(env))
+                    self.tasks.add(task)
+                    task.add_done_callback(self.tasks.discard)
+                else:
+                    next_due = min(next_due, due)
+            try:
+                await asyncio.wait_for(self.wake.wait(), max(0.0, next_due - now))
+            except TimeoutError:
+                pass
+            self.wake.clear()
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=10)
+        await self.local.close()
+
+    async def _markers(self) -> None:
+        kicked = await asyncio.to_thread(self.spool.take_marker, KICK)
+        flushed = await asyncio.to_thread(self.spool.take_marker, FLUSH)
+        if kicked or flushed:
+            for qid in await asyncio.to_thread(self.spool.ids):
+                if qid not in self.items:
+                    try:
+                        self.items[qid] = await asyncio.to_thread(self.spool.load, qid)
+                    except (OSError, ValueError) as e:
+                        log.debug("%s: not loadable yet: %s", qid, e)
+        if flushed:
+            log.info("flush: every deferred recipient is due now")
+            now = self.clock()
+            for env in self.items.values():
+                for r in env.pending:
+                    r.next_attempt = min(r.next_attempt, now)
+
+    async def _attempt(self, env: Envelope) -> None:
+        try:
+            async with self.slots:
+                await self._deliver(env)
+        except Exception:
+            log.exception("%s: delivery attempt failed", env.id)
+            for r in env.pending:
+                r.next_attempt = self.clock() + self.cfg.delivery.retry_initial
+        finally:
+            self.busy.discard(env.id)
+            self.wake.set()
+
+    async def _deliver(self, env: Envelope) -> None:
+        fd = await asyncio.to_thread(self.spool.try_lock, env.id)
+        if fd is None:
+            if not self.spool.json_path(env.id).exists():
+                self.items.pop(env.id, None)  # deleted by `pochta queue delete`
+            return  # locked by the CLI: try again on the next round
+        try:
+            if not self.spool.json_path(env.id).exists():
+                self.items.pop(env.id, None)
+                return
+            data = await asyncio.to_thread(self.spool.read_message, env.id)
+            now = self.clock()
+            due = [r for r in env.pending if r.next_attempt <= now]
+            results = await self._route_and_send(env, due, data)
+            self._record(env, due, results)
+            if env.finished:
+                if any(r.status in (FAILED, EXPIRED) for r in env.recipients):
+                    await self.bounce(env, data)
+                await asyncio.to_thread(self.spool.remove, env.id)
+                self.items.pop(env.id, None)
+            else:
+                await asyncio.to_thread(self.spool.update, env)
+        finally:
+            await asyncio.to_thread(self.spool.unlock, fd)
+
+    async def _route_and_send(self, env: Envelope, rcpts: list[Recipient], data: bytes
+                              ) -> dict[str, Reply]:
+        local: list[Recipient] = []
+        remote: list[Recipient] = []
+        try:
+            for r in rcpts:
+                domain = addresses.domain_of(r.address)
+                ours = await asyncio.to_thread(self.directory.is_local_domain, domain)
+                (local if ours else remote).append(r)
+        except DirectoryUnavailable as e:
+            return {r.address: Reply(451, f"4.3.0 directory unavailable: {e}") for r in rcpts}
+        results: dict[str, Reply] = {}
+        jobs = []
+        if local:
+            jobs.append(self.local.deliver(env, local, data))
+        if remote:
+            jobs.append(self.remote(env, remote, data))
+        for part in await asyncio.gather(*jobs):
+            results.update(part)
+        return results
+
+    def _record(self, env: Envelope, rcpts: list[Recipient], results: dict[str, Reply]) -> None:
+        now = self.clock()
+        d = self.cfg.delivery
+        for r in rcpts:
+            reply = results.get(r.address, Reply(451, "4.3.0 no result for this recipient"))
+            r.attempts += 1
+            r.last_reply = reply.line
+            relay = r.last_relay = reply.relay or "mda"
+            if reply.ok:
+                r.status = SENT
+            elif reply.permanent:
+                r.status = FAILED
+            elif now - env.created >= d.max_queue_lifetime:
+                r.status = EXPIRED
+            else:
+                r.next_attempt = now + policy.retry_delay(r.attempts, d.retry_initial, d.retry_max)
+            status = {SENT: "sent", FAILED: "bounced", EXPIRED: "expired"}.get(r.status, "deferred")
+            log.info("%s: to=<%s>%s relay=%s delay=%.2f attempts=%d status=%s (%s)", env.id,
+                     r.address, f" orig_to=<{r.original}>" if r.original != r.address else "",
+                     relay, now - env.created, r.attempts, status, reply.line)
+

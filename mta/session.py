@@ -1,0 +1,236 @@
+"""The SMTP session's policy: aiosmtpd handler hooks for the MTA (port 25) and the MSA.
+
+Each hook decides a reply; the protocol layer (``mta/protocol.py``) does the wire. The same
+handler serves both roles, told apart by ``Mode``:
+
+- MTA: accepts mail for our domains only; foreign recipients are a relay attempt (554 5.7.1).
+- MSA: requires AUTH (under TLS) before MAIL, then relays anywhere (``mta/submission.py``).
+
+End of DATA: the message is spooled and fsynced (in a thread) and only then answered 250.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiosmtpd.smtp import Session
+
+from mta import policy, replies
+from mta.protocol import BareLineFeed, SMTPEnvelope, SMTPProtocol
+from mta.spool import Envelope, Recipient, Spool, new_id
+from store import addresses
+from store.config import Config
+from store.directory import Directory, DirectoryUnavailable
+
+log = logging.getLogger("pochta.smtpd")
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str  # "mta" or "msa"
+    submission: bool
+    vrfy: bool
+    expn: bool
+
+
+@dataclass
+class RcptRecord:
+    original: str  # the address as the client gave it
+    targets: list[str]  # what it resolves to (final mailboxes and foreign addresses)
+    notify: list[str] | None
+    orcpt: str | None
+
+
+def parse_notify(value: str | None) -> list[str] | None:
+    """RFC 3461 §4.1: NEVER alone, or any of SUCCESS, FAILURE, DELAY."""
+    if value is None:
+        return None
+    items = [v.upper() for v in value.split(",")]
+    if items == ["NEVER"] or (items and set(items) <= {"SUCCESS", "FAILURE", "DELAY"}):
+        return items
+    raise ValueError(value)
+
+
+class SMTPHandler:
+    def __init__(self, cfg: Config, mode: Mode, directory: Directory, spool: Spool,
+                 kick: Callable[[Envelope], None]) -> None:
+        self.cfg = cfg
+        self.mode = mode
+        self.directory = directory
+        self.spool = spool
+        self.kick = kick
+        self.offers_auth = mode.submission
+
+    # -- greeting -----------------------------------------------------------------------------
+
+    async def handle_EHLO(self, server: SMTPProtocol, session: Session, envelope: SMTPEnvelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        out = [r for r in responses[:-1] if not (r.startswith("250-AUTH") and not self.offers_auth)]
+        out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+        return out
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, BareLineFeed):
+            return replies.BARE_LF_COMMAND
+        log.exception("session error: %r", error)
+        return replies.LOCAL_ERROR
+
+    # -- transaction --------------------------------------------------------------------------
+
+    async def handle_MAIL(self, server: SMTPProtocol, session: Session, envelope: SMTPEnvelope,
+                          address: str, mail_options: list[str]) -> str:
+        raw = address
+        if raw in ("<>", ""):
+            sender = ""
+        else:
+            if policy.routing_trick("", raw):
+                return replies.BAD_SENDER.format(addr=raw, why="routing characters")
+            try:
+                sender = addresses.normalize(raw)
+            except addresses.AddressError as e:
+                return replies.BAD_SENDER.format(addr=raw, why=e)
+        # Postfix's queue_minfree: refuse early rather than fail after the client sent it all.
+        size = next((int(o[5:]) for o in mail_options if o.startswith("SIZE=")
+                     and o[5:].isdigit()), 0)
+        try:
+            free = await asyncio.to_thread(self.spool.free_bytes)
+        except OSError:
+            free = 0
+        if free < self.cfg.mta.min_free_space + size:
+            log.warning("spool nearly full (%d bytes free): refusing MAIL", free)
+            return replies.SPOOL_FULL
+        envelope.mail_from = sender or "<>"
+        envelope.mail_options.extend(mail_options)
+        return replies.SENDER_OK
+
+    async def handle_RCPT(self, server: SMTPProtocol, session: Session, envelope: SMTPEnvelope,
+                          address: str, raw: str, params: dict[str, str]) -> str:
+        if len(envelope.rcpt_tos) >= self.cfg.mta.max_recipients:
+            return replies.TOO_MANY_RCPTS
+        trick = policy.routing_trick(raw, address)
+        if trick:
+            log.info("%s: relay attempt (%s) to <%s>", server.peer_ip, trick, address)
+            return replies.RELAY_TRICK.format(addr=address)
+        try:
+            rcpt = addresses.normalize(address)
+        except addresses.AddressError as e:
+            return replies.BAD_ADDRESS.format(addr=address, why=e)
+        try:
+            notify = parse_notify(params.get("NOTIFY"))
+        except ValueError:
+            return "501 5.5.4 Bad NOTIFY parameter"
+        try:
+            local = await asyncio.to_thread(self.directory.is_local_domain,
+                                            addresses.domain_of(rcpt))
+            if local:
+                targets = await asyncio.to_thread(self.directory.resolve, rcpt)
+            elif session.authenticated:
+                targets = [rcpt]
+            else:
+                log.info("%s: relay denied to <%s>", server.peer_ip, rcpt)
+                return replies.RELAY_DENIED.format(addr=address)
+        except DirectoryUnavailable as e:
+            log.error("directory unavailable at RCPT <%s>: %s", rcpt, e)
+            return replies.DIRECTORY_UNAVAILABLE
+        if not targets:
+            return replies.NO_SUCH_USER.format(addr=address)
+        envelope.rcpt_tos.append(rcpt)
+        envelope.recipients.append(RcptRecord(rcpt, targets, notify, params.get("ORCPT")))
+        return replies.RCPT_OK
+
+    async def handle_DATA(self, server: SMTPProtocol, session: Session,
+                          envelope: SMTPEnvelope) -> str:
+        content: Any = envelope.content
+        assert isinstance(content, bytes)
+        if policy.count_received(content) > policy.MAX_RECEIVED:
+            return replies.MAIL_LOOP
+        checked = await self.check_message(session, content)
+        if isinstance(checked, str):
+            return checked
+        content = checked
+        qid = new_id()
+        protocol = policy.protocol_name(
+            esmtp=bool(session.extended_smtp), tls=server.tls_active,
+            auth=bool(session.authenticated), utf8=bool(envelope.smtp_utf8))
+        tls_info = server.tls_description()
+        trace = policy.received_header(helo=session.host_name or "", ip=server.peer_ip or "local",
+                                       hostname=self.cfg.hostname, protocol=protocol, qid=qid,
+                                       tls_info=tls_info)
+        message = trace + content
+        env = self.spool_envelope(qid, server, session, envelope, protocol, len(message))
+        try:
+            await asyncio.to_thread(self.spool.put, env, message)
+        except OSError as e:
+            log.error("%s: cannot spool message: %s", qid, e)
+            return replies.SPOOL_ERROR
+        log.info("%s: from=<%s> size=%d nrcpt=%d client=%s proto=%s", qid, env.mail_from,
+                 len(message), len(env.recipients), server.peer_ip or "local", protocol)
+        self.kick(env)
+        return replies.QUEUED.format(id=qid)
+
+    async def check_message(self, session: Session, content: bytes) -> bytes | str:
+        """Submission's header rules hook in here; the MTA takes messages as they come."""
+        return content
+
+    def spool_envelope(self, qid: str, server: SMTPProtocol, session: Session,
+                       envelope: SMTPEnvelope, protocol: str, size: int) -> Envelope:
+        mail_from = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
+        opts = {o.split("=", 1)[0]: (o.split("=", 1)[1] if "=" in o else "")
+                for o in envelope.mail_options}
+        now = time.time()
+        recipients = []
+        seen: set[str] = set()
+        for rec in envelope.recipients:
+            for target in rec.targets:
+                if target != rec.original and addresses.strip_subaddress(rec.original) == target:
+                    target = rec.original  # keep +tag: the MDA shows it in Delivered-To
+                if target in seen:
+                    continue  # one copy per final address, however many ways it was reached
+                seen.add(target)
+                recipients.append(Recipient(address=target, original=rec.original,
+                                            orcpt=rec.orcpt, notify=rec.notify,
+                                            next_attempt=now))
+        return Envelope(
+            id=qid, created=now, mail_from=mail_from, recipients=recipients, size=size,
+            smtputf8=bool(envelope.smtp_utf8), body=opts.get("BODY", "7BIT") or "7BIT",
+            client={"ip": server.peer_ip, "helo": session.host_name, "protocol": protocol,
+                    "auth": session.login_data if session.authenticated else None},
+            dsn={"ret": opts.get("RET") or None, "envid": opts.get("ENVID") or None})
+
+    # -- VRFY / EXPN --------------------------------------------------------------------------
+
+    def _lookups_allowed(self, enabled: bool, session: Session) -> bool:
+        # On submission, only authenticated users may look up addresses (as Stalwart does).
+        return enabled and (not self.mode.submission or bool(session.authenticated))
+
+    async def handle_VRFY(self, server: SMTPProtocol, session: Session, envelope: SMTPEnvelope,
+                          address: str) -> str:
+        if not self._lookups_allowed(self.mode.vrfy, session):
+            return replies.VRFY_DISABLED
+        try:
+            found = await asyncio.to_thread(self.directory.vrfy, address)
+        except DirectoryUnavailable:
+            return replies.DIRECTORY_UNAVAILABLE
+        if found is None:
+            return f"550 5.1.1 <{address}> No such user here"
+        return f"250 2.1.5 <{found}>"
+
+    async def handle_EXPN(self, server: SMTPProtocol, session: Session, envelope: SMTPEnvelope,
+                          name: str) -> str:
+        if not self._lookups_allowed(self.mode.expn, session):
+            return replies.EXPN_DISABLED
+        address = name.strip("<>")
+        try:
+            members = await asyncio.to_thread(self.directory.expn, address)
+        except DirectoryUnavailable:
+            return replies.DIRECTORY_UNAVAILABLE
+        if not members:
+            return f"550 5.1.1 <{address}> No such mailing list here"
+        lines = [f"250-2.1.5 <{m}>" for m in members[:-1]] + [f"250 2.1.5 <{members[-1]}>"]
+        return "\r\n".join(lines)

@@ -1,0 +1,217 @@
+"""The spool: each accepted message as two files in ``spool_dir``, durable before we say 250.
+
+On-disk format, version 1:
+
+- ``<id>.eml``  the message exactly as it will be delivered (our Received header first), CRLF.
+- ``<id>.json`` the envelope, UTF-8 JSON::
+
+    {"version": 1, "id": ..., "created": <unix time>, "mail_from": "a@b" or "",
+     "smtputf8": bool, "body": "7BIT"|"8BITMIME", "size": int, "client": {"ip", "helo",
+     "protocol", "auth"}, "dsn": {"ret": "FULL"|"HDRS"|null, "envid": str|null},
+     "recipients": [{"address": final target, "original": RCPT address as given,
+                     "orcpt": str|null, "notify": [..]|null, "status": "pending"|"sent"|
+                     "failed"|"expired", "attempts": int, "next_attempt": <unix time>,
+                     "last_reply": str, "last_relay": str}]}
+
+Write order: the ``.eml`` is written and fsynced first, then the ``.json`` to a temporary name,
+fsynced and renamed, then the directory is fsynced. The ``.json`` rename is the commit point:
+at start-up an ``.eml`` without ``.json`` is a transaction that never got its 250 and is removed.
+Only the queue runner rewrites ``.json`` files after that, under an flock on the ``.eml``, which
+the ``pochta queue`` commands take too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from store.fsio import atomic_write, ensure_dir, fsync_dir, write_file_synced
+
+log = logging.getLogger("pochta.spool")
+
+FORMAT_VERSION = 1
+PENDING, SENT, FAILED, EXPIRED = "pending", "sent", "failed", "expired"
+FINAL = {SENT, FAILED, EXPIRED}
+KICK = "kick"  # marker file: another process asks the runner to rescan
+FLUSH = "flush"  # marker file: make every deferred recipient due now
+
+
+class SpoolError(Exception):
+    pass
+
+
+@dataclass
+class Recipient:
+    address: str
+    original: str
+    orcpt: str | None = None
+    notify: list[str] | None = None
+    status: str = PENDING
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_reply: str = ""
+    last_relay: str = ""
+
+
+@dataclass
+class Envelope:
+    id: str
+    created: float
+    mail_from: str
+    recipients: list[Recipient]
+    size: int = 0
+    smtputf8: bool = False
+    body: str = "7BIT"
+    client: dict[str, Any] = field(default_factory=dict)
+    dsn: dict[str, Any] = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+
+    @property
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.status == "pending"]
+
+    @property
+    def finished(self) -> bool:
+        return all(r.status in FINAL for r in self.recipients)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), ensure_ascii=False, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Envelope:
+        raw = json.loads(data)
+        if raw.get("version") != FORMAT_VERSION:
+            raise SpoolError(f"unknown spool format version {raw.get('version')!r}")
+        raw["recipients"] = [Recipient(**r) for r in raw["recipients"]]
+        return cls(**raw)
+
+
+def new_id() -> str:
+    """Sortable by arrival (microseconds, hex) and unique (random suffix)."""
+    return f"{time.time_ns() // 1000:014x}{secrets.token_hex(3)}"
+
+
+class Spool:
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.dir = ensure_dir(directory, 0o700)
+
+    def eml_path(self, qid: str) -> Path:
+        return self.dir / f"{qid}.eml"
+
+    def json_path(self, qid: str) -> Path:
+        return self.dir / f"{qid}.json"
+
+    def put(self, env: Envelope, message: bytes) -> None:
+        """Store a new message durably; when this returns, it survives a crash."""
+        eml = self.eml_path(env.id)
+        env.size = len(message)
+        try:
+            write_file_synced(eml, message)
+            atomic_write(self.json_path(env.id), env.to_json(), sync_dir=False)
+            fsync_dir(self.dir)  # one directory sync makes both names durable
+        except BaseException:
+            for p in (self.json_path(env.id), eml):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            raise
+
+    def update(self, env: Envelope) -> None:
+        atomic_write(self.json_path(env.id), env.to_json())
+
+    def remove(self, qid: str) -> None:
+        # .json first: without it the .eml is garbage, never a message to deliver again.
+        for p in (self.json_path(qid), self.eml_path(qid)):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        fsync_dir(self.dir)
+
+    def read_message(self, qid: str) -> bytes:
+        return self.eml_path(qid).read_bytes()
+
+    def load(self, qid: str) -> Envelope:
+        return Envelope.from_json(self.json_path(qid).read_bytes())
+
+    def ids(self) -> list[str]:
+        return sorted(p.name[:-5] for p in self.dir.iterdir()
+                      if p.name.endswith(".json") and not p.name.startswith("."))
+
+    def recover(self) -> list[Envelope]:
+        """Every committed message; removes uncommitted leftovers of a crash."""
+        names = {p.name for p in self.dir.iterdir()}
+        for name in names:
+            if name.startswith(".") and name.endswith(".tmp"):
+                (self.dir / name).unlink(missing_ok=True)
+            elif name.endswith(".eml") and f"{name[:-4]}.json" not in names:
+                log.info("%s: removing message that was never committed", name[:-4])
+                (self.dir / name).unlink(missing_ok=True)
+        items = []
+        for qid in self.ids():
+            try:
+                items.append(self.load(qid))
+            except (OSError, ValueError, TypeError, SpoolError) as e:
+                log.error("%s: unreadable envelope left in place: %s", qid, e)
+        return items
+
+    def try_lock(self, qid: str) -> int | None:
+        """The item's lock without waiting: a descriptor to ``unlock``, or None if busy/gone."""
+        try:
+            fd = os.open(self.eml_path(qid), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+
+    @staticmethod
+    def unlock(fd: int) -> None:
+        os.close(fd)
+
+    @contextlib.contextmanager
+    def locked(self, qid: str, timeout: float = 30.0) -> Iterator[bool]:
+        """Hold the item's lock; yields False if the item is gone (delivered or deleted)."""
+        try:
+            fd = os.open(self.eml_path(qid), os.O_RDONLY)
+        except FileNotFoundError:
+            yield False
+            return
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
+                        raise SpoolError(f"queue item {qid} is busy") from None
+                    time.sleep(0.05)
+            yield self.json_path(qid).exists()
+        finally:
+            os.close(fd)
+
+    def touch_marker(self, name: str) -> None:
+        p = self.dir / name
+        p.touch()
+
+    def take_marker(self, name: str) -> bool:
+        try:
+            (self.dir / name).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.dir)
+        return st.f_bavail * st.f_frsize

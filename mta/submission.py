@@ -1,0 +1,182 @@
+"""Submission (RFC 6409) policy on top of the MTA session: AUTH, sender rules, header fixes.
+
+- AUTH PLAIN and LOGIN (RFC 4954, 4616) only under TLS; the password hash is checked in a
+  thread, never on the event loop. Failures answer 535 5.7.8 after a delay that doubles per
+  failure from the same client IP and for the same account (a brute-force brake), and never say
+  which part was wrong. PLAIN with an authorization identity other than the login is refused.
+- MAIL FROM and the From: header must be the login's own address or an alias resolving to it.
+- A message without Message-ID or Date gets them (RFC 6409 §8.3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from email.parser import BytesHeaderParser
+from email.utils import formatdate, getaddresses, make_msgid
+from typing import Any
+
+from aiosmtpd.smtp import MISSING, AuthResult, Session
+
+from mta import replies
+from mta.policy import header_section
+from mta.protocol import SMTPEnvelope, SMTPProtocol
+from mta.session import SMTPHandler
+from store import addresses
+from store.directory import DirectoryUnavailable
+
+log = logging.getLogger("pochta.msa")
+
+AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+SENDER_NOT_OWNED = "553 5.7.1 <{addr}> Sender address not owned by user {login}"
+FROM_NOT_OWNED = "553 5.7.1 From: header address <{addr}> not owned by user {login}"
+MAX_BRAKE = 8.0  # seconds
+
+
+@dataclass
+class Login:
+    login: str
+
+
+class Brake:
+    """Failure counts per client IP and per account; the delay doubles with each failure."""
+
+    def __init__(self, base: float = 0.25, forget_after: float = 900.0) -> None:
+        self.base = base
+        self.forget_after = forget_after
+        self.failures: defaultdict[str, tuple[int, float]] = defaultdict(lambda: (0, 0.0))
+
+    def _count(self, key: str) -> int:
+        n, last = self.failures[key]
+        if time.monotonic() - last > self.forget_after:
+            return 0
+        return n
+
+    def delay(self, ip: str, account: str) -> float:
+        n = max(self._count("ip:" + ip), self._count("user:" + account))
+        return min(MAX_BRAKE, self.base * (2 ** n))
+
+    def failed(self, ip: str, account: str) -> None:
+        now = time.monotonic()
+        for key in ("ip:" + ip, "user:" + account):
+            self.failures[key] = (self._count(key) + 1, now)
+
+    def succeeded(self, ip: str, account: str) -> None:
+        self.failures.pop("ip:" + ip, None)
+        self.failures.pop("user:" + account, None)
+
+
+class SubmissionHandler(SMTPHandler):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.brake = Brake()
+
+    # -- AUTH ---------------------------------------------------------------------------------
+
+    async def _check(self, server: SMTPProtocol, authzid: str, login: str, password: str
+                     ) -> AuthResult:
+        ip = server.peer_ip
+        if authzid and authzid.lower() != login.lower():
+            ok = None  # RFC 4616 §2: acting as another user is not offered here
+        else:
+            try:
+                ok = await asyncio.to_thread(self.directory.authenticate, login, password)
+            except DirectoryUnavailable:
+                return AuthResult(success=False, handled=False,
+                                  message="454 4.7.0 Temporary authentication failure")
+        if ok is None:
+            delay = self.brake.delay(ip, login.lower())
+            self.brake.failed(ip, login.lower())
+            log.info("auth failed from %s for %r; braking %.2f s", ip, login[:64], delay)
+            await asyncio.sleep(delay)
+            return AuthResult(success=False, handled=False, message=AUTH_FAILED)
+        self.brake.succeeded(ip, ok)
+        log.info("auth ok from %s as %s", ip, ok)
+        return AuthResult(success=True, auth_data=Login(ok))
+
+    async def auth_PLAIN(self, server: SMTPProtocol, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            answer = await server.challenge_auth("", encode_to_b64=False)
+            if answer is MISSING:
+                return AuthResult(success=False, handled=True)
+            raw: bytes = answer
+        else:
+            try:
+                raw = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                return AuthResult(success=False, handled=False,
+                                  message="501 5.5.2 Cannot decode base64")
+        try:
+            authzid, login, password = raw.decode("utf-8").split("\0")
+        except (UnicodeDecodeError, ValueError):
+            return AuthResult(success=False, handled=False,
+                              message="501 5.5.2 Malformed PLAIN credentials")
+        return await self._check(server, authzid, login, password)
+
+    async def auth_LOGIN(self, server: SMTPProtocol, args: list[str]) -> AuthResult:
+        if len(args) > 1:
+            try:
+                user_raw: Any = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                return AuthResult(success=False, handled=False,
+                                  message="501 5.5.2 Cannot decode base64")
+        else:
+            user_raw = await server.challenge_auth("Username:")
+        if user_raw is MISSING:
+            return AuthResult(success=False, handled=True)
+        pass_raw = await server.challenge_auth("Password:")
+        if pass_raw is MISSING:
+            return AuthResult(success=False, handled=True)
+        try:
+            login, password = user_raw.decode("utf-8"), pass_raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return AuthResult(success=False, handled=False, message=AUTH_FAILED)
+        return await self._check(server, "", login, password)
+
+    # -- sender rules -------------------------------------------------------------------------
+
+    async def _owns(self, login: str, address: str) -> bool:
+        try:
+            addr = addresses.strip_subaddress(addresses.normalize(address))
+        except addresses.AddressError:
+            return False
+        if addr == login:
+            return True
+        targets = await asyncio.to_thread(self.directory.resolve, addr)
+        return login in targets and await asyncio.to_thread(
+            self.directory.is_local_domain, addresses.domain_of(addr))
+
+    async def handle_MAIL(self, server: SMTPProtocol, session: Session, envelope: SMTPEnvelope,
+                          address: str, mail_options: list[str]) -> str:
+        login = session.login_data
+        try:
+            owned = address not in ("<>", "") and await self._owns(login, address)
+        except DirectoryUnavailable:
+            return replies.DIRECTORY_UNAVAILABLE
+        if not owned:
+            return SENDER_NOT_OWNED.format(addr=address, login=login)
+        return await super().handle_MAIL(server, session, envelope, address, mail_options)
+
+    async def check_message(self, session: Session, content: bytes) -> bytes | str:
+        login = session.login_data
+        head = header_section(content)
+        msg = BytesHeaderParser().parsebytes(head)
+        froms = [a for _, a in getaddresses([str(v) for v in msg.get_all("From", [])]) if a]
+        try:
+            for addr in froms:
+                if not await self._owns(login, addr):
+                    return FROM_NOT_OWNED.format(addr=addr, login=login)
+        except DirectoryUnavailable:
+            return replies.DIRECTORY_UNAVAILABLE
+        added = b""
+        if msg.get("Message-ID") is None:
+            domain = addresses.ascii_domain(addresses.domain_of(login))
+            added += f"Message-ID: {make_msgid(domain=domain)}\r\n".encode()
+        if msg.get("Date") is None:
+            added += f"Date: {formatdate(localtime=False, usegmt=True)}\r\n".encode()
+        return added + content

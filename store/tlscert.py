@@ -1,0 +1,57 @@
+"""TLS for the listeners: the server context (TLS 1.2+) and a self-signed pair on first start."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import ssl
+from pathlib import Path
+
+from store.config import Config, ConfigError
+from store.fsio import atomic_write, ensure_dir
+
+
+def make_self_signed(cert: Path, key: Path, hostname: str) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    sans: list[x509.GeneralName] = [x509.DNSName(hostname)]
+    try:
+        sans.append(x509.IPAddress(ipaddress.ip_address(hostname)))
+    except ValueError:
+        pass
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(private.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(private, hashes.SHA256()))
+    ensure_dir(key.parent, 0o700)
+    atomic_write(key, private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()), mode=0o600)
+    atomic_write(cert, certificate.public_bytes(serialization.Encoding.PEM), mode=0o644)
+
+
+def server_context(cfg: Config) -> ssl.SSLContext:
+    """The listeners' TLS context; makes the default self-signed pair when it is missing."""
+    cert, key = Path(cfg.tls.cert), Path(cfg.tls.key)
+    default_dir = Path(cfg.data_dir) / "tls"
+    if not cert.exists() and not key.exists() and cert.parent == default_dir:
+        make_self_signed(cert, key, cfg.hostname)
+    for p, k in ((cert, "tls.cert"), (key, "tls.key")):
+        if not p.exists():
+            raise ConfigError(f"config key {k!r}: {p} does not exist")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(f"config keys 'tls.cert'/'tls.key': cannot load {cert}: {e}") from None
+    return ctx
