@@ -48,6 +48,13 @@ class StrictLineReader:
     async def readuntil(self, separator: bytes = b"\n") -> bytes:
         line = await self._real.readuntil(separator)
         if separator == b"\n" and not line.endswith(b"\r\n"):
+            # "NOOP\nQUIT\r\n" is one malformed line, not two commands: drop what was sent
+            # with it up to its CRLF, if that is already here (a client waiting for our
+            # answer to "EHLO x\n" alone gets it at once).
+            buffered = self._real._buffer  # type: ignore[attr-defined]
+            end = buffered.find(b"\r\n")
+            if end >= 0:
+                del buffered[: end + 2]
             raise BareLineFeed()
         return line
 

@@ -43,6 +43,7 @@ class Stack:
 
     def __init__(self, base: Path, **sections: dict) -> None:
         self.base = base
+        base.mkdir(parents=True, exist_ok=True)
         self.mta_port = free_port()
         self.msa_port = free_port()
         self.msa_tls_port = free_port()
