@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from stack import Stack, mail_files
 
 DOMAIN = "example.com"
