@@ -1,0 +1,131 @@
+"""Stand-ins for what cannot exist here: the internet's DNS and remote MX hosts.
+
+``FakeDNS`` answers UDP queries on 127.0.0.1 from a zones table (like chasquid's minidns).
+``SinkMX`` is a recording SMTP server on another loopback address whose replies a test scripts.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from dataclasses import dataclass, field
+
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP as AioSMTP
+
+
+class FakeDNS:
+    """zones: {("name.", "MX"): ["10 mx1.name."], ...}; names in ``servfail`` fail."""
+
+    def __init__(self) -> None:
+        self.zones: dict[tuple[str, str], list[str]] = {}
+        self.servfail: set[str] = set()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def add(self, name: str, rtype: str, *values: str) -> None:
+        self.zones.setdefault((name.lower().rstrip(".") + ".", rtype), []).extend(values)
+
+    def _serve(self) -> None:
+        while self.running:
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except (TimeoutError, OSError):
+                continue
+            try:
+                q = dns.message.from_wire(data)
+            except Exception:
+                continue
+            r = dns.message.make_response(q)
+            r.flags |= dns.flags.AA
+            question = q.question[0]
+            name = question.name.to_text().lower()
+            rtype = dns.rdatatype.to_text(question.rdtype)
+            if name in self.servfail:
+                r.set_rcode(dns.rcode.SERVFAIL)
+            elif (name, rtype) in self.zones:
+                r.answer.append(dns.rrset.from_text_list(name, 60, "IN", rtype,
+                                                         self.zones[(name, rtype)]))
+            elif not any(n == name for n, _ in self.zones):
+                r.set_rcode(dns.rcode.NXDOMAIN)
+            self.sock.sendto(r.to_wire(), peer)
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join(2)
+        self.sock.close()
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpts: list[str]
+    data: bytes
+    tls: bool
+    mail_options: list[str]
+
+
+@dataclass
+class SinkHandler:
+    """Per-recipient scripted replies: ``rcpt_replies[address]`` is a list consumed in order."""
+
+    messages: list[Received] = field(default_factory=list)
+    rcpt_replies: dict[str, list[str]] = field(default_factory=dict)
+    data_reply: str = "250 2.0.0 Ok: stored"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        script = self.rcpt_replies.get(address.lower())
+        if script:
+            reply = script.pop(0) if len(script) > 1 else script[0]
+            if not reply.startswith("250"):
+                return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.data_reply.startswith("250"):
+            self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
+                                          envelope.original_content, session.ssl is not None,
+                                          list(envelope.mail_options)))
+        return self.data_reply
+
+
+class _SinkController(Controller):
+    def __init__(self, handler, host, port, tls_context, smtputf8) -> None:
+        self.tls_context = tls_context
+        self.smtputf8 = smtputf8
+        super().__init__(handler, hostname=host, port=port)
+
+    def factory(self):
+        return AioSMTP(self.handler, hostname="sink.test", tls_context=self.tls_context,
+                       enable_SMTPUTF8=self.smtputf8, decode_data=False)
+
+
+class SinkMX:
+    def __init__(self, host: str, port: int, tls_context=None, smtputf8: bool = True) -> None:
+        self.host = host
+        self.port = port
+        self.handler = SinkHandler()
+        self.controller = _SinkController(self.handler, host, port, tls_context, smtputf8)
+        self.controller.start()
+
+    @property
+    def messages(self) -> list[Received]:
+        return self.handler.messages
+
+    def stop(self) -> None:
+        self.controller.stop()

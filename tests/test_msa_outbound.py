@@ -1,0 +1,284 @@
+"""Submission on 587/465, delivery to remote MX hosts found through our fake DNS, and bounces."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import shutil
+import smtplib
+import ssl
+import subprocess
+
+import pytest
+from fakes import FakeDNS, SinkMX
+from stack import Stack, free_port, mail_files
+from test_mta import Raw, wait_for
+
+PW = "correct horse"
+
+
+def client_tls() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """DNS on 127.0.0.1, sinks on 127.0.0.2 and 127.0.0.3, and pochta up."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    sink_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("mx1.remote.test").configure_cert(sink_ctx)
+    dns_server = FakeDNS()
+    port = free_port("127.0.0.2")
+    mx1 = SinkMX("127.0.0.2", port, tls_context=sink_ctx)
+    mx2 = SinkMX("127.0.0.3", port)
+    z = dns_server.add
+    z("remote.test", "MX", "10 mx1.remote.test.", "20 mx2.remote.test.")
+    z("mx1.remote.test", "A", "127.0.0.2")
+    z("mx2.remote.test", "A", "127.0.0.3")
+    z("backup.test", "MX", "10 dead.backup.test.", "20 mx2.remote.test.")
+    z("dead.backup.test", "A", "127.0.0.4")  # nothing listens there
+    z("nomx.test", "A", "127.0.0.3")  # implicit MX
+    z("nullmx.test", "MX", "0 .")
+    z("legacy.test", "MX", "10 legacy-mx.test.")
+    z("legacy-mx.test", "A", "127.0.0.3")
+    base = tmp_path_factory.mktemp("msa")
+    s = Stack(base, delivery={"resolver": dns_server.address, "smtp_port": port,
+                              "retry_initial": 30, "retry_max": 60})
+    s.setup_users("example.com", "alice@example.com", "bob@example.com", password=PW)
+    s.pochta("alias", "add", "sales@example.com", "alice@example.com")
+    s.pochta("alias", "add", "fwd@example.com", "gone@remote.test")
+    s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.mta_port}", f"127.0.0.1:{s.msa_port}",
+                          f"127.0.0.1:{s.msa_tls_port}"])
+    yield s, dns_server, mx1, mx2
+    s.stop_all()
+    mx1.stop()
+    mx2.stop()
+    dns_server.close()
+
+
+def submit(s: Stack, sender: str, rcpts: list[str], body: bytes, login: str = "alice@example.com",
+           password: str = PW, implicit: bool = False) -> dict:
+    if implicit:
+        c = smtplib.SMTP_SSL("127.0.0.1", s.msa_tls_port, timeout=20, context=client_tls())
+    else:
+        c = smtplib.SMTP("127.0.0.1", s.msa_port, timeout=20)
+        c.starttls(context=client_tls())
+    with c:
+        c.login(login, password)
+        return c.sendmail(sender, rcpts, body)
+
+
+def find(sink: SinkMX, marker: bytes, timeout: float = 20):
+    return wait_for(lambda: next((m for m in sink.messages if marker in m.data), None), timeout)
+
+
+def dsns(s: Stack, address: str) -> list[email.message.EmailMessage]:
+    out = []
+    for p in mail_files(s.mailbox_root, address):
+        msg = email.message_from_bytes(p.read_bytes(), policy=email.policy.default)
+        if msg.get_content_type() == "multipart/report":
+            out.append(msg)
+    return out
+
+
+def delivery_status(report: email.message.EmailMessage) -> list[dict[str, str]]:
+    part = next(p for p in report.walk() if p.get_content_type() == "message/delivery-status")
+    blocks = part.get_payload()
+    return [{k.lower(): str(v) for k, v in b.items()} for b in blocks[1:]]
+
+
+def test_submission_starttls_to_preferred_mx_with_tls(world):
+    s, _, mx1, _ = world
+    body = b"From: alice@example.com\r\nTo: x@remote.test\r\nSubject: first-mx\r\n\r\nhi\r\n"
+    assert submit(s, "alice@example.com", ["x@remote.test"], body) == {}
+    m = find(mx1, b"first-mx")
+    assert m is not None, s.log("up")
+    assert m.tls  # opportunistic STARTTLS at the MX
+    assert m.mail_from == "alice@example.com" and m.rcpts == ["x@remote.test"]
+    head = m.data.split(b"\r\n\r\n")[0]
+    assert b"with ESMTPSA id" in head
+    assert b"Message-ID: <" in head and b"Date: " in head  # added by the MSA
+
+
+def test_implicit_tls_port(world):
+    s, _, mx1, _ = world
+    body = b"From: alice@example.com\r\nSubject: implicit\r\nMessage-ID: <i@x>\r\n\r\nhi\r\n"
+    submit(s, "alice@example.com", ["y@remote.test"], body, implicit=True)
+    m = find(mx1, b"implicit")
+    assert m is not None and m.data.count(b"Message-ID:") == 1
+
+
+def test_auth_rules(world):
+    s, *_ = world
+    r = Raw(s.msa_port)
+    ehlo = r.cmd("EHLO client.test")
+    assert "AUTH" not in ehlo and "STARTTLS" in ehlo
+    assert r.cmd("AUTH PLAIN AGFsaWNlQGV4YW1wbGUuY29tAGNvcnJlY3QgaG9yc2U=").startswith("538 5.7.11")
+    assert r.cmd("MAIL FROM:<alice@example.com>").startswith("530 5.7.0")
+    r.close()
+    with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+        submit(s, "alice@example.com", ["x@remote.test"], b"x", password="wrong")
+    assert e.value.smtp_code == 535 and e.value.smtp_error.startswith(b"5.7.8")
+    with pytest.raises(smtplib.SMTPAuthenticationError):
+        submit(s, "alice@example.com", ["x@remote.test"], b"x", login="nobody@example.com")
+    # PLAIN with an authorization identity that is not the login: refused (RFC 4616 §2).
+    c = smtplib.SMTP("127.0.0.1", s.msa_port, timeout=20)
+    c.starttls(context=client_tls())
+    c.ehlo("client.test")
+    import base64
+    blob = base64.b64encode(b"bob@example.com\0alice@example.com\0" + PW.encode()).decode()
+    code, _ = c.docmd("AUTH", f"PLAIN {blob}")
+    assert code == 535
+    c.close()
+
+
+def test_sender_must_be_owned(world):
+    s, _, mx1, _ = world
+    with pytest.raises(smtplib.SMTPSenderRefused) as e:
+        submit(s, "bob@example.com", ["x@remote.test"], b"Subject: spoof\r\n\r\nx\r\n")
+    assert e.value.smtp_code == 553
+    with pytest.raises(smtplib.SMTPDataError) as e:
+        submit(s, "alice@example.com", ["x@remote.test"],
+               b"From: Boss <bob@example.com>\r\nSubject: spoof2\r\n\r\nx\r\n")
+    assert e.value.smtp_code == 553
+    # An alias that resolves to the login is hers to send as.
+    submit(s, "sales@example.com", ["x@remote.test"],
+           b"From: Sales <sales@example.com>\r\nSubject: via-alias\r\n\r\nx\r\n")
+    assert find(mx1, b"via-alias") is not None
+
+
+def test_vrfy_expn_for_authenticated_users_only(world):
+    s, *_ = world
+    r = Raw(s.msa_port)
+    r.cmd("EHLO client.test")
+    assert r.cmd("VRFY bob@example.com").startswith("530")  # before AUTH
+    r.close()
+    c = smtplib.SMTP("127.0.0.1", s.msa_port, timeout=20)
+    c.starttls(context=client_tls())
+    c.login("alice@example.com", PW)
+    assert c.verify("bob@example.com") == (250, b"2.1.5 <bob@example.com>")
+    assert c.expn("sales@example.com") == (250, b"2.1.5 <alice@example.com>")
+    c.close()
+
+
+def test_fallback_to_second_mx_when_first_is_down(world):
+    s, _, _, mx2 = world
+    submit(s, "alice@example.com", ["z@backup.test"],
+           b"From: alice@example.com\r\nSubject: backup-route\r\n\r\nx\r\n")
+    assert find(mx2, b"backup-route") is not None, s.log("up")
+
+
+def test_fallback_to_second_mx_on_4xx(world):
+    s, _, mx1, mx2 = world
+    mx1.handler.rcpt_replies["busy@remote.test"] = ["451 4.3.0 try later"]
+    submit(s, "alice@example.com", ["busy@remote.test"],
+           b"From: alice@example.com\r\nSubject: after-451\r\n\r\nx\r\n")
+    assert find(mx2, b"after-451") is not None
+    assert find(mx1, b"after-451", timeout=0.5) is None
+
+
+def test_implicit_mx_from_a_record(world):
+    s, _, _, mx2 = world
+    submit(s, "alice@example.com", ["a@nomx.test"],
+           b"From: alice@example.com\r\nSubject: implicit-mx\r\n\r\nx\r\n")
+    assert find(mx2, b"implicit-mx") is not None
+
+
+def test_null_mx_bounces_with_5_1_10(world):
+    s, *_ = world
+    submit(s, "alice@example.com", ["a@nullmx.test"],
+           b"From: alice@example.com\r\nSubject: to-null-mx\r\n\r\nx\r\n")
+    assert wait_for(lambda: any("a@nullmx.test" in str(r) for r in dsns(s, "alice@example.com")))
+    report = next(r for r in dsns(s, "alice@example.com") if "a@nullmx.test" in str(r))
+    [st] = [b for b in delivery_status(report) if "a@nullmx.test" in b["final-recipient"]]
+    assert st["status"] == "5.1.10" and st["action"] == "failed"
+
+
+def test_remote_550_gives_a_dsn(world):
+    s, _, mx1, _ = world
+    mx1.handler.rcpt_replies["nouser@remote.test"] = ["550 5.1.1 no such user"]
+    submit(s, "bob@example.com", ["nouser@remote.test", "ok@remote.test"],
+           b"From: bob@example.com\r\nSubject: half-bounce\r\n\r\nx\r\n", login="bob@example.com")
+    assert find(mx1, b"half-bounce") is not None
+    assert wait_for(lambda: dsns(s, "bob@example.com"))
+    [report] = dsns(s, "bob@example.com")
+    assert report["From"].addresses[0].username == "MAILER-DAEMON"
+    assert report.get_param("report-type") == "delivery-status"
+    [st] = delivery_status(report)
+    assert st["final-recipient"] == "rfc822; nouser@remote.test"
+    assert st["status"] == "5.1.1" and st["action"] == "failed"
+    assert st["remote-mta"] == "dns; mx1.remote.test"
+    assert "550 5.1.1 no such user" in st["diagnostic-code"]
+    returned = next(p for p in report.walk() if p.get_content_type() == "message/rfc822")
+    assert b"half-bounce" in returned.as_bytes()
+    # The DSN itself came from <>.
+    raw = mail_files(s.mailbox_root, "bob@example.com")[0].read_bytes()
+    assert raw.startswith(b"Return-Path: <>\n")
+
+
+def test_deferred_twice_then_delivered_with_flush(world):
+    s, _, mx1, mx2 = world
+    for mx in (mx1, mx2):
+        mx.handler.rcpt_replies["slow@remote.test"] = ["451 4.7.1 greylisted", "451 4.7.1 again",
+                                                       "250"]
+    submit(s, "alice@example.com", ["slow@remote.test"],
+           b"From: alice@example.com\r\nSubject: retried\r\n\r\nx\r\n")
+    listing = wait_for(lambda: "slow@remote.test" in s.pochta("queue", "list").stdout
+                       and s.pochta("queue", "list").stdout, 15)
+    assert listing and "451" in listing
+    for _ in range(3):
+        if find(mx1, b"retried", timeout=0.1) or find(mx2, b"retried", timeout=0.1):
+            break
+        s.pochta("queue", "flush")
+        wait_for(lambda: find(mx1, b"retried", 0) or find(mx2, b"retried", 0), 5)
+    assert find(mx1, b"retried", 1) or find(mx2, b"retried", 1)
+    assert wait_for(lambda: "slow@remote.test" not in s.pochta("queue", "list").stdout, 10)
+
+
+def test_no_bounce_to_null_sender(world):
+    s, _, mx1, _ = world
+    mx1.handler.rcpt_replies["gone@remote.test"] = ["550 5.1.1 gone"]
+    before = len(dsns(s, "alice@example.com")) + len(dsns(s, "bob@example.com"))
+    with smtplib.SMTP("127.0.0.1", s.mta_port, timeout=15) as c:
+        c.sendmail("<>", ["fwd@example.com"], b"Subject: bounce-of-bounce\r\n\r\nx\r\n")
+    assert wait_for(lambda: "sender is <>" in s.log("up"), 15)
+    assert len(dsns(s, "alice@example.com")) + len(dsns(s, "bob@example.com")) == before
+
+
+def test_swaks_submission(world):
+    s, _, mx1, _ = world
+    swaks = shutil.which("swaks")
+    if swaks is None:
+        pytest.skip("swaks is not installed (apt install swaks)")
+    r = subprocess.run([swaks, "--server", "127.0.0.1", "--port", str(s.msa_port), "--tls",
+                        "--auth", "PLAIN", "--auth-user", "alice@example.com",
+                        "--auth-password", PW, "--from", "alice@example.com",
+                        "--to", "swaks@remote.test", "--header", "Subject: via-swaks",
+                        "--header", "From: alice@example.com", "--helo", "client.test"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "250 2.0.0 Ok: queued as" in r.stdout
+    assert find(mx1, b"via-swaks") is not None
+
+
+def test_expiry_bounces(tmp_path):
+    dns_server = FakeDNS()
+    dns_server.servfail.add("flaky.test.")
+    s = Stack(tmp_path, delivery={"resolver": dns_server.address, "smtp_port": free_port(),
+                                  "retry_initial": 1, "retry_max": 1, "max_queue_lifetime": 2})
+    s.setup_users("example.com", "alice@example.com", password=PW)
+    s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.mta_port}", f"127.0.0.1:{s.msa_port}"])
+    try:
+        submit(s, "alice@example.com", ["x@flaky.test"],
+               b"From: alice@example.com\r\nSubject: expires\r\n\r\nx\r\n")
+        assert wait_for(lambda: dsns(s, "alice@example.com"), 20), s.log("up")
+        [report] = dsns(s, "alice@example.com")
+        [st] = delivery_status(report)
+        assert st["status"] == "4.4.7" and st["action"] == "failed"
+    finally:
+        s.stop_all()
+        dns_server.close()
