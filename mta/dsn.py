@@ -40,33 +40,57 @@ def _date(ts: float) -> str:
     return format_datetime(datetime.fromtimestamp(ts, UTC))
 
 
-def build_dsn(env: Envelope, failed: list[Recipient], original: bytes, hostname: str,
-              now: float | None = None) -> bytes:
+SUBJECTS = {
+    "failed": "Undelivered Mail Returned to Sender",
+    "delayed": "Delayed Mail (still being retried)",
+    "delivered": "Successful Mail Delivery Report",
+    "relayed": "Successful Mail Delivery Report",
+}
+EXPLAIN = {
+    "failed": "could not be delivered",
+    "delayed": "has not been delivered yet; the mail system keeps trying",
+    "delivered": "was delivered",
+    "relayed": "was relayed to a system that sends no delivery reports",
+}
+
+
+def build_dsn(env: Envelope, reports: list[tuple[Recipient, str]], original: bytes,
+              hostname: str, now: float | None = None) -> bytes:
+    """A multipart/report for ``reports``: (recipient, action) with action one of
+    failed, delayed, delivered, relayed (RFC 3464 §2.3.3)."""
     now = time.time() if now is None else now
     boundary = f"{env.id}.{secrets.token_hex(8)}/{hostname}"
-    headers_only = (env.dsn or {}).get("ret") == "HDRS"
-    human = [f"This is the mail system at {hostname}.", "",
-             "Your message could not be delivered to one or more recipients.",
-             "The mail system said:", ""]
-    for r in failed:
-        why = "it stayed undeliverable too long" if r.status == EXPIRED else r.last_reply
-        human.append(f"<{r.original}>: {why}")
+    actions = {a for _, a in reports}
+    main = "failed" if "failed" in actions else "delayed" if "delayed" in actions else \
+        next(iter(actions))
+    # Success reports return headers only; so does RET=HDRS (RFC 3461 §4.3).
+    headers_only = (env.dsn or {}).get("ret") == "HDRS" or main in ("delivered", "relayed")
+    human = [f"This is the mail system at {hostname}.", ""]
+    for action in ("failed", "delayed", "delivered", "relayed"):
+        group = [r for r, a in reports if a == action]
+        if not group:
+            continue
+        human += [f"Your message {EXPLAIN[action]} for these recipients:", ""]
+        for r in group:
+            why = "it stayed undeliverable too long" if r.status == EXPIRED else r.last_reply
+            human.append(f"<{r.original}>: {why}" if why else f"<{r.original}>")
+        human.append("")
     per_message = [f"Reporting-MTA: dns; {hostname}", f"X-Pochta-Queue-ID: {env.id}",
                    f"Arrival-Date: {_date(env.created)}"]
     envid = (env.dsn or {}).get("envid")
     if envid:
-        per_message.append(f"Original-Envelope-Id: {envid}")
+        per_message.insert(0, f"Original-Envelope-Id: {envid}")
     blocks = ["\r\n".join(per_message)]
-    for r in failed:
-        fields = [f"Final-Recipient: rfc822; {r.address}"]
+    for r, action in reports:
+        fields = []
         if r.orcpt:
             fields.append(f"Original-Recipient: {r.orcpt}")
         elif r.original != r.address:
             fields.append(f"Original-Recipient: rfc822; {r.original}")
-        fields += ["Action: failed", f"Status: {status_of(r)}"]
-        relay = r.last_relay
-        if relay and relay not in ("mda", "dns"):
-            fields.append(f"Remote-MTA: dns; {relay.split('[')[0]}")
+        fields += [f"Final-Recipient: rfc822; {r.address}", f"Action: {action}",
+                   f"Status: {status_of(r) if action in ('failed', 'delayed') else '2.0.0'}"]
+        if r.last_relay and r.last_relay not in ("mda", "dns"):
+            fields.append(f"Remote-MTA: dns; {r.last_relay.split('[')[0]}")
         if r.last_reply:
             fields.append(f"Diagnostic-Code: smtp; {r.last_reply}")
         fields.append(f"Last-Attempt-Date: {_date(now)}")
@@ -82,7 +106,7 @@ def build_dsn(env: Envelope, failed: list[Recipient], original: bytes, hostname:
     head = "\r\n".join([
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
         f"To: <{env.mail_from}>",
-        "Subject: Undelivered Mail Returned to Sender",
+        f"Subject: {SUBJECTS[main]}",
         f"Date: {formatdate(now, localtime=False, usegmt=True)}",
         f"Message-ID: <{env.id}.{secrets.token_hex(4)}.dsn@{hostname}>",
         "Auto-Submitted: auto-replied",
@@ -93,7 +117,7 @@ def build_dsn(env: Envelope, failed: list[Recipient], original: bytes, hostname:
         head.encode(),
         f"--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n"
         f"Content-Transfer-Encoding: 8bit\r\nContent-Description: Notification\r\n\r\n"
-        .encode() + "\r\n".join(human).encode() + b"\r\n\r\n",
+        .encode() + "\r\n".join(human).encode() + b"\r\n",
         f"--{boundary}\r\nContent-Type: message/delivery-status\r\n"
         f"Content-Description: Delivery report\r\n\r\n".encode()
         + "\r\n\r\n".join(blocks).encode() + b"\r\n\r\n",
@@ -102,6 +126,24 @@ def build_dsn(env: Envelope, failed: list[Recipient], original: bytes, hostname:
         f"\r\n--{boundary}--\r\n".encode(),
     ]
     return b"".join(parts)
+
+
+def wants(r: Recipient, kind: str) -> bool:
+    """RFC 3461 §4.1: without NOTIFY, failures and delays are reported, successes not."""
+    if r.notify is None:
+        return kind in ("FAILURE", "DELAY")
+    return kind in r.notify
+
+
+def final_reports(env: Envelope) -> list[tuple[Recipient, str]]:
+    """What the sender hears about once every recipient is final."""
+    out: list[tuple[Recipient, str]] = []
+    for r in env.recipients:
+        if r.status in ("failed", EXPIRED) and wants(r, "FAILURE"):
+            out.append((r, "failed"))
+        elif r.status == "sent" and wants(r, "SUCCESS") and not r.dsn_passed:
+            out.append((r, "delivered" if r.last_relay == "mda" else "relayed"))
+    return out
 
 
 class Bouncer:
@@ -113,15 +155,17 @@ class Bouncer:
         self.enqueue = enqueue
 
     async def bounce(self, env: Envelope, original: bytes) -> None:
-        failed = [r for r in env.recipients if r.status in ("failed", EXPIRED)
-                  and (r.notify is None or "FAILURE" in r.notify)]
-        if not failed:
+        """The DSN due when every recipient is final (failures; successes if asked)."""
+        await self.notify(env, original, final_reports(env))
+
+    async def notify(self, env: Envelope, original: bytes,
+                     reports: list[tuple[Recipient, str]]) -> None:
+        if not reports:
             return
         if not env.mail_from:
-            log.info("%s: no bounce for %d failed recipient(s): the sender is <>", env.id,
-                     len(failed))
+            log.info("%s: no DSN for %d recipient(s): the sender is <>", env.id, len(reports))
             return
-        data = build_dsn(env, failed, original, self.hostname)
+        data = build_dsn(env, reports, original, self.hostname)
         sender_domain = addresses.domain_of(env.mail_from)
         if await asyncio.to_thread(self.directory.is_local_domain, sender_domain):
             targets = await asyncio.to_thread(self.directory.resolve, env.mail_from)
@@ -137,6 +181,7 @@ class Bouncer:
                        body="8BITMIME", client={"protocol": "local", "ip": "", "helo": ""},
                        dsn={"ret": None, "envid": None})
         await asyncio.to_thread(self.spool.put, dsn, data)
-        log.info("%s: sender non-delivery notification: %s", env.id, dsn.id)
+        log.info("%s: sender notification (%s): %s", env.id,
+                 ",".join(sorted({a for _, a in reports})), dsn.id)
         if self.enqueue is not None:
             self.enqueue(dsn)

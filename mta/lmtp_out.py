@@ -22,6 +22,7 @@ class Reply:
     code: int
     text: str
     relay: str = ""  # who gave this reply, for the log ("mda", "mx.example.org[192.0.2.1]")
+    dsn_passed: bool = False  # the host advertised DSN and got our NOTIFY/ORCPT
 
     @property
     def line(self) -> str:

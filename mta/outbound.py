@@ -171,12 +171,25 @@ class Outbound:
                 return {x.address: r for x in rcpts}
             options.append(f"SIZE={len(data)}")
         encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
+        dsn = smtp.supports_extension("dsn")
+        if dsn:  # RFC 3461 §4: pass the sender's DSN requests on to a host that takes them
+            if (env.dsn or {}).get("ret"):
+                options.append(f"RET={env.dsn['ret']}")
+            if (env.dsn or {}).get("envid"):
+                options.append(f"ENVID={env.dsn['envid']}")
         await smtp.mail(wire_address(env.mail_from), options=options, encoding=encoding)
         results: dict[str, Reply] = {}
         accepted: list[str] = []
         for r in rcpts:
+            rcpt_options = []
+            if dsn:
+                if r.notify:
+                    rcpt_options.append("NOTIFY=" + ",".join(r.notify))
+                if r.orcpt:
+                    rcpt_options.append(f"ORCPT={r.orcpt}")
             try:
-                resp = await smtp.rcpt(wire_address(r.address), encoding=encoding)
+                resp = await smtp.rcpt(wire_address(r.address), options=rcpt_options,
+                                       encoding=encoding)
                 accepted.append(r.address)
                 results[r.address] = reply(resp.code, resp.message)
             except aiosmtplib.SMTPRecipientRefused as e:
@@ -185,5 +198,5 @@ class Outbound:
             return results
         resp = await smtp.data(data)
         for a in accepted:
-            results[a] = reply(resp.code, resp.message)
+            results[a] = Reply(resp.code, resp.message, results[a].relay, dsn_passed=dsn)
         return results

@@ -69,6 +69,11 @@ class SMTPEnvelope(Envelope):
     def __init__(self) -> None:
         super().__init__()
         self.recipients: list[Any] = []  # the handler's per-RCPT records, parallel to rcpt_tos
+        self.dsn_ret: str | None = None  # RFC 3461 MAIL parameters
+        self.dsn_envid: str | None = None
+
+
+_XTEXT = re.compile(r"^(?:[!-*,-<>-~]|\+[0-9A-F]{2})+$")  # RFC 3461 §4: xtext
 
 
 class SMTPProtocol(BaseSMTP):
@@ -135,6 +140,34 @@ class SMTPProtocol(BaseSMTP):
 
     async def smtp_TURN(self, arg: str) -> None:
         await self.push(replies.NOT_IMPLEMENTED)  # RFC 5321 §4.1.1: TURN is obsolete, unsafe
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """aiosmtpd's MAIL, plus the DSN parameters RET and ENVID (RFC 3461 §4.3, §4.4).
+
+        They are taken out of the line before aiosmtpd sees it (it refuses unknown parameters
+        and upper-cases values, which would change ENVID).
+        """
+        assert self.envelope is not None
+        if arg and not self.envelope.mail_from:
+            kept, ret, envid = [], None, None
+            for i, word in enumerate(arg.split(" ")):
+                key, eq, value = word.partition("=")
+                if i and eq and key.upper() == "RET":
+                    ret = value.upper()
+                    if ret not in ("FULL", "HDRS"):
+                        await self.push("501 5.5.4 RET must be FULL or HDRS")
+                        return
+                elif i and eq and key.upper() == "ENVID":
+                    envid = value
+                    if not _XTEXT.match(value) or len(value) > 100:
+                        await self.push("501 5.5.4 Malformed ENVID")
+                        return
+                else:
+                    kept.append(word)
+            self.envelope.dsn_ret, self.envelope.dsn_envid = ret, envid
+            arg = " ".join(kept)
+        await super().smtp_MAIL(arg)
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from mta import policy
+from mta.dsn import Bouncer, wants
 from mta.lmtp_out import LMTPClient, LMTPError, Reply
 from mta.spool import EXPIRED, FAILED, FLUSH, KICK, SENT, Envelope, Recipient, Spool
 from store import addresses
@@ -28,7 +29,6 @@ from store.directory import Directory, DirectoryUnavailable
 log = logging.getLogger("pochta.queue")
 
 RemoteDeliver = Callable[[Envelope, list[Recipient], bytes], Awaitable[dict[str, Reply]]]
-Bounce = Callable[[Envelope, bytes], Awaitable[None]]
 
 
 class LocalDelivery:
@@ -66,14 +66,14 @@ class LocalDelivery:
 
 class QueueRunner:
     def __init__(self, cfg: Config, spool: Spool, directory: Directory, local: LocalDelivery,
-                 remote: RemoteDeliver, bounce: Bounce, concurrency: int = 32,
+                 remote: RemoteDeliver, bouncer: Bouncer, concurrency: int = 32,
                  clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.spool = spool
         self.directory = directory
         self.local = local
         self.remote = remote
-        self.bounce = bounce
+        self.bouncer = bouncer
         self.clock = clock
         self.items: dict[str, Envelope] = {}
         self.busy: set[str] = set()
@@ -160,10 +160,11 @@ class QueueRunner:
             now = self.clock()
             due = [r for r in env.pending if r.next_attempt <= now]
             results = await self._route_and_send(env, due, data)
-            self._record(env, due, results)
+            delayed = self._record(env, due, results)
+            if delayed:
+                await self.bouncer.notify(env, data, [(r, "delayed") for r in delayed])
             if env.finished:
-                if any(r.status in (FAILED, EXPIRED) for r in env.recipients):
-                    await self.bounce(env, data)
+                await self.bouncer.bounce(env, data)
                 await asyncio.to_thread(self.spool.remove, env.id)
                 self.items.pop(env.id, None)
             else:
@@ -192,9 +193,12 @@ class QueueRunner:
             results.update(part)
         return results
 
-    def _record(self, env: Envelope, rcpts: list[Recipient], results: dict[str, Reply]) -> None:
+    def _record(self, env: Envelope, rcpts: list[Recipient], results: dict[str, Reply]
+                ) -> list[Recipient]:
+        """Apply one attempt's replies; return the recipients now due a "delayed" DSN."""
         now = self.clock()
         d = self.cfg.delivery
+        delayed = []
         for r in rcpts:
             reply = results.get(r.address, Reply(451, "4.3.0 no result for this recipient"))
             r.attempts += 1
@@ -202,14 +206,20 @@ class QueueRunner:
             relay = r.last_relay = reply.relay or "mda"
             if reply.ok:
                 r.status = SENT
+                r.dsn_passed = reply.dsn_passed
             elif reply.permanent:
                 r.status = FAILED
             elif now - env.created >= d.max_queue_lifetime:
                 r.status = EXPIRED
             else:
                 r.next_attempt = now + policy.retry_delay(r.attempts, d.retry_initial, d.retry_max)
+                if (d.delay_warning and not r.delay_notified and wants(r, "DELAY")
+                        and now - env.created >= d.delay_warning):
+                    r.delay_notified = True
+                    delayed.append(r)
             status = {SENT: "sent", FAILED: "bounced", EXPIRED: "expired"}.get(r.status, "deferred")
             log.info("%s: to=<%s>%s relay=%s delay=%.2f attempts=%d status=%s (%s)", env.id,
                      r.address, f" orig_to=<{r.original}>" if r.original != r.address else "",
                      relay, now - env.created, r.attempts, status, reply.line)
+        return delayed
 

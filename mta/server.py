@@ -58,7 +58,7 @@ async def run_mta(cfg: Config, stop: asyncio.Event) -> None:
     spool = Spool(cfg.spool_dir)
     bouncer = Bouncer(cfg.hostname, spool, directory)
     runner = QueueRunner(cfg, spool, directory, LocalDelivery(cfg), Outbound(cfg).deliver,
-                         bouncer.bounce)
+                         bouncer)
     bouncer.enqueue = runner.add
     handler = SMTPHandler(cfg, Mode("mta", submission=False, vrfy=cfg.mta.vrfy, expn=cfg.mta.expn),
                           directory, spool, kick=runner.add)

@@ -72,7 +72,7 @@ class SMTPHandler:
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         out = [r for r in responses[:-1] if not (r.startswith("250-AUTH") and not self.offers_auth)]
-        out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+        out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN", responses[-1]]
         return out
 
     async def handle_exception(self, error: Exception) -> str:
@@ -201,7 +201,7 @@ class SMTPHandler:
             smtputf8=bool(envelope.smtp_utf8), body=opts.get("BODY", "7BIT") or "7BIT",
             client={"ip": server.peer_ip, "helo": session.host_name, "protocol": protocol,
                     "auth": session.login_data if session.authenticated else None},
-            dsn={"ret": opts.get("RET") or None, "envid": opts.get("ENVID") or None})
+            dsn={"ret": envelope.dsn_ret, "envid": envelope.dsn_envid})
 
     # -- VRFY / EXPN --------------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ On-disk format, version 1:
      "recipients": [{"address": final target, "original": RCPT address as given,
                      "orcpt": str|null, "notify": [..]|null, "status": "pending"|"sent"|
                      "failed"|"expired", "attempts": int, "next_attempt": <unix time>,
-                     "last_reply": str, "last_relay": str}]}
+                     "last_reply": str, "last_relay": str, "delay_notified": bool,
+                     "dsn_passed": bool}]}
 
 Write order: the ``.eml`` is written and fsynced first, then the ``.json`` to a temporary name,
 fsynced and renamed, then the directory is fsynced. The ``.json`` rename is the commit point:
@@ -61,6 +62,8 @@ class Recipient:
     next_attempt: float = 0.0
     last_reply: str = ""
     last_relay: str = ""
+    delay_notified: bool = False  # a "delayed" DSN went out for this recipient
+    dsn_passed: bool = False  # the next hop took our NOTIFY: it reports success, not us
 
 
 @dataclass

@@ -66,6 +66,7 @@ class DeliveryConfig:
     retry_initial: float = 300.0  # seconds before the first retry; doubles up to retry_max
     retry_max: float = 3600.0
     max_queue_lifetime: float = 432000.0  # 5 days, then the message bounces
+    delay_warning: float = 14400.0  # a "delayed" DSN after 4 hours (if NOTIFY allows); 0: never
     lmtp_timeout: float = 120.0
 
 

@@ -8,6 +8,7 @@ import shutil
 import smtplib
 import ssl
 import subprocess
+import time
 
 import pytest
 from fakes import FakeDNS, SinkMX
@@ -279,6 +280,98 @@ def test_expiry_bounces(tmp_path):
         [report] = dsns(s, "alice@example.com")
         [st] = delivery_status(report)
         assert st["status"] == "4.4.7" and st["action"] == "failed"
+    finally:
+        s.stop_all()
+        dns_server.close()
+
+
+def raw_send(port: int, lines: list[str], body: bytes) -> None:
+    r = Raw(port)
+    r.cmd("EHLO client.test")
+    for line in lines:
+        reply = r.cmd(line)
+        assert reply.startswith("250"), (line, reply)
+    assert r.cmd("DATA").startswith("354")
+    r.send(body + b".\r\n")
+    assert r.reply().startswith("250 2.0.0")
+    r.close()
+
+
+def test_dsn_extension_success_and_hdrs(world):
+    s, _, mx1, _ = world
+    assert "250-DSN" in Raw(s.mta_port).cmd("EHLO client.test")
+    raw_send(s.mta_port, ["MAIL FROM:<bob@example.com> RET=HDRS ENVID=Env+2BId-42",
+                          "RCPT TO:<alice@example.com> NOTIFY=SUCCESS,FAILURE "
+                          "ORCPT=rfc822;Alice@Example.com"],
+             b"Subject: dsn-success\r\n\r\nsecret body\r\n")
+    report = wait_for(lambda: next((r for r in dsns(s, "bob@example.com")
+                                    if "dsn-success" in str(r)), None))
+    assert report is not None, s.log("up")
+    assert report["Subject"] == "Successful Mail Delivery Report"
+    part = next(p for p in report.walk() if p.get_content_type() == "message/delivery-status")
+    first = part.get_payload()[0]
+    assert first["Original-Envelope-Id"] == "Env+2BId-42"
+    [st] = delivery_status(report)
+    assert st["action"] == "delivered" and st["status"] == "2.0.0"
+    assert st["original-recipient"] == "rfc822;Alice@Example.com"
+    assert not any(p.get_content_type() == "message/rfc822" for p in report.walk())
+    assert "secret body" not in str(report)  # success reports carry headers only
+
+
+def test_dsn_notify_never_and_ret_hdrs_failure(world):
+    s, _, mx1, _ = world
+    mx1.handler.rcpt_replies["never@remote.test"] = ["550 5.1.1 gone"]
+    mx1.handler.rcpt_replies["hdrs@remote.test"] = ["550 5.1.1 gone"]
+    c = smtplib.SMTP("127.0.0.1", s.msa_port, timeout=20)
+    c.starttls(context=client_tls())
+    c.login("bob@example.com", PW)
+    c.sendmail("bob@example.com", ["never@remote.test"],
+               b"From: bob@example.com\r\nSubject: notify-never\r\n\r\nx\r\n",
+               rcpt_options=["NOTIFY=NEVER"])
+    c.quit()
+    c = smtplib.SMTP("127.0.0.1", s.msa_port, timeout=20)
+    c.starttls(context=client_tls())
+    c.login("bob@example.com", PW)
+    c.mail("bob@example.com", ["RET=HDRS"])
+    c.rcpt("hdrs@remote.test", ["NOTIFY=FAILURE"])
+    c.data(b"From: bob@example.com\r\nSubject: ret-hdrs\r\n\r\nbody not returned\r\n")
+    c.quit()
+    report = wait_for(lambda: next((r for r in dsns(s, "bob@example.com")
+                                    if "ret-hdrs" in str(r)), None))
+    assert report is not None
+    assert any(p.get_content_type() == "text/rfc822-headers" for p in report.walk())
+    assert "body not returned" not in str(report)
+    assert wait_for(lambda: "to=<never@remote.test> relay=mx1" in s.log("up"), 10)
+    time.sleep(1)
+    assert not any("notify-never" in str(r) for r in dsns(s, "bob@example.com"))
+    c = smtplib.SMTP("127.0.0.1", s.msa_port, timeout=20)
+    c.starttls(context=client_tls())
+    c.login("bob@example.com", PW)
+    assert c.docmd("MAIL", "FROM:<bob@example.com> RET=SOME")[0] == 501
+    assert c.docmd("RSET")[0] == 250
+    c.mail("bob@example.com")
+    assert c.docmd("RCPT", "TO:<x@remote.test> NOTIFY=NEVER,SUCCESS")[0] == 501
+    c.quit()
+
+
+def test_delay_dsn(tmp_path):
+    dns_server = FakeDNS()
+    dns_server.servfail.add("slowdns.test.")
+    s = Stack(tmp_path, delivery={"resolver": dns_server.address, "smtp_port": free_port(),
+                                  "retry_initial": 1, "retry_max": 1, "delay_warning": 1,
+                                  "max_queue_lifetime": 600})
+    s.setup_users("example.com", "alice@example.com", password=PW)
+    s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.mta_port}", f"127.0.0.1:{s.msa_port}"])
+    try:
+        submit(s, "alice@example.com", ["x@slowdns.test"],
+               b"From: alice@example.com\r\nSubject: slow\r\n\r\nx\r\n")
+        report = wait_for(lambda: next(iter(dsns(s, "alice@example.com")), None), 20)
+        assert report is not None, s.log("up")
+        [st] = delivery_status(report)
+        assert st["action"] == "delayed" and st["status"].startswith("4.")
+        time.sleep(2.5)
+        assert len(dsns(s, "alice@example.com")) == 1  # one warning, not one per retry
+        assert "x@slowdns.test" in s.pochta("queue", "list").stdout
     finally:
         s.stop_all()
         dns_server.close()
