@@ -135,6 +135,12 @@ class Outbound:
                     log.info("%s: %s: STARTTLS failed (%s); retrying without TLS", env.id, relay, e)
                     smtp.close()
                     return await self._session(env, host, port, rcpts, data, use_tls=False)
+            d = self.cfg.delivery
+            if self.smarthost and d.smarthost_user:
+                if smtp.get_transport_info("ssl_object") is None:
+                    raise _Retry(reply(454, "4.7.0 smarthost offers no TLS; "
+                                       "not sending credentials in the clear"))
+                await smtp.login(d.smarthost_user, d.smarthost_password)
             return await self._transaction(env, smtp, rcpts, data, reply)
         except aiosmtplib.SMTPResponseException as e:
             r = reply(e.code, e.message)

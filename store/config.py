@@ -63,6 +63,8 @@ class DeliveryConfig:
     resolver: str = ""
     smtp_port: int = 25
     smarthost: str = ""
+    smarthost_user: str = ""  # AUTH at the smarthost, only ever sent over TLS
+    smarthost_password: str = ""
     retry_initial: float = 300.0  # seconds before the first retry; doubles up to retry_max
     retry_max: float = 3600.0
     max_queue_lifetime: float = 432000.0  # 5 days, then the message bounces
@@ -165,6 +167,9 @@ def _validate(cfg: Config) -> None:
         parse_address(cfg.delivery.resolver, "delivery.resolver")
     if cfg.delivery.smarthost:
         parse_address(cfg.delivery.smarthost, "delivery.smarthost")
+    if bool(cfg.delivery.smarthost_user) != bool(cfg.delivery.smarthost_password):
+        raise ConfigError("config keys 'delivery.smarthost_user' and 'delivery.smarthost_password' "
+                          "must be set together")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"config key 'log_level': expected debug, info, warning or error, "
                           f"got {cfg.log_level!r}")

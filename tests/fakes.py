@@ -105,22 +105,29 @@ class SinkHandler:
 
 
 class _SinkController(Controller):
-    def __init__(self, handler, host, port, tls_context, smtputf8) -> None:
+    def __init__(self, handler, host, port, tls_context, smtputf8, authenticator) -> None:
         self.tls_context = tls_context
         self.smtputf8 = smtputf8
+        self.authenticator = authenticator
         super().__init__(handler, hostname=host, port=port)
 
     def factory(self):
+        extra = {}
+        if self.authenticator is not None:
+            extra = {"authenticator": self.authenticator, "auth_required": True,
+                     "auth_require_tls": True}
         return AioSMTP(self.handler, hostname="sink.test", tls_context=self.tls_context,
-                       enable_SMTPUTF8=self.smtputf8, decode_data=False)
+                       enable_SMTPUTF8=self.smtputf8, decode_data=False, **extra)
 
 
 class SinkMX:
-    def __init__(self, host: str, port: int, tls_context=None, smtputf8: bool = True) -> None:
+    def __init__(self, host: str, port: int, tls_context=None, smtputf8: bool = True,
+                 authenticator=None) -> None:
         self.host = host
         self.port = port
         self.handler = SinkHandler()
-        self.controller = _SinkController(self.handler, host, port, tls_context, smtputf8)
+        self.controller = _SinkController(self.handler, host, port, tls_context, smtputf8,
+                                          authenticator)
         self.controller.start()
 
     @property

@@ -375,3 +375,37 @@ def test_delay_dsn(tmp_path):
     finally:
         s.stop_all()
         dns_server.close()
+
+
+def test_smarthost_with_auth_over_tls(tmp_path):
+    trustme = pytest.importorskip("trustme")
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    ca = trustme.CA()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("relay.test").configure_cert(ctx)
+    logins = []
+
+    def authenticator(server, session, envelope, mechanism, data):
+        ok = isinstance(data, LoginPassword) and (data.login, data.password) == \
+            (b"relayuser", b"relay secret")
+        logins.append((mechanism, ok))
+        return AuthResult(success=ok)
+
+    port = free_port("127.0.0.5")
+    sink = SinkMX("127.0.0.5", port, tls_context=ctx, authenticator=authenticator)
+    s = Stack(tmp_path, delivery={"smarthost": f"127.0.0.5:{port}", "smarthost_user": "relayuser",
+                                  "smarthost_password": "relay secret",
+                                  "resolver": "127.0.0.1:9"})  # DNS unused with a smarthost
+    s.setup_users("example.com", "alice@example.com", password=PW)
+    s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.mta_port}", f"127.0.0.1:{s.msa_port}"])
+    try:
+        submit(s, "alice@example.com", ["anyone@anywhere.test"],
+               b"From: alice@example.com\r\nSubject: via-smarthost\r\n\r\nx\r\n")
+        m = find(sink, b"via-smarthost")
+        assert m is not None, s.log("up")
+        assert m.tls and m.rcpts == ["anyone@anywhere.test"]
+        assert logins and all(ok for _, ok in logins)
+    finally:
+        s.stop_all()
+        sink.stop()
