@@ -9,7 +9,7 @@ from mda.deliver import Deliverer
 from mda.session import LMTPHandler, LMTPProtocol
 from store.config import Config
 from store.db import Database
-from store.directory import Directory
+from store.directory import CachedDirectory
 from store.smtpserver import Connections, start_listeners
 
 log = logging.getLogger("pochta.mda")
@@ -17,7 +17,7 @@ log = logging.getLogger("pochta.mda")
 
 async def run(cfg: Config, stop: asyncio.Event) -> None:
     db = Database(cfg.database_url)
-    handler = LMTPHandler(Directory(db), Deliverer(cfg.mda, cfg.hostname))
+    handler = LMTPHandler(CachedDirectory(db, cfg.directory_cache_ttl), Deliverer(cfg.mda, cfg.hostname))
     connections = Connections(max_total=500, max_per_ip=0)
 
     def factory() -> LMTPProtocol:

@@ -16,7 +16,7 @@ from aiosmtpd.smtp import Envelope, Session, syntax
 
 from mda.deliver import Deliverer
 from store import addresses
-from store.directory import Directory, DirectoryUnavailable, UserInfo
+from store.directory import Directory, DirectoryUnavailable, UserInfo, lookup
 from store.smtpserver import BaseSMTP
 
 log = logging.getLogger("pochta.mda")
@@ -57,7 +57,7 @@ class LMTPHandler:
         except addresses.AddressError:
             return f"553 5.1.3 <{address}> Malformed address"
         try:
-            mailbox = await asyncio.to_thread(self.directory.mailbox, rcpt)
+            mailbox = await lookup(self.directory, "mailbox", rcpt)
         except DirectoryUnavailable as e:
             log.error("directory unavailable at RCPT <%s>: %s", rcpt, e)
             return "451 4.3.0 Directory temporarily unavailable, try again later"

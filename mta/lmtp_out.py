@@ -61,11 +61,13 @@ class LMTPClient:
                 host, port = parse_address(self.address, "mda.listen")
                 conn = asyncio.open_connection(host, port, limit=1 << 16)
             self.reader, self.writer = await asyncio.wait_for(conn, self.timeout)
-            greeting = await self.read_reply()
+            async with asyncio.timeout(self.timeout):
+                greeting = await self.read_reply()
             if greeting.code != 220:
                 raise LMTPError(f"greeting: {greeting.line}")
             self.send(f"LHLO {local_name}")
-            lhlo = await self.read_reply()
+            async with asyncio.timeout(self.timeout):
+                lhlo = await self.read_reply()
             if lhlo.code != 250:
                 raise LMTPError(f"LHLO: {lhlo.line}")
         except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
@@ -84,7 +86,7 @@ class LMTPClient:
         assert self.reader is not None
         lines: list[str] = []
         while True:
-            raw = await asyncio.wait_for(self.reader.readuntil(b"\n"), self.timeout)
+            raw = await self.reader.readuntil(b"\n")  # deadline: asyncio.timeout in callers
             line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
             if len(line) < 3 or not line[:3].isdigit():
                 raise LMTPError(f"malformed reply {line!r}")
@@ -100,7 +102,8 @@ class LMTPClient:
         if not self.connected:
             raise LMTPError("not connected")
         try:
-            return await self._transaction(mail_from, rcpts, data, smtputf8)
+            async with asyncio.timeout(self.timeout):
+                return await self._transaction(mail_from, rcpts, data, smtputf8)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, UnicodeError) as e:
             await self.close()
             raise LMTPError(f"LMTP session with {self.address} failed: {e!r}") from e
@@ -140,12 +143,6 @@ class LMTPClient:
         for r in accepted:  # RFC 2033 §4.2: one reply per accepted RCPT, in order
             results[r] = await self.read_reply()
         return {r: results[r] for r in rcpts}
-
-    async def reset(self) -> None:
-        self.send("RSET")
-        reply = await self.read_reply()
-        if reply.code != 250:
-            raise LMTPError(f"RSET: {reply.line}")
 
     async def close(self) -> None:
         if self.writer is not None:

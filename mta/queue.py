@@ -24,7 +24,7 @@ from mta.lmtp_out import LMTPClient, LMTPError, Reply
 from mta.spool import EXPIRED, FAILED, FLUSH, KICK, SENT, Envelope, Recipient, Spool
 from store import addresses
 from store.config import Config
-from store.directory import Directory, DirectoryUnavailable
+from store.directory import Directory, DirectoryUnavailable, lookup
 
 log = logging.getLogger("pochta.queue")
 
@@ -147,16 +147,13 @@ class QueueRunner:
             self.wake.set()
 
     async def _deliver(self, env: Envelope) -> None:
-        fd = await asyncio.to_thread(self.spool.try_lock, env.id)
-        if fd is None:
+        got = await asyncio.to_thread(self.spool.checkout, env.id)
+        if got is None:
             if not self.spool.json_path(env.id).exists():
                 self.items.pop(env.id, None)  # deleted by `pochta queue delete`
             return  # locked by the CLI: try again on the next round
+        fd, data = got
         try:
-            if not self.spool.json_path(env.id).exists():
-                self.items.pop(env.id, None)
-                return
-            data = await asyncio.to_thread(self.spool.read_message, env.id)
             now = self.clock()
             due = [r for r in env.pending if r.next_attempt <= now]
             results = await self._route_and_send(env, due, data)
@@ -165,12 +162,10 @@ class QueueRunner:
                 await self.bouncer.notify(env, data, [(r, "delayed") for r in delayed])
             if env.finished:
                 await self.bouncer.bounce(env, data)
-                await asyncio.to_thread(self.spool.remove, env.id)
-                self.items.pop(env.id, None)
-            else:
-                await asyncio.to_thread(self.spool.update, env)
         finally:
-            await asyncio.to_thread(self.spool.unlock, fd)
+            await asyncio.to_thread(self.spool.checkin, env, fd)
+        if env.finished:
+            self.items.pop(env.id, None)
 
     async def _route_and_send(self, env: Envelope, rcpts: list[Recipient], data: bytes
                               ) -> dict[str, Reply]:
@@ -179,7 +174,7 @@ class QueueRunner:
         try:
             for r in rcpts:
                 domain = addresses.domain_of(r.address)
-                ours = await asyncio.to_thread(self.directory.is_local_domain, domain)
+                ours = await lookup(self.directory, "is_local_domain", domain)
                 (local if ours else remote).append(r)
         except DirectoryUnavailable as e:
             return {r.address: Reply(451, f"4.3.0 directory unavailable: {e}") for r in rcpts}

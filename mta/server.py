@@ -19,7 +19,7 @@ from mta.session import Mode, SMTPHandler
 from mta.spool import KICK, Envelope, Spool
 from store.config import Config
 from store.db import Database
-from store.directory import Directory
+from store.directory import CachedDirectory
 from store.smtpserver import Connections, start_listeners
 from store.tlscert import server_context
 
@@ -54,7 +54,7 @@ async def _serve_until(stop: asyncio.Event, servers: list[asyncio.base_events.Se
 
 async def run_mta(cfg: Config, stop: asyncio.Event) -> None:
     db = Database(cfg.database_url)
-    directory = Directory(db)
+    directory = CachedDirectory(db, cfg.directory_cache_ttl)
     spool = Spool(cfg.spool_dir)
     bouncer = Bouncer(cfg.hostname, spool, directory)
     runner = QueueRunner(cfg, spool, directory, LocalDelivery(cfg), Outbound(cfg).deliver,
@@ -84,7 +84,7 @@ async def run_msa(cfg: Config, stop: asyncio.Event) -> None:
     from mta.submission import SubmissionHandler
 
     db = Database(cfg.database_url)
-    directory = Directory(db)
+    directory = CachedDirectory(db, cfg.directory_cache_ttl)
     spool = Spool(cfg.spool_dir)
 
     def kick(_env: Envelope) -> None:

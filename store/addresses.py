@@ -9,6 +9,7 @@ as insensitive). ``user+tag`` is a subaddress of ``user`` (RFC 5233).
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 import idna
 
@@ -28,6 +29,7 @@ class AddressError(ValueError):
     """An address that is malformed; the message says why, in one line."""
 
 
+@lru_cache(maxsize=4096)  # pure and called for every address: IDNA checks are costly
 def normalize_domain(domain: str) -> str:
     """Return the lower-case U-label form of ``domain`` (A-labels accepted)."""
     d = domain.strip().rstrip(".")
@@ -45,6 +47,7 @@ def normalize_domain(domain: str) -> str:
     return unicode_form.lower()
 
 
+@lru_cache(maxsize=4096)
 def ascii_domain(domain: str) -> str:
     """The A-label form used on the wire and in DNS."""
     return idna.encode(normalize_domain(domain), uts46=True).decode("ascii")

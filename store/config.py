@@ -79,6 +79,7 @@ class Config:
     database_url: str = ""
     spool_dir: str = ""
     log_level: str = "info"
+    directory_cache_ttl: float = 5.0  # seconds the mail processes remember directory look-ups
     mta: MTAConfig = field(default_factory=MTAConfig)
     msa: MSAConfig = field(default_factory=MSAConfig)
     mda: MDAConfig = field(default_factory=MDAConfig)

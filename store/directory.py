@@ -8,9 +8,13 @@ the SMTP layer answers 4xx, never 550 for a real user.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, TypeVar
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -24,6 +28,7 @@ from store.models import Alias, Domain, User
 log = logging.getLogger("pochta.directory")
 
 MAX_ALIAS_DEPTH = 10  # nested aliases deeper than this are treated as a loop
+T = TypeVar("T")
 
 
 class DirectoryError(Exception):
@@ -387,3 +392,62 @@ def _describe(e: SQLAlchemyError) -> str:
     orig = getattr(e, "orig", None)
     text = str(orig if orig is not None else e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+class CachedDirectory(Directory):
+    """The mail processes' directory: look-ups remembered for ``ttl`` seconds.
+
+    Every RCPT asks ``is_local_domain`` and ``resolve``; under load that was most of the MTA's
+    CPU. Admin changes take effect within ``ttl``. Failures are not cached.
+    """
+
+    def __init__(self, db: Database, ttl: float = 5.0, max_entries: int = 50_000) -> None:
+        super().__init__(db)
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._cache: dict[tuple[str, str], tuple[float, object]] = {}
+
+    def peek(self, kind: str, key: str) -> tuple[bool, object]:
+        """(True, value) if a fresh answer is cached: callers on an event loop skip the thread."""
+        hit = self._cache.get((kind, key))
+        if hit is not None and hit[0] > time.monotonic():
+            return True, hit[1]
+        return False, None
+
+    def _cached(self, kind: str, key: str, compute: Callable[[], T]) -> T:
+        now = time.monotonic()
+        hit = self._cache.get((kind, key))
+        if hit is not None and hit[0] > now:
+            return hit[1]  # type: ignore[return-value]
+        value = compute()
+        if len(self._cache) >= self.max_entries:
+            self._cache.clear()  # crude, bounded; a full cache is rebuilt within one TTL
+        self._cache[(kind, key)] = (now + self.ttl, value)
+        return value
+
+    def is_local_domain(self, domain: str) -> bool:
+        return self._cached("domain", domain, lambda: super(
+            CachedDirectory, self).is_local_domain(domain))
+
+    def resolve(self, address: str) -> list[str]:
+        return list(self._cached("resolve", address, lambda: super(
+            CachedDirectory, self).resolve(address)))
+
+    def mailbox(self, address: str) -> UserInfo | None:
+        return self._cached("mailbox", address, lambda: super(
+            CachedDirectory, self).mailbox(address))
+
+
+async def lookup(directory: Directory, kind: str, key: str) -> Any:
+    """``directory.<kind>(key)`` from async code: from the cache when fresh, else in a thread.
+
+    kind is "is_local_domain", "resolve" or "mailbox".
+    """
+    if isinstance(directory, CachedDirectory):
+        hit, value = directory.peek(_CACHE_KIND[kind], key)
+        if hit:
+            return list(value) if isinstance(value, list) else value  # type: ignore[call-overload]
+    return await asyncio.to_thread(getattr(directory, kind), key)
+
+
+_CACHE_KIND = {"is_local_domain": "domain", "resolve": "resolve", "mailbox": "mailbox"}

@@ -1,0 +1,307 @@
+"""pochta's end-to-end benchmark (not a test): SMTP in, maildir out, on loopback.
+
+    .venv/bin/python bench/run.py                      # pochta alone, default matrix (< 3 min)
+    .venv/bin/python bench/run.py --compare-postfix    # and Postfix + Dovecot in the same run
+    .venv/bin/python bench/run.py -c 10 -s 4096 -n 2000 --smtp-source
+
+For each (concurrency, size) it starts pochta from a temporary config (SQLite, spool and
+maildir in a temp folder), sends N messages with unique Message-IDs through N connections
+(one message per connection, like smtp-source) and prints: acceptance msgs/s, end-to-end
+msgs/s (until every message is a file in new/), p50/p99 end-of-DATA latency, the peak RSS of
+each pochta process, CPU seconds per 1000 messages, and how many messages were lost or
+duplicated (both must be 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+POSTFIX_DIR = ROOT.parent / "shared" / "bench" / "postfix-dovecot"
+POSTFIX_MAILDIR = Path("/tmp/bench-postfix/mail/bench.test/user/new")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pochta_bin() -> str:
+    exe = Path(sys.executable).parent / "pochta"
+    return str(exe) if exe.exists() else "pochta"
+
+
+def message(n: int, size: int, run: str) -> bytes:
+    head = (f"From: sender@bench.test\r\nTo: user@bench.test\r\nSubject: bench {n}\r\n"
+            f"Message-ID: <{run}.{n}@bench.test>\r\n\r\n").encode()
+    line = b"x" * 76 + b"\r\n"
+    body = line * max(1, (size - len(head)) // len(line))
+    return head + body
+
+
+# -- load generator ---------------------------------------------------------------------------
+
+async def _reply(reader: asyncio.StreamReader) -> bytes:
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise ConnectionError("closed")
+        if line[3:4] != b"-":
+            return line
+
+
+async def send_one(port: int, data: bytes, latencies: list[float]) -> bool:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+    try:
+        await _reply(reader)
+        writer.write(b"EHLO load.bench.test\r\n")
+        await _reply(reader)
+        # Pipelined envelope (both servers advertise PIPELINING).
+        writer.write(b"MAIL FROM:<sender@bench.test>\r\nRCPT TO:<user@bench.test>\r\nDATA\r\n")
+        for _ in range(3):
+            r = await _reply(reader)
+        if not r.startswith(b"354"):
+            return False
+        stuffed = data.replace(b"\r\n.", b"\r\n..")
+        t0 = time.perf_counter()
+        writer.write(stuffed + b".\r\n")
+        r = await _reply(reader)
+        latencies.append(time.perf_counter() - t0)
+        writer.write(b"QUIT\r\n")
+        return r.startswith(b"250")
+    finally:
+        writer.close()
+
+
+async def load(port: int, n: int, concurrency: int, size: int, run: str
+               ) -> tuple[float, list[float], int]:
+    latencies: list[float] = []
+    queue = list(range(n))
+    failures = 0
+
+    async def worker() -> None:
+        nonlocal failures
+        while queue:
+            i = queue.pop()
+            try:
+                ok = await asyncio.wait_for(send_one(port, message(i, size, run), latencies), 60)
+            except (OSError, TimeoutError, ConnectionError):
+                ok = False
+            failures += not ok
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - t0, latencies, failures
+
+
+def smtp_source(port: int, n: int, concurrency: int, size: int) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["smtp-source", "-s", str(concurrency), "-m", str(n), "-l", str(size),
+                    "-f", "sender@bench.test", "-t", "user@bench.test", f"127.0.0.1:{port}"],
+                   check=True, capture_output=True, timeout=600)
+    return time.perf_counter() - t0
+
+
+# -- process measurements ---------------------------------------------------------------------
+
+def proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_peak_rss_mb(pid: int) -> float:
+    m = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(m.group(1)) / 1024 if m else 0.0
+
+
+def wait_files(new_dir: Path, n: int, timeout: float) -> float:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if new_dir.exists() and len(os.listdir(new_dir)) >= n:
+            break
+        time.sleep(0.01)
+    return time.perf_counter()
+
+
+def count_ids(new_dir: Path, run: str) -> dict[str, int]:
+    ids: dict[str, int] = {}
+    pat = re.compile(rb"Message-ID: <(" + run.encode() + rb"\.\d+)@bench.test>")
+    for name in os.listdir(new_dir) if new_dir.exists() else []:
+        with open(new_dir / name, "rb") as f:
+            m = pat.search(f.read(4096))
+        if m:
+            ids[m.group(1).decode()] = ids.get(m.group(1).decode(), 0) + 1
+    return ids
+
+
+# -- the two systems --------------------------------------------------------------------------
+
+class Pochta:
+    name = "pochta"
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="pochta-bench-"))
+        self.port = free_port()
+        cfg = self.dir / "pochta.toml"
+        cfg.write_text(f"""
+hostname = "mx.bench.test"
+data_dir = "{self.dir}"
+log_level = "warning"
+[mta]
+listen = ["127.0.0.1:{self.port}"]
+max_connections = 2000
+max_connections_per_ip = 2000
+[msa]
+listen = []
+listen_tls = []
+[mda]
+listen = "127.0.0.1:{free_port()}"
+""")
+        self.cfg = cfg
+        run = [pochta_bin(), "--config", str(cfg)]
+        subprocess.run(run + ["db", "upgrade"], check=True, capture_output=True)
+        subprocess.run(run + ["domain", "add", "bench.test"], check=True, capture_output=True)
+        subprocess.run(run + ["user", "add", "user@bench.test", "--password-stdin"],
+                       input=b"bench\n", check=True, capture_output=True)
+        self.procs = {role: subprocess.Popen(run + ["serve", role], stderr=subprocess.DEVNULL)
+                      for role in ("mda", "mta")}
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        self.new_dir = self.dir / "mail" / "bench.test" / "user" / "new"
+
+    def pids(self) -> dict[str, int]:
+        return {role: p.pid for role, p in self.procs.items()}
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Postfix:
+    name = "postfix+dovecot"
+
+    def __init__(self) -> None:
+        subprocess.run(["bash", str(POSTFIX_DIR / "setup.sh")], check=True, capture_output=True)
+        shutil.rmtree(POSTFIX_MAILDIR.parent, ignore_errors=True)
+        # The daemons it starts inherit its output: no pipes, or we would wait for them forever.
+        subprocess.run(["bash", str(POSTFIX_DIR / "start.sh")], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.port = 2525
+        self.new_dir = POSTFIX_MAILDIR
+
+    def pids(self) -> dict[str, int]:
+        return {}
+
+    def stop(self) -> None:
+        subprocess.run(["bash", str(POSTFIX_DIR / "stop.sh")], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        shutil.rmtree(POSTFIX_MAILDIR.parent, ignore_errors=True)
+
+
+@dataclass
+class Result:
+    system: str
+    concurrency: int
+    size: int
+    accept: float
+    e2e: float
+    p50: float
+    p99: float
+    rss: str
+    cpu_per_1000: str
+    lost: int
+    dup: int
+
+
+def run_one(system_cls: type, n: int, concurrency: int, size: int, use_smtp_source: bool
+            ) -> Result:
+    system = system_cls()
+    run = f"r{int(time.time() * 1000) % 10**9}"
+    try:
+        pids = system.pids()
+        cpu0 = {r: proc_cpu(p) for r, p in pids.items()}
+        t0 = time.perf_counter()
+        if use_smtp_source:
+            accept_time, latencies, failures = smtp_source(system.port, n, concurrency, size), [], 0
+        else:
+            accept_time, latencies, failures = asyncio.run(
+                load(system.port, n, concurrency, size, run))
+        done = wait_files(system.new_dir, n - failures, timeout=300)
+        e2e_time = done - t0
+        time.sleep(0.3)  # late duplicates would show up now
+        ids = {} if use_smtp_source else count_ids(system.new_dir, run)
+        files = len(os.listdir(system.new_dir)) if system.new_dir.exists() else 0
+        lost = (n - failures - files) if use_smtp_source else (n - failures - len(ids))
+        dup = (files - n) if use_smtp_source else sum(c - 1 for c in ids.values())
+        cpu = {r: proc_cpu(p) - cpu0[r] for r, p in pids.items()}
+        rss = " ".join(f"{r}={proc_peak_rss_mb(p):.0f}MB" for r, p in pids.items()) or "-"
+        cpu_txt = " ".join(f"{r}={1000 * c / n:.2f}s" for r, c in cpu.items()) or "-"
+        lat = sorted(latencies)
+        return Result(system.name, concurrency, size, n / accept_time, (n - failures) / e2e_time,
+                      statistics.median(lat) * 1000 if lat else 0.0,
+                      lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else 0.0,
+                      rss, cpu_txt, max(lost, failures), max(dup, 0))
+    finally:
+        system.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("-n", "--messages", type=int, default=500)
+    ap.add_argument("-c", "--concurrency", type=int, action="append")
+    ap.add_argument("-s", "--size", type=int, action="append")
+    ap.add_argument("--compare-postfix", action="store_true")
+    ap.add_argument("--smtp-source", action="store_true",
+                    help="drive with Postfix's smtp-source instead of our own client")
+    args = ap.parse_args()
+    concurrencies = args.concurrency or [1, 10, 50]
+    sizes = args.size or [4096, 102400]
+    if args.smtp_source and not shutil.which("smtp-source"):
+        sys.exit("smtp-source not found (it comes with the postfix package)")
+    systems: list[type] = [Pochta] + ([Postfix] if args.compare_postfix else [])
+    print(f"{'system':16} {'conc':>4} {'size':>7} {'accept/s':>9} {'e2e/s':>7} {'p50 ms':>7} "
+          f"{'p99 ms':>7} {'lost':>4} {'dup':>3}  peak RSS / CPU s per 1000 msgs", flush=True)
+    by_key: dict[tuple[int, int], dict[str, Result]] = {}
+    for size in sizes:
+        for conc in concurrencies:
+            for cls in systems:
+                r = run_one(cls, args.messages, conc, size, args.smtp_source)
+                by_key.setdefault((conc, size), {})[r.system] = r
+                print(f"{r.system:16} {conc:>4} {size:>7} {r.accept:>9.0f} {r.e2e:>7.0f} "
+                      f"{r.p50:>7.1f} {r.p99:>7.1f} {r.lost:>4} {r.dup:>3}  {r.rss} / "
+                      f"{r.cpu_per_1000}", flush=True)
+            pair = by_key[(conc, size)]
+            if len(pair) == 2:
+                a, b = pair["pochta"], pair["postfix+dovecot"]
+                print(f"{'ratio pochta/pf':16} {conc:>4} {size:>7} {a.accept / b.accept:>9.2f} "
+                      f"{a.e2e / b.e2e:>7.2f} {a.p50 / max(b.p50, 1e-9):>7.2f} "
+                      f"{a.p99 / max(b.p99, 1e-9):>7.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
