@@ -29,6 +29,7 @@ class Deliverer:
         self.format = cfg.format
         self.names = maildir.UniqueNames(hostname)
         self.mbox = MboxWriter()
+        self.known_maildirs: set[Path] = set()  # created already: skip three stat calls
         self.owner: tuple[int, int] | None = None
         if cfg.mail_owner and os.geteuid() == 0:
             import pwd
@@ -49,7 +50,9 @@ class Deliverer:
             return f"452 4.2.2 <{rcpt}> Mailbox full"
         try:
             if self.format == "maildir":
-                where = str(maildir.deliver(path, message, self.names, self.owner).name)
+                where = str(maildir.deliver(path, message, self.names, self.owner,
+                                            known=path in self.known_maildirs).name)
+                self.known_maildirs.add(path)
             else:
                 self.mbox.deliver(path, message, mail_from, self.owner)
                 where = str(path)

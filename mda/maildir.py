@@ -39,9 +39,25 @@ def ensure_maildir(path: Path, owner: tuple[int, int] | None = None) -> None:
 
 
 def deliver(path: Path, message: bytes, names: UniqueNames,
-            owner: tuple[int, int] | None = None) -> Path:
-    """Write ``message`` into the maildir at ``path``; return its file in new/."""
-    ensure_maildir(path, owner)
+            owner: tuple[int, int] | None = None, known: bool = False) -> Path:
+    """Write ``message`` into the maildir at ``path``; return its file in new/.
+
+    ``known``: the maildir existed at an earlier delivery (if it was removed since, the
+    write fails with ENOENT and we create it and try once more).
+    """
+    if not known:
+        ensure_maildir(path, owner)
+    try:
+        return _deliver(path, message, names, owner)
+    except FileNotFoundError:
+        if not known:
+            raise
+        ensure_maildir(path, owner)
+        return _deliver(path, message, names, owner)
+
+
+def _deliver(path: Path, message: bytes, names: UniqueNames,
+             owner: tuple[int, int] | None) -> Path:
     name = names.next(len(message))
     tmp = path / "tmp" / name
     final = path / "new" / name

@@ -148,7 +148,7 @@ def final_reports(env: Envelope) -> list[tuple[Recipient, str]]:
 
 class Bouncer:
     def __init__(self, hostname: str, spool: Spool, directory: Directory,
-                 enqueue: Callable[[Envelope], None] | None = None) -> None:
+                 enqueue: Callable[..., None] | None = None) -> None:
         self.hostname = hostname
         self.spool = spool
         self.directory = directory

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from functools import lru_cache
 
 MAX_RECEIVED = 50  # more trace fields than this means a loop (RFC 5321 §6.3 suggests 100)
 
@@ -49,10 +51,20 @@ def received_header(*, helo: str, ip: str, hostname: str, protocol: str, qid: st
                     tls_info: str = "", when: datetime | None = None) -> bytes:
     """The trace field we prepend. It names no recipient: that would leak Bcc addresses."""
     helo = re.sub(r"[^\x21-\x7e]", "?", helo)[:255] or "unknown"
-    stamp = format_datetime(when or datetime.now(UTC))
+    stamp = format_datetime(when) if when else _now_stamp()
     tls = f"\r\n\t({tls_info})" if tls_info else ""
     return (f"Received: from {helo} ([{ip}])\r\n\tby {hostname} (pochta) with {protocol}"
             f" id {qid}{tls};\r\n\t{stamp}\r\n").encode()
+
+
+def _now_stamp() -> str:
+    return _stamp(int(time.time()))
+
+
+@lru_cache(maxsize=2)
+def _stamp(second: int) -> str:
+    """RFC 5322 date of one second; formatting it per message showed up in profiles."""
+    return format_datetime(datetime.fromtimestamp(second, UTC))
 
 
 def header_section(message: bytes) -> bytes:

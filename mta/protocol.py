@@ -3,7 +3,6 @@
 Wire-level only; every policy decision is the handler's (``mta/session.py``).
 
 - command lines ending in a bare LF are refused (500 5.5.2), never taken as a command;
-- DATA is read by ``mta.dataread`` (CRLF-strict, chunked), not aiosmtpd's line loop;
 - RCPT takes DSN parameters (NOTIFY, ORCPT) and refuses source routes before aiosmtpd's parser
   silently drops them; EXPN and TURN get real handling; STARTTLS works once per session;
 - a session with too many errors is told 421 and closed (RFC 5321 §4.5.3.2 spirit, chasquid);
@@ -20,7 +19,6 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, Envelope, syntax
 
 from mta import replies
-from mta.dataread import read_data
 from store.smtpserver import BaseSMTP
 
 log = logging.getLogger("pochta.smtp")
@@ -218,30 +216,4 @@ class SMTPProtocol(BaseSMTP):
             await self.push(f"555 5.5.4 RCPT TO parameter {sorted(unknown)[0]} not supported")
             return
         status = await self._call_handler_hook("RCPT", address, raw, params)
-        await self.push(status)
-
-    @syntax("DATA")
-    async def smtp_DATA(self, arg: str) -> None:
-        if await self.check_helo_needed():
-            return
-        if await self.check_auth_needed("DATA"):
-            return
-        assert self.envelope is not None
-        if not self.envelope.rcpt_tos:
-            await self.push(replies.NEED_RCPT)
-            return
-        if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
-            return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        result = await read_data(self._reader, self.data_size_limit, self._reset_timeout)
-        if result.error is not None:
-            log.info("%s: DATA refused (%s, %d octets)", self.peer_ip, result.error, result.size)
-            self._set_post_data_state()
-            await self.push({"size": replies.TOO_BIG, "line": replies.LINE_TOO_LONG,
-                             "bare-eol": replies.BARE_EOL_DATA}[result.error])
-            return
-        self.envelope.content = self.envelope.original_content = result.content
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
         await self.push(status)

@@ -28,6 +28,8 @@ from store.directory import Directory, DirectoryUnavailable, lookup
 
 log = logging.getLogger("pochta.queue")
 
+FRESH_MAX = 256 * 1024  # keep just-accepted messages up to this size in memory for attempt 1
+
 RemoteDeliver = Callable[[Envelope, list[Recipient], bytes], Awaitable[dict[str, Reply]]]
 
 
@@ -80,10 +82,18 @@ class QueueRunner:
         self.tasks: set[asyncio.Task[None]] = set()
         self.wake = asyncio.Event()
         self.slots = asyncio.Semaphore(concurrency)
+        self.fresh: dict[str, bytes] = {}  # message bytes of just-accepted small messages
+        self.next_marker_check = 0.0
 
-    def add(self, env: Envelope) -> None:
-        """A message this process just spooled: deliver it now."""
+    def add(self, env: Envelope, data: bytes | None = None) -> None:
+        """A message this process just spooled: deliver it now.
+
+        ``data`` (small messages only) spares the first attempt reading back the file it was
+        written to a moment ago.
+        """
         self.items[env.id] = env
+        if data is not None and len(data) <= FRESH_MAX:
+            self.fresh[env.id] = data
         self.wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -92,7 +102,9 @@ class QueueRunner:
         if self.items:
             log.info("recovered %d message(s) from the spool", len(self.items))
         while not stop.is_set():
-            await self._markers()
+            if time.monotonic() >= self.next_marker_check:  # other processes' kicks, flush
+                self.next_marker_check = time.monotonic() + 1.0
+                await self._markers()
             now = self.clock()
             next_due = now + 1.0  # also the marker poll interval
             for env in list(self.items.values()):
@@ -147,7 +159,14 @@ class QueueRunner:
             self.wake.set()
 
     async def _deliver(self, env: Envelope) -> None:
-        got = await asyncio.to_thread(self.spool.checkout, env.id)
+        fresh = self.fresh.pop(env.id, None)
+        if fresh is not None:
+            # Small and in memory: taking the lock is one open and one flock, cheaper than a
+            # trip to a thread.
+            fd = self.spool.try_lock(env.id)
+            got = None if fd is None else (fd, fresh)
+        else:
+            got = await asyncio.to_thread(self.spool.checkout, env.id)
         if got is None:
             if not self.spool.json_path(env.id).exists():
                 self.items.pop(env.id, None)  # deleted by `pochta queue delete`
@@ -163,7 +182,10 @@ class QueueRunner:
             if env.finished:
                 await self.bouncer.bounce(env, data)
         finally:
-            await asyncio.to_thread(self.spool.checkin, env, fd)
+            if env.finished:
+                self.spool.checkin(env, fd)  # two unlinks, no fsync: not worth a thread
+            else:
+                await asyncio.to_thread(self.spool.checkin, env, fd)
         if env.finished:
             self.items.pop(env.id, None)
 

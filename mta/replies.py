@@ -23,7 +23,6 @@ TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 
 # 5xx: permanent
 BARE_LF_COMMAND = "500 5.5.2 Command lines must end with CRLF"
-LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)"
 NOT_IMPLEMENTED = "502 5.5.1 Command not implemented"
 EXPN_DISABLED = "502 5.5.1 EXPN not available"
 ALREADY_TLS = "503 5.5.1 TLS already active"
@@ -37,8 +36,5 @@ RELAY_DENIED = "554 5.7.1 <{addr}> Relay access denied"
 RELAY_TRICK = "554 5.7.1 <{addr}> Relay access denied: routing characters in address"
 BAD_ADDRESS = "553 5.1.3 <{addr}> Malformed address: {why}"
 BAD_SENDER = "553 5.1.7 <{addr}> Malformed sender address: {why}"
-TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
-BARE_EOL_DATA = ("554 5.6.0 Message refused: bare CR or LF in message; "
-                 "lines must end with CRLF (RFC 5321 2.3.8)")
 MAIL_LOOP = "554 5.4.6 Too many Received headers: mail loop"
 AUTH_REQUIRED = "530 5.7.0 Authentication required"

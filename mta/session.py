@@ -58,7 +58,7 @@ def parse_notify(value: str | None) -> list[str] | None:
 
 class SMTPHandler:
     def __init__(self, cfg: Config, mode: Mode, directory: Directory, spool: Spool,
-                 kick: Callable[[Envelope], None]) -> None:
+                 kick: Callable[[Envelope, bytes], None]) -> None:
         self.cfg = cfg
         self.mode = mode
         self.directory = directory
@@ -170,7 +170,7 @@ class SMTPHandler:
             return replies.SPOOL_ERROR
         log.info("%s: from=<%s> size=%d nrcpt=%d client=%s proto=%s", qid, env.mail_from,
                  len(message), len(env.recipients), server.peer_ip or "local", protocol)
-        self.kick(env)
+        self.kick(env, message)
         return replies.QUEUED.format(id=qid)
 
     async def check_message(self, session: Session, content: bytes) -> bytes | str:

@@ -5,6 +5,7 @@
 - a ``Connections`` registry that caps sessions in total and per client IP (421 4.7.0), and
   says 421 to every open session at shutdown;
 - an idle timeout that says 421 4.4.2 before closing (RFC 5321 §4.5.3.2) instead of vanishing;
+- DATA read by ``store.dataread`` (CRLF-strict, in 64 KiB chunks), not aiosmtpd's line loop;
 - ``start_listeners`` for "host:port" and "unix:/path" addresses.
 
 Our own policy replies are written with their codes (see ``mta/replies.py``); this module only
@@ -25,9 +26,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, _AuthMechAttr, login_always_fail
+from aiosmtpd.smtp import SMTP, _AuthMechAttr, login_always_fail, syntax
 
 from store.config import parse_address
+from store.dataread import read_data
 
 log = logging.getLogger("pochta.smtp")
 
@@ -42,6 +44,12 @@ DEFAULT_ENHANCED = {
     "553": "5.1.3", "554": "5.0.0", "555": "5.5.4",
 }
 NO_ENHANCED = {"220", "334", "354"}
+DATA_ERRORS = {
+    "size": "552 5.3.4 Message size exceeds fixed maximum message size",
+    "line": "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
+    "bare-eol": "554 5.6.0 Message refused: bare CR or LF in message; lines must end with CRLF "
+                "(RFC 5321 2.3.8)",
+}
 
 
 def with_enhanced_code(line: str) -> str:
@@ -227,6 +235,31 @@ class BaseSMTP(SMTP):
         if isinstance(status, str) and not self._in_greeting_reply:
             status = "\r\n".join(with_enhanced_code(line) for line in status.split("\r\n"))
         await super().push(status)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Need RCPT command first")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        result = await read_data(self._reader, self.data_size_limit, self._reset_timeout)
+        if result.error is not None:
+            log.info("%s: DATA refused (%s, %d octets)", self.peer_ip, result.error, result.size)
+            self._set_post_data_state()
+            await self.push(DATA_ERRORS[result.error])
+            return
+        self.envelope.content = self.envelope.original_content = result.content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
 
     async def smtp_EHLO(self, hostname: str) -> None:
         self._in_greeting_reply = bool(hostname)  # 501 for a missing name still gets a code

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from mta.dataread import DataDecoder
+from store.dataread import DataDecoder
 
 
 def decode(stream: bytes, max_size=None, split=None):
