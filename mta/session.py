@@ -164,7 +164,7 @@ class SMTPHandler:
         message = trace + content
         env = self.spool_envelope(qid, server, session, envelope, protocol, len(message))
         try:
-            await asyncio.to_thread(self.spool.put, env, message)
+            await self.spool.commit(env, message)
         except OSError as e:
             log.error("%s: cannot spool message: %s", qid, e)
             return replies.SPOOL_ERROR

@@ -23,6 +23,7 @@ the ``pochta queue`` commands take too.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -109,6 +110,48 @@ def new_id() -> str:
 class Spool:
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.dir = ensure_dir(directory, 0o700)
+        # Group commit: messages whose DATA ends while a commit is running wait for the next
+        # one and share its thread hop and directory fsync.
+        self._waiting: list[tuple[Envelope, bytes, asyncio.Future[None]]] = []
+        self._committer: asyncio.Task[None] | None = None
+
+    async def commit(self, env: Envelope, message: bytes) -> None:
+        """``put`` from the event loop, batched with concurrent callers (group commit)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((env, message, future))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_batches())
+        await future
+
+    async def _commit_batches(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            errors = await asyncio.to_thread(self._put_batch, [(e, m) for e, m, _ in batch])
+            for (_, _, future), error in zip(batch, errors, strict=True):
+                if future.done():
+                    continue
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
+
+    def _put_batch(self, items: list[tuple[Envelope, bytes]]) -> list[BaseException | None]:
+        errors: list[BaseException | None] = []
+        for env, message in items:
+            try:
+                self._write(env, message)
+                errors.append(None)
+            except OSError as e:
+                errors.append(e)
+        if any(e is None for e in errors):
+            try:
+                fsync_dir(self.dir)  # one directory sync makes the whole batch durable
+            except OSError as e:
+                for (env, _), err in zip(items, errors, strict=True):
+                    if err is None:
+                        self._discard(env.id)
+                return [e] * len(items)
+        return errors
 
     def eml_path(self, qid: str) -> Path:
         return self.dir / f"{qid}.eml"
@@ -118,17 +161,27 @@ class Spool:
 
     def put(self, env: Envelope, message: bytes) -> None:
         """Store a new message durably; when this returns, it survives a crash."""
-        eml = self.eml_path(env.id)
-        env.size = len(message)
+        self._write(env, message)
         try:
-            write_file_synced(eml, message)
-            atomic_write(self.json_path(env.id), env.to_json(), sync_dir=False)
             fsync_dir(self.dir)  # one directory sync makes both names durable
         except BaseException:
-            for p in (self.json_path(env.id), eml):
-                with contextlib.suppress(OSError):
-                    p.unlink()
+            self._discard(env.id)
             raise
+
+    def _write(self, env: Envelope, message: bytes) -> None:
+        """Both files written and fsynced; durable once the directory is fsynced."""
+        env.size = len(message)
+        try:
+            write_file_synced(self.eml_path(env.id), message)
+            atomic_write(self.json_path(env.id), env.to_json(), sync_dir=False)
+        except BaseException:
+            self._discard(env.id)
+            raise
+
+    def _discard(self, qid: str) -> None:
+        for p in (self.json_path(qid), self.eml_path(qid)):
+            with contextlib.suppress(OSError):
+                p.unlink()
 
     def update(self, env: Envelope) -> None:
         atomic_write(self.json_path(env.id), env.to_json())
