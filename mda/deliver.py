@@ -17,6 +17,7 @@ from mda.message import stored_message
 from mda.paths import UnsafeAddress, mailbox_path
 from store.config import MDAConfig
 from store.directory import UserInfo
+from store.fsio import GroupDirSync
 
 log = logging.getLogger("pochta.mda")
 
@@ -30,6 +31,7 @@ class Deliverer:
         self.names = maildir.UniqueNames(hostname)
         self.mbox = MboxWriter()
         self.known_maildirs: set[Path] = set()  # created already: skip three stat calls
+        self.dirsync = GroupDirSync()
         self.owner: tuple[int, int] | None = None
         if cfg.mail_owner and os.geteuid() == 0:
             import pwd
@@ -51,7 +53,8 @@ class Deliverer:
         try:
             if self.format == "maildir":
                 where = str(maildir.deliver(path, message, self.names, self.owner,
-                                            known=path in self.known_maildirs).name)
+                                            known=path in self.known_maildirs,
+                                            dirsync=self.dirsync).name)
                 self.known_maildirs.add(path)
             else:
                 self.mbox.deliver(path, message, mail_from, self.owner)

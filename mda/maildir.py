@@ -14,7 +14,7 @@ import socket
 import time
 from pathlib import Path
 
-from store.fsio import ensure_dir, fsync_dir, write_file_synced
+from store.fsio import GroupDirSync, ensure_dir, fsync_dir, write_file_synced
 
 
 class UniqueNames:
@@ -39,7 +39,8 @@ def ensure_maildir(path: Path, owner: tuple[int, int] | None = None) -> None:
 
 
 def deliver(path: Path, message: bytes, names: UniqueNames,
-            owner: tuple[int, int] | None = None, known: bool = False) -> Path:
+            owner: tuple[int, int] | None = None, known: bool = False,
+            dirsync: GroupDirSync | None = None) -> Path:
     """Write ``message`` into the maildir at ``path``; return its file in new/.
 
     ``known``: the maildir existed at an earlier delivery (if it was removed since, the
@@ -48,16 +49,16 @@ def deliver(path: Path, message: bytes, names: UniqueNames,
     if not known:
         ensure_maildir(path, owner)
     try:
-        return _deliver(path, message, names, owner)
+        return _deliver(path, message, names, owner, dirsync)
     except FileNotFoundError:
         if not known:
             raise
         ensure_maildir(path, owner)
-        return _deliver(path, message, names, owner)
+        return _deliver(path, message, names, owner, dirsync)
 
 
 def _deliver(path: Path, message: bytes, names: UniqueNames,
-             owner: tuple[int, int] | None) -> Path:
+             owner: tuple[int, int] | None, dirsync: GroupDirSync | None) -> Path:
     name = names.next(len(message))
     tmp = path / "tmp" / name
     final = path / "new" / name
@@ -67,7 +68,10 @@ def _deliver(path: Path, message: bytes, names: UniqueNames,
     finally:
         os.unlink(tmp)
     try:
-        fsync_dir(path / "new")
+        if dirsync is not None:
+            dirsync.sync(path / "new")  # shared with concurrent deliveries to this mailbox
+        else:
+            fsync_dir(path / "new")
     except BaseException:
         os.unlink(final)  # not durable: better no copy than one we cannot promise
         raise
