@@ -11,11 +11,14 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from mta.abuse import Greylister, PregreetMemory, RateLimiter, make_async_resolver
+from mta.authcheck import InboundChecks
+from mta.dkimsign import Signer
 from mta.dsn import Bouncer
 from mta.outbound import Outbound
 from mta.protocol import SMTPProtocol
 from mta.queue import LocalDelivery, QueueRunner
-from mta.session import Mode, SMTPHandler
+from mta.session import Defences, Mode, SMTPHandler
 from mta.spool import KICK, Envelope, Spool
 from store.config import Config
 from store.db import Database
@@ -60,8 +63,19 @@ async def run_mta(cfg: Config, stop: asyncio.Event) -> None:
     runner = QueueRunner(cfg, spool, directory, LocalDelivery(cfg), Outbound(cfg).deliver,
                          bouncer)
     bouncer.enqueue = runner.add
+    c = cfg.checks
+    defences = Defences(
+        checks=InboundChecks(cfg.hostname, cfg.delivery.resolver, spf_enabled=c.spf,
+                             dkim_enabled=c.dkim, dmarc_enabled=c.dmarc,
+                             dmarc_enforce=c.dmarc_enforce, temperror=c.temperror)
+        if (c.spf or c.dkim or c.dmarc) else None,
+        greylist=Greylister(db, c.greylist_delay, c.greylist_expiry) if c.greylist else None,
+        dnsbl_resolver=make_async_resolver(cfg.delivery.resolver) if c.dnsbl else None,
+        pregreet=PregreetMemory(c.pregreet_remember) if c.pregreet else None,
+        connection_rate=RateLimiter(cfg.limits.connections_per_ip_per_minute,
+                                    60.0 * cfg.limits.window_scale))
     handler = SMTPHandler(cfg, Mode("mta", submission=False, vrfy=cfg.mta.vrfy, expn=cfg.mta.expn),
-                          directory, spool, kick=runner.add)
+                          directory, spool, kick=runner.add, defences=defences)
     connections = Connections(cfg.mta.max_connections, cfg.mta.max_connections_per_ip)
     tls = server_context(cfg)
     servers = await start_listeners(
@@ -92,7 +106,10 @@ async def run_msa(cfg: Config, stop: asyncio.Event) -> None:
 
     handler = SubmissionHandler(
         cfg, Mode("msa", submission=True, vrfy=cfg.msa.vrfy, expn=cfg.msa.expn),
-        directory, spool, kick=kick)
+        directory, spool, kick=kick,
+        defences=Defences(connection_rate=RateLimiter(cfg.limits.connections_per_ip_per_minute,
+                                                      60.0 * cfg.limits.window_scale)),
+        signer=Signer(cfg.dkim.keys_dir) if cfg.dkim.sign else None)
     connections = Connections(cfg.mta.max_connections, cfg.mta.max_connections_per_ip)
     tls = server_context(cfg)
     servers = await start_listeners(

@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiosmtpd.smtp import Session
+from sqlalchemy.exc import SQLAlchemyError
 
 from mta import policy, replies
+from mta.abuse import Greylister, PregreetMemory, RateLimiter, dnsbl_listed, in_networks
+from mta.authcheck import InboundChecks, strip_forged_results
 from mta.protocol import BareLineFeed, SMTPEnvelope, SMTPProtocol
 from mta.spool import Envelope, Recipient, Spool, new_id
 from store import addresses
@@ -56,15 +59,54 @@ def parse_notify(value: str | None) -> list[str] | None:
     raise ValueError(value)
 
 
+@dataclass
+class Defences:
+    """The MTA's inbound checks and abuse defences; all optional (None: off)."""
+
+    checks: InboundChecks | None = None
+    greylist: Greylister | None = None
+    dnsbl_resolver: Any = None
+    pregreet: PregreetMemory | None = None
+    connection_rate: RateLimiter | None = None
+
+
 class SMTPHandler:
     def __init__(self, cfg: Config, mode: Mode, directory: Directory, spool: Spool,
-                 kick: Callable[[Envelope, bytes], None]) -> None:
+                 kick: Callable[[Envelope, bytes], None],
+                 defences: Defences | None = None) -> None:
         self.cfg = cfg
         self.mode = mode
         self.directory = directory
         self.spool = spool
         self.kick = kick
         self.offers_auth = mode.submission
+        self.defences = defences or Defences()
+
+    def trusted(self, server: SMTPProtocol, session: Session) -> bool:
+        """Authenticated users and our local networks skip the inbound defences."""
+        return bool(session.authenticated) or in_networks(server.peer_ip,
+                                                         self.cfg.checks.local_networks)
+
+    # -- connection ---------------------------------------------------------------------------
+
+    async def on_connect(self, server: SMTPProtocol) -> str | None:
+        d, ip = self.defences, server.peer_ip
+        if not ip or in_networks(ip, self.cfg.checks.local_networks):
+            return None  # as Postfix's mynetworks: our own hosts are not rate limited
+        if d.connection_rate is not None and d.connection_rate.hit(ip):
+            log.warning("%s: connection rate limit", ip)
+            return "421 4.7.0 Too many connections from your address, slow down"
+        if d.dnsbl_resolver is not None and self.cfg.checks.dnsbl:
+            zone = await dnsbl_listed(ip, self.cfg.checks.dnsbl, d.dnsbl_resolver)
+            if zone:
+                log.warning("%s: listed in %s", ip, zone)
+                return f"554 5.7.1 Service unavailable; client [{ip}] blocked using {zone}"
+        if d.pregreet is not None and not d.pregreet.known(ip):
+            if await server.talks_before_greeting(self.cfg.checks.pregreet_delay):
+                log.warning("%s: pregreet: spoke before the greeting", ip)
+                return "554 5.7.1 Protocol error: talking before the greeting"
+            d.pregreet.add(ip)
+        return None
 
     # -- greeting -----------------------------------------------------------------------------
 
@@ -139,6 +181,17 @@ class SMTPHandler:
             return replies.DIRECTORY_UNAVAILABLE
         if not targets:
             return replies.NO_SUCH_USER.format(addr=address)
+        if self.defences.greylist is not None and not self.trusted(server, session):
+            sender = "" if envelope.mail_from == "<>" else envelope.mail_from or ""
+            try:
+                wait = await asyncio.to_thread(self.defences.greylist.check, server.peer_ip,
+                                               sender, rcpt)
+            except SQLAlchemyError as e:
+                log.error("greylist database error: %s", e)
+                wait = 0.0  # fail open: greylisting is a filter, not a guarantee
+            if wait > 0:
+                log.info("%s: greylisted from=<%s> to=<%s>", server.peer_ip, sender, rcpt)
+                return f"451 4.7.1 <{address}> Greylisted, please try again in {wait:.0f} seconds"
         envelope.rcpt_tos.append(rcpt)
         envelope.recipients.append(RcptRecord(rcpt, targets, notify, params.get("ORCPT")))
         return replies.RCPT_OK
@@ -153,6 +206,17 @@ class SMTPHandler:
         if isinstance(checked, str):
             return checked
         content = checked
+        checks = self.defences.checks
+        if checks is not None and not self.trusted(server, session):
+            sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
+            content = strip_forged_results(content, self.cfg.hostname)
+            verdict = await asyncio.to_thread(checks.check, server.peer_ip,
+                                              session.host_name or "", sender, content)
+            if verdict.reply is not None:
+                log.info("%s: refused by authentication checks %s: %s", server.peer_ip,
+                         verdict.results, verdict.reply)
+                return verdict.reply
+            content = verdict.header + content
         qid = new_id()
         protocol = policy.protocol_name(
             esmtp=bool(session.extended_smtp), tls=server.tls_active,

@@ -24,6 +24,8 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, AuthResult, Session
 
 from mta import replies
+from mta.abuse import RateLimiter
+from mta.dkimsign import Signer
 from mta.policy import header_section
 from mta.protocol import SMTPEnvelope, SMTPProtocol
 from mta.session import SMTPHandler
@@ -72,15 +74,24 @@ class Brake:
 
 
 class SubmissionHandler(SMTPHandler):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, signer: Signer | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.brake = Brake()
+        limits = self.cfg.limits
+        self.signer = signer
+        hour = 3600.0 * limits.window_scale
+        self.messages_per_user = RateLimiter(limits.messages_per_user_per_hour, hour)
+        self.auth_failures = RateLimiter(limits.auth_failures_per_ip_per_hour, hour)
 
     # -- AUTH ---------------------------------------------------------------------------------
 
     async def _check(self, server: SMTPProtocol, authzid: str, login: str, password: str
                      ) -> AuthResult:
         ip = server.peer_ip
+        if self.auth_failures.over(ip):
+            log.warning("%s: too many authentication failures", ip)
+            return AuthResult(success=False, handled=False,
+                              message="454 4.7.0 Too many authentication failures, try later")
         if authzid and authzid.lower() != login.lower():
             ok = None  # RFC 4616 §2: acting as another user is not offered here
         else:
@@ -92,6 +103,7 @@ class SubmissionHandler(SMTPHandler):
         if ok is None:
             delay = self.brake.delay(ip, login.lower())
             self.brake.failed(ip, login.lower())
+            self.auth_failures.hit(ip)
             log.info("auth failed from %s for %r; braking %.2f s", ip, login[:64], delay)
             await asyncio.sleep(delay)
             return AuthResult(success=False, handled=False, message=AUTH_FAILED)
@@ -160,6 +172,9 @@ class SubmissionHandler(SMTPHandler):
             return replies.DIRECTORY_UNAVAILABLE
         if not owned:
             return SENDER_NOT_OWNED.format(addr=address, login=login)
+        if self.messages_per_user.hit(login):
+            log.warning("%s: message rate limit reached", login)
+            return "451 4.7.1 Message rate limit reached for your account, try again later"
         return await super().handle_MAIL(server, session, envelope, address, mail_options)
 
     async def check_message(self, session: Session, content: bytes) -> bytes | str:
@@ -179,4 +194,9 @@ class SubmissionHandler(SMTPHandler):
             added += f"Message-ID: {make_msgid(domain=domain)}\r\n".encode()
         if msg.get("Date") is None:
             added += f"Date: {formatdate(localtime=False, usegmt=True)}\r\n".encode()
-        return added + content
+        content = added + content
+        if self.signer is not None:
+            domain = addresses.domain_of(froms[0] if froms else login)
+            signature = await asyncio.to_thread(self.signer.sign, content, domain)
+            content = signature + content
+        return content

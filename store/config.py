@@ -73,6 +73,39 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class ChecksConfig:
+    """Inbound checks on the MTA (port 25); never on authenticated submission."""
+
+    spf: bool = True
+    dkim: bool = True
+    dmarc: bool = True
+    dmarc_enforce: bool = False  # refuse (550 5.7.1) when DMARC fails and the policy is reject
+    temperror: str = "accept"  # DNS trouble during the checks: "accept" or "defer" (451)
+    dnsbl: list[str] = field(default_factory=list)  # zones, e.g. ["zen.spamhaus.org"]
+    greylist: bool = False
+    greylist_delay: float = 300.0
+    greylist_expiry: float = 2592000.0  # forget a triplet unseen for 30 days
+    pregreet: bool = True  # postscreen-style: talking before the banner ends is refused
+    pregreet_delay: float = 1.0
+    pregreet_remember: float = 86400.0  # a client that passed skips the wait this long
+    local_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    connections_per_ip_per_minute: int = 60  # 0: no limit
+    messages_per_user_per_hour: int = 500
+    auth_failures_per_ip_per_hour: int = 30
+    window_scale: float = 1.0  # multiplies the minute/hour windows above (tests shorten them)
+
+
+@dataclass(frozen=True)
+class DKIMConfig:
+    sign: bool = True  # sign submitted mail for domains that have a key (pochta dkim keygen)
+    keys_dir: str = ""  # default <data_dir>/dkim
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str = "localhost"
     data_dir: str = ""
@@ -85,6 +118,9 @@ class Config:
     mda: MDAConfig = field(default_factory=MDAConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    dkim: DKIMConfig = field(default_factory=DKIMConfig)
     source: str = "(embedded defaults)"  # where this config came from, for messages
 
 
@@ -171,6 +207,17 @@ def _validate(cfg: Config) -> None:
     if bool(cfg.delivery.smarthost_user) != bool(cfg.delivery.smarthost_password):
         raise ConfigError("config keys 'delivery.smarthost_user' and 'delivery.smarthost_password' "
                           "must be set together")
+    if cfg.checks.temperror not in ("accept", "defer"):
+        raise ConfigError(f"config key 'checks.temperror': expected \"accept\" or \"defer\", "
+                          f"got {cfg.checks.temperror!r}")
+    import ipaddress
+
+    for i, net in enumerate(cfg.checks.local_networks):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(f"config key 'checks.local_networks[{i}]': "
+                              f"not a network: {net!r}") from None
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"config key 'log_level': expected debug, info, warning or error, "
                           f"got {cfg.log_level!r}")
@@ -197,6 +244,7 @@ def _fill_paths(cfg: Config) -> Config:
         spool_dir=cfg.spool_dir or str(data / "spool"),
         mda=mda,
         tls=tls,
+        dkim=dataclasses.replace(cfg.dkim, keys_dir=cfg.dkim.keys_dir or str(data / "dkim")),
     )
 
 

@@ -13,6 +13,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     MetaData,
@@ -74,3 +75,14 @@ class Alias(Base):
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     domain: Mapped[Domain] = relationship(back_populates="aliases")
+
+
+class Greylist(Base):
+    """A greylisting triplet: sha256 of (client network, sender, recipient)."""
+
+    __tablename__ = "greylist"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    first_seen: Mapped[float] = mapped_column(Float)  # unix time
+    last_seen: Mapped[float] = mapped_column(Float, index=True)
+    passed: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -207,7 +207,24 @@ class BaseSMTP(SMTP):
             self._close_transport()
             return
         self._admitted = True
+        on_connect = getattr(self.event_handler, "on_connect", None)
+        if on_connect is not None:
+            refusal = await on_connect(self)
+            if refusal is not None:
+                log.info("refused connection from %s: %s", self.peer_ip or "local", refusal)
+                if self.transport is not None and not self.transport.is_closing():
+                    await self.push(refusal)
+                    self._close_transport()
+                return
         await super()._handle_client()
+
+    async def talks_before_greeting(self, delay: float) -> bool:
+        """Pre-greeting test (Postfix postscreen): send the first banner line, wait, and see
+        whether the client spoke before our banner ended, as spam bots in a hurry do."""
+        self._writer.write(f"220-{self.hostname} ESMTP\r\n".encode())
+        await self._writer.drain()
+        await asyncio.sleep(delay)
+        return len(self._reader._buffer) > 0  # type: ignore[attr-defined]
 
     def connection_lost(self, error: Exception | None) -> None:
         self.connections.release(self)

@@ -11,6 +11,17 @@ import time
 from pathlib import Path
 
 from conftest import pochta_bin, run_pochta
+from fakes import FakeDNS
+
+_quiet_dns: FakeDNS | None = None
+
+
+def quiet_dns() -> FakeDNS:
+    """An empty DNS stub (NXDOMAIN for all): no test server ever asks the system's resolver."""
+    global _quiet_dns
+    if _quiet_dns is None:
+        _quiet_dns = FakeDNS()
+    return _quiet_dns
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -54,7 +65,7 @@ class Stack:
             "msa": {"listen": [f"127.0.0.1:{self.msa_port}"],
                     "listen_tls": [f"127.0.0.1:{self.msa_tls_port}"]},
             "mda": {"listen": f"127.0.0.1:{self.mda_port}"},
-            "delivery": {"retry_initial": 1, "retry_max": 2},
+            "delivery": {"retry_initial": 1, "retry_max": 2, "resolver": quiet_dns().address},
         }
         for name, values in sections.items():
             self.settings.setdefault("" if name == "top" else name, {}).update(values)

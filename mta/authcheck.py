@@ -1,0 +1,217 @@
+"""Inbound email authentication on the MTA: SPF (RFC 7208), DKIM (RFC 6376), DMARC (RFC 7489).
+
+pyspf and dkimpy do the protocol work; this module feeds them our configured resolver, decides
+DMARC from their results, and writes one ``Authentication-Results`` header (RFC 8601, authres)
+with our hostname as authserv-id. Incoming Authentication-Results that claim our authserv-id
+are forgeries and are removed. A DNS failure never turns into a 5xx: it is "temperror", and
+the config says whether that means accept or 451.
+
+Everything here is synchronous (pyspf and dkimpy block on DNS); the session runs it in a thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from email.utils import getaddresses
+
+import authres
+import authres.dmarc
+import dkim
+import dns.exception
+import dns.resolver
+import spf
+from publicsuffixlist import PublicSuffixList
+
+from store.config import parse_address
+
+log = logging.getLogger("pochta.auth")
+
+_psl = PublicSuffixList()
+
+
+def org_domain(domain: str) -> str:
+    """The organizational domain (RFC 7489 §3.2) via the Public Suffix List."""
+    return _psl.privatesuffix(domain.lower().rstrip(".")) or domain.lower()
+
+
+def aligned(a: str, b: str, strict: bool) -> bool:
+    a, b = a.lower().rstrip("."), b.lower().rstrip(".")
+    return a == b if strict else org_domain(a) == org_domain(b)
+
+
+@dataclass
+class DMARCRecord:
+    policy: str = "none"
+    subdomain_policy: str | None = None
+    adkim_strict: bool = False
+    aspf_strict: bool = False
+
+
+def parse_dmarc(txt: str) -> DMARCRecord | None:
+    tags = {}
+    for part in txt.split(";"):
+        k, _, v = part.strip().partition("=")
+        tags[k.strip().lower()] = v.strip()
+    if tags.get("v") != "DMARC1" or tags.get("p", "").lower() not in ("none", "quarantine",
+                                                                          "reject"):
+        return None
+    sp = tags.get("sp", "").lower()
+    return DMARCRecord(tags["p"].lower(), sp if sp in ("none", "quarantine", "reject") else None,
+                       tags.get("adkim", "r").lower() == "s", tags.get("aspf", "r").lower() == "s")
+
+
+def dmarc_result(from_domain: str, record: DMARCRecord | None, spf_result: str, spf_domain: str,
+                 dkim_pass_domains: list[str]) -> str:
+    if record is None:
+        return "none"
+    if spf_result == "pass" and aligned(spf_domain, from_domain, record.aspf_strict):
+        return "pass"
+    if any(aligned(d, from_domain, record.adkim_strict) for d in dkim_pass_domains):
+        return "pass"
+    return "fail"
+
+
+def strip_forged_results(message: bytes, authserv_id: str) -> bytes:
+    """Remove Authentication-Results fields (with continuation lines) naming our authserv-id."""
+    end = message.find(b"\r\n\r\n")
+    head, body = (message, b"") if end < 0 else (message[: end + 2], message[end + 2:])
+    pattern = re.compile(rb"(?im)^authentication-results:[ \t]*(?:\([^)]*\)[ \t]*)?"
+                         + re.escape(authserv_id.encode()) + rb"[ \t]*(?:;|\r\n|$)"
+                         rb"(?:.*\r\n)?(?:[ \t].*\r\n)*")
+    return pattern.sub(b"", head) + body
+
+
+@dataclass
+class Verdict:
+    header: bytes
+    reply: str | None = None  # a refusal, or None to accept
+    results: dict[str, str] = field(default_factory=dict)
+
+
+class InboundChecks:
+    def __init__(self, hostname: str, resolver: str, *, spf_enabled: bool = True,
+                 dkim_enabled: bool = True, dmarc_enabled: bool = True,
+                 dmarc_enforce: bool = False, temperror: str = "accept",
+                 timeout: float = 5.0) -> None:
+        self.hostname = hostname
+        self.spf_enabled = spf_enabled
+        self.dkim_enabled = dkim_enabled
+        self.dmarc_enabled = dmarc_enabled
+        self.dmarc_enforce = dmarc_enforce
+        self.temperror = temperror
+        self.timeout = timeout
+        r = dns.resolver.Resolver(configure=not resolver)
+        if resolver:
+            host, port = parse_address(resolver, "delivery.resolver")
+            r.nameservers = [host]
+            r.port = port
+        r.lifetime = r.timeout = timeout
+        self.resolver = r
+        # pyspf asks dnspython's default resolver: in this process that is ours.
+        dns.resolver.default_resolver = r
+
+    def _txt(self, name: bytes | str, timeout: float = 5.0) -> bytes | None:
+        """dkimpy's dnsfunc: the TXT record at name, or None."""
+        qname = name.decode() if isinstance(name, bytes) else name
+        try:
+            answer = self.resolver.resolve(qname, "TXT")
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return None
+        return b"".join(answer[0].strings)
+
+    def _dmarc_record(self, domain: str) -> tuple[DMARCRecord | None, bool]:
+        """(record, is_temperror); the org domain's record applies to subdomains."""
+        candidates = [domain]
+        org = org_domain(domain)
+        if org != domain:
+            candidates.append(org)
+        for i, d in enumerate(candidates):
+            try:
+                answer = self.resolver.resolve(f"_dmarc.{d}", "TXT")
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                continue
+            except dns.exception.DNSException:
+                return None, True
+            for rr in answer:
+                rec = parse_dmarc(b"".join(rr.strings).decode("utf-8", "replace"))
+                if rec is not None:
+                    if i > 0 and rec.subdomain_policy:
+                        rec.policy = rec.subdomain_policy
+                    return rec, False
+        return None, False
+
+    def check(self, ip: str, helo: str, mail_from: str, message: bytes) -> Verdict:
+        results: dict[str, str] = {}
+        ar: list[authres.AuthenticationResult] = []
+        temperror = False
+        spf_domain = mail_from.rpartition("@")[2] if mail_from else helo
+        spf_res = "none"
+        if self.spf_enabled:
+            try:
+                spf_res, _code, _expl = spf.check2(
+                    i=ip, s=mail_from or f"postmaster@{helo}", h=helo, timeout=self.timeout,
+                    querytime=self.timeout)
+            except Exception as e:  # pyspf raises a variety of errors on odd input
+                log.warning("SPF check of %s failed: %s", ip, e)
+                spf_res = "temperror"
+            temperror |= spf_res == "temperror"
+            results["spf"] = spf_res
+            ar.append(authres.SPFAuthenticationResult(
+                result=spf_res, smtp_mailfrom=mail_from or None,
+                smtp_helo=helo if not mail_from else None, result_comment=None))
+        dkim_pass: list[str] = []
+        if self.dkim_enabled:
+            sigs = re.findall(rb"(?im)^dkim-signature:", message.split(b"\r\n\r\n", 1)[0])
+            if not sigs:
+                results["dkim"] = "none"
+                ar.append(authres.DKIMAuthenticationResult(result="none"))
+            else:
+                d = dkim.DKIM(message, timeout=int(self.timeout))
+                for i in range(len(sigs)):
+                    try:
+                        ok = d.verify(idx=i, dnsfunc=self._txt)
+                        res = "pass" if ok else "fail"
+                    except dkim.DnsTimeoutError:
+                        res, temperror = "temperror", True
+                    except dns.exception.DNSException:
+                        res, temperror = "temperror", True
+                    except dkim.DKIMException:
+                        res = "permerror"
+                    sig = d.signature_fields if hasattr(d, "signature_fields") else {}
+                    dom = (sig.get(b"d") or b"").decode("ascii", "replace")
+                    if res == "pass":
+                        dkim_pass.append(dom)
+                    results.setdefault("dkim", res)
+                    if res == "pass":
+                        results["dkim"] = "pass"
+                    ar.append(authres.DKIMAuthenticationResult(
+                        result=res, header_d=dom or None,
+                        header_s=(sig.get(b"s") or b"").decode("ascii", "replace") or None))
+        reply = None
+        if self.dmarc_enabled:
+            head = BytesHeaderParser().parsebytes(message.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n")
+            froms = [a for _, a in getaddresses([str(v) for v in head.get_all("From", [])]) if a]
+            domains = {a.rpartition("@")[2].lower() for a in froms}
+            if len(domains) == 1:
+                from_domain = domains.pop()
+                record, dns_failed = self._dmarc_record(from_domain)
+                if dns_failed:
+                    result, temperror = "temperror", True
+                else:
+                    result = dmarc_result(from_domain, record,
+                                          spf_res, spf_domain, dkim_pass)
+                results["dmarc"] = result
+                policy = record.policy if record else "none"
+                ar.append(authres.dmarc.DMARCAuthenticationResult(
+                    result=result, header_from=from_domain,
+                    result_comment=f"p={policy.upper()}" if record else None))
+                if result == "fail" and policy == "reject" and self.dmarc_enforce:
+                    reply = (f"550 5.7.1 Message rejected: DMARC policy of {from_domain} "
+                             "says reject")
+        if reply is None and temperror and self.temperror == "defer":
+            reply = "451 4.7.0 Temporary DNS failure checking authentication, try again later"
+        header = authres.AuthenticationResultsHeader(authserv_id=self.hostname, results=ar)
+        return Verdict(str(header).encode("utf-8") + b"\r\n", reply, results)
