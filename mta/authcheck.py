@@ -151,7 +151,7 @@ class InboundChecks:
         spf_res = "none"
         if self.spf_enabled:
             try:
-                spf_res, _code, _expl = spf.check2(
+                spf_res, _expl = spf.check2(
                     i=ip, s=mail_from or f"postmaster@{helo}", h=helo, timeout=self.timeout,
                     querytime=self.timeout)
             except Exception as e:  # pyspf raises a variety of errors on odd input
@@ -178,8 +178,10 @@ class InboundChecks:
                         res, temperror = "temperror", True
                     except dns.exception.DNSException:
                         res, temperror = "temperror", True
+                    except dkim.ValidationError:
+                        res = "fail"  # e.g. body hash mismatch: the signature does not verify
                     except dkim.DKIMException:
-                        res = "permerror"
+                        res = "permerror"  # malformed signature or key
                     sig = d.signature_fields if hasattr(d, "signature_fields") else {}
                     dom = (sig.get(b"d") or b"").decode("ascii", "replace")
                     if res == "pass":
@@ -203,6 +205,8 @@ class InboundChecks:
                 else:
                     result = dmarc_result(from_domain, record,
                                           spf_res, spf_domain, dkim_pass)
+                    if result == "fail" and temperror:
+                        result = "temperror"  # a DNS failure may have hidden a pass: never 5xx
                 results["dmarc"] = result
                 policy = record.policy if record else "none"
                 ar.append(authres.dmarc.DMARCAuthenticationResult(
