@@ -143,31 +143,45 @@ class InboundChecks:
                     return rec, False
         return None, False
 
-    def check(self, ip: str, helo: str, mail_from: str, message: bytes) -> Verdict:
+    def _spf(self, ip: str, identity: str, helo: str) -> str:
+        try:
+            result, _explanation = spf.check2(i=ip, s=identity, h=helo, timeout=self.timeout,
+                                              querytime=self.timeout)
+            return str(result)
+        except Exception as e:  # pyspf raises a variety of errors on odd input
+            log.warning("SPF check of %s for %s failed: %s", ip, identity, e)
+            return "temperror"
+
+    def check(self, ip: str, helo: str, mail_from: str, message: bytes,
+              verify_dkim: bool = True) -> Verdict:
+        """``message`` may be only the header section (``verify_dkim`` False: too large)."""
         results: dict[str, str] = {}
         ar: list[authres.AuthenticationResult] = []
         temperror = False
         spf_domain = mail_from.rpartition("@")[2] if mail_from else helo
         spf_res = "none"
         if self.spf_enabled:
-            try:
-                spf_res, _expl = spf.check2(
-                    i=ip, s=mail_from or f"postmaster@{helo}", h=helo, timeout=self.timeout,
-                    querytime=self.timeout)
-            except Exception as e:  # pyspf raises a variety of errors on odd input
-                log.warning("SPF check of %s failed: %s", ip, e)
-                spf_res = "temperror"
-            temperror |= spf_res == "temperror"
-            results["spf"] = spf_res
-            ar.append(authres.SPFAuthenticationResult(
-                result=spf_res, smtp_mailfrom=mail_from or None,
-                smtp_helo=helo if not mail_from else None, result_comment=None))
+            # RFC 7208 §2.3/2.4: the HELO identity is checked on its own; MAIL FROM's result
+            # is the one DMARC uses (the HELO one when the sender is <>).
+            helo_res = self._spf(ip, f"postmaster@{helo}", helo) if helo else "none"
+            spf_res = self._spf(ip, mail_from, helo) if mail_from else helo_res
+            temperror |= "temperror" in (spf_res, helo_res)
+            results["spf"], results["spf_helo"] = spf_res, helo_res
+            if mail_from:
+                ar.append(authres.SPFAuthenticationResult(result=spf_res,
+                                                          smtp_mailfrom=mail_from))
+            if helo:
+                ar.append(authres.SPFAuthenticationResult(result=helo_res, smtp_helo=helo))
         dkim_pass: list[str] = []
         if self.dkim_enabled:
             sigs = re.findall(rb"(?im)^dkim-signature:", message.split(b"\r\n\r\n", 1)[0])
             if not sigs:
                 results["dkim"] = "none"
                 ar.append(authres.DKIMAuthenticationResult(result="none"))
+            elif not verify_dkim:
+                results["dkim"] = "neutral"
+                ar.append(authres.DKIMAuthenticationResult(
+                    result="neutral", result_comment="message too large to verify here"))
             else:
                 d = dkim.DKIM(message, timeout=int(self.timeout))
                 for i in range(len(sigs)):

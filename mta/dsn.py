@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
+from pathlib import Path
 
-from mta.spool import EXPIRED, Envelope, Recipient, Spool, new_id
+from mta.spool import EXPIRED, Envelope, Recipient, Spool, new_id, read_header_section
 from store import addresses
 from store.directory import Directory
 
@@ -55,7 +56,7 @@ EXPLAIN = {
 
 
 def build_dsn(env: Envelope, reports: list[tuple[Recipient, str]], original: bytes,
-              hostname: str, now: float | None = None) -> bytes:
+              hostname: str, now: float | None = None, headers_only: bool = False) -> bytes:
     """A multipart/report for ``reports``: (recipient, action) with action one of
     failed, delayed, delivered, relayed (RFC 3464 §2.3.3)."""
     now = time.time() if now is None else now
@@ -64,7 +65,8 @@ def build_dsn(env: Envelope, reports: list[tuple[Recipient, str]], original: byt
     main = "failed" if "failed" in actions else "delayed" if "delayed" in actions else \
         next(iter(actions))
     # Success reports return headers only; so does RET=HDRS (RFC 3461 §4.3).
-    headers_only = (env.dsn or {}).get("ret") == "HDRS" or main in ("delivered", "relayed")
+    headers_only = headers_only or (env.dsn or {}).get("ret") == "HDRS" or \
+        main in ("delivered", "relayed")
     human = [f"This is the mail system at {hostname}.", ""]
     for action in ("failed", "delayed", "delivered", "relayed"):
         group = [r for r, a in reports if a == action]
@@ -154,18 +156,21 @@ class Bouncer:
         self.directory = directory
         self.enqueue = enqueue
 
-    async def bounce(self, env: Envelope, original: bytes) -> None:
+    async def bounce(self, env: Envelope, original: bytes | Path) -> None:
         """The DSN due when every recipient is final (failures; successes if asked)."""
         await self.notify(env, original, final_reports(env))
 
-    async def notify(self, env: Envelope, original: bytes,
+    async def notify(self, env: Envelope, original: bytes | Path,
                      reports: list[tuple[Recipient, str]]) -> None:
         if not reports:
             return
         if not env.mail_from:
             log.info("%s: no DSN for %d recipient(s): the sender is <>", env.id, len(reports))
             return
-        data = build_dsn(env, reports, original, self.hostname)
+        headers_only = isinstance(original, Path)  # large: return its header section only
+        if isinstance(original, Path):
+            original = await asyncio.to_thread(read_header_section, original) + b"\r\n"
+        data = build_dsn(env, reports, original, self.hostname, headers_only=headers_only)
         sender_domain = addresses.domain_of(env.mail_from)
         if await asyncio.to_thread(self.directory.is_local_domain, sender_domain):
             targets = await asyncio.to_thread(self.directory.resolve, env.mail_from)

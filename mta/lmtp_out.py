@@ -8,7 +8,9 @@ Commands are pipelined (LMTP servers must support PIPELINING, RFC 2033 §4.2).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from store.config import parse_address
 
@@ -35,6 +37,32 @@ class Reply:
     @property
     def ok(self) -> bool:
         return 200 <= self.code < 300
+
+
+def _stuff(block: bytes, at_line_start: bool) -> bytes:
+    if at_line_start and block.startswith(b"."):
+        block = b"." + block
+    return block.replace(b"\r\n.", b"\r\n..")
+
+
+def dot_stuffed_file(path: Path, chunk: int = 1 << 16) -> Iterator[bytes]:
+    """``dot_stuff`` for a message in a file, a chunk at a time (big messages stay on disk)."""
+    carry, at_start, last2 = b"", True, b""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            data = carry + block
+            # A CR at the end may start the CRLF of a "\r\n." that the next block completes.
+            emit, carry = (data[:-1], b"\r") if data.endswith(b"\r") else (data, b"")
+            if emit:
+                yield _stuff(emit, at_start)
+                at_start = emit.endswith(b"\r\n")
+                last2 = (last2 + emit)[-2:]
+    if carry:
+        yield carry
+        last2 = (last2 + carry)[-2:]
+    if last2 != b"\r\n":
+        yield b"\r\n"
+    yield b".\r\n"
 
 
 def dot_stuff(data: bytes) -> bytes:
@@ -96,7 +124,7 @@ class LMTPClient:
             if len(lines) > 100:
                 raise LMTPError("reply too long")
 
-    async def deliver(self, mail_from: str, rcpts: list[str], data: bytes,
+    async def deliver(self, mail_from: str, rcpts: list[str], data: bytes | Path,
                       smtputf8: bool = False) -> dict[str, Reply]:
         """One transaction; the reply for each recipient (RCPT refusal or its DATA reply)."""
         if not self.connected:
@@ -111,7 +139,7 @@ class LMTPClient:
             await self.close()
             raise
 
-    async def _transaction(self, mail_from: str, rcpts: list[str], data: bytes,
+    async def _transaction(self, mail_from: str, rcpts: list[str], data: bytes | Path,
                            smtputf8: bool) -> dict[str, Reply]:
         assert self.writer is not None
         params = " SMTPUTF8" if smtputf8 else ""
@@ -138,8 +166,13 @@ class LMTPClient:
                 for r in accepted:
                     results[r] = data_reply
             return {r: results.get(r, data_reply) for r in rcpts}
-        self.writer.write(dot_stuff(data))
-        await self.writer.drain()
+        if isinstance(data, Path):
+            for block in dot_stuffed_file(data):
+                self.writer.write(block)
+                await self.writer.drain()  # keeps at most a chunk or two in memory
+        else:
+            self.writer.write(dot_stuff(data))
+            await self.writer.drain()
         for r in accepted:  # RFC 2033 §4.2: one reply per accepted RCPT, in order
             results[r] = await self.read_reply()
         return {r: results[r] for r in rcpts}

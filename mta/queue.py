@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from mta import policy
 from mta.dsn import Bouncer, wants
@@ -43,7 +44,7 @@ class LocalDelivery:
         self.max_idle = max_idle
         self.idle: list[LMTPClient] = []
 
-    async def deliver(self, env: Envelope, rcpts: list[Recipient], data: bytes
+    async def deliver(self, env: Envelope, rcpts: list[Recipient], data: bytes | Path
                       ) -> dict[str, Reply]:
         addrs = list(dict.fromkeys(r.address for r in rcpts))
         client = self.idle.pop() if self.idle else None
@@ -189,7 +190,7 @@ class QueueRunner:
         if env.finished:
             self.items.pop(env.id, None)
 
-    async def _route_and_send(self, env: Envelope, rcpts: list[Recipient], data: bytes
+    async def _route_and_send(self, env: Envelope, rcpts: list[Recipient], data: bytes | Path
                               ) -> dict[str, Reply]:
         local: list[Recipient] = []
         remote: list[Recipient] = []
@@ -205,7 +206,9 @@ class QueueRunner:
         if local:
             jobs.append(self.local.deliver(env, local, data))
         if remote:
-            jobs.append(self.remote(env, remote, data))
+            # aiosmtplib sends from memory: a large message is read in for remote delivery only.
+            whole = data if isinstance(data, bytes) else await asyncio.to_thread(data.read_bytes)
+            jobs.append(self.remote(env, remote, whole))
         for part in await asyncio.gather(*jobs):
             results.update(part)
         return results

@@ -101,7 +101,7 @@ async def run_msa(cfg: Config, stop: asyncio.Event) -> None:
     directory = CachedDirectory(db, cfg.directory_cache_ttl)
     spool = Spool(cfg.spool_dir)
 
-    def kick(_env: Envelope, _data: bytes) -> None:
+    def kick(_env: Envelope, _data: bytes | None) -> None:
         spool.touch_marker(KICK)  # the MTA's queue runner rescans the spool
 
     handler = SubmissionHandler(

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from aiosmtpd.smtp import Session
 from sqlalchemy.exc import SQLAlchemyError
@@ -25,7 +27,7 @@ from mta import policy, replies
 from mta.abuse import Greylister, PregreetMemory, RateLimiter, dnsbl_listed, in_networks
 from mta.authcheck import InboundChecks, strip_forged_results
 from mta.protocol import BareLineFeed, SMTPEnvelope, SMTPProtocol
-from mta.spool import Envelope, Recipient, Spool, new_id
+from mta.spool import Envelope, MessageParts, Recipient, Spool, new_id, read_header_section
 from store import addresses
 from store.config import Config
 from store.directory import Directory, DirectoryUnavailable, lookup
@@ -72,7 +74,7 @@ class Defences:
 
 class SMTPHandler:
     def __init__(self, cfg: Config, mode: Mode, directory: Directory, spool: Spool,
-                 kick: Callable[[Envelope, bytes], None],
+                 kick: Callable[[Envelope, bytes | None], None],
                  defences: Defences | None = None) -> None:
         self.cfg = cfg
         self.mode = mode
@@ -196,9 +198,23 @@ class SMTPHandler:
         envelope.recipients.append(RcptRecord(rcpt, targets, notify, params.get("ORCPT")))
         return replies.RCPT_OK
 
+    def data_sink(self) -> tuple[BinaryIO, Path]:
+        """Where a large message spills while it arrives: a temporary file in the spool."""
+        path = self.spool.dir / f".data-{secrets.token_hex(8)}.tmp"
+        return open(path, "xb"), path  # noqa: SIM115 -- closed by the DATA reader
+
     async def handle_DATA(self, server: SMTPProtocol, session: Session,
                           envelope: SMTPEnvelope) -> str:
         content: Any = envelope.content
+        spilled: Path | None = getattr(envelope, "spilled", None)
+        body_offset = 0
+        if spilled is not None:
+            if self.mode.submission:  # the MSA rewrites and signs: it needs the whole message
+                content = await asyncio.to_thread(spilled.read_bytes)
+                spilled = None
+            else:  # the MTA only needs the header section; the body stays on disk
+                content = await asyncio.to_thread(read_header_section, spilled)
+                body_offset = len(content)
         assert isinstance(content, bytes)
         if policy.count_received(content) > policy.MAX_RECEIVED:
             return replies.MAIL_LOOP
@@ -211,7 +227,8 @@ class SMTPHandler:
             sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
             content = strip_forged_results(content, self.cfg.hostname)
             verdict = await asyncio.to_thread(checks.check, server.peer_ip,
-                                              session.host_name or "", sender, content)
+                                              session.host_name or "", sender, content,
+                                              spilled is None)
             if verdict.reply is not None:
                 log.info("%s: refused by authentication checks %s: %s", server.peer_ip,
                          verdict.results, verdict.reply)
@@ -221,20 +238,21 @@ class SMTPHandler:
         protocol = policy.protocol_name(
             esmtp=bool(session.extended_smtp), tls=server.tls_active,
             auth=bool(session.authenticated), utf8=bool(envelope.smtp_utf8))
-        tls_info = server.tls_description()
         trace = policy.received_header(helo=session.host_name or "", ip=server.peer_ip or "local",
                                        hostname=self.cfg.hostname, protocol=protocol, qid=qid,
-                                       tls_info=tls_info)
-        message = trace + content
-        env = self.spool_envelope(qid, server, session, envelope, protocol, len(message))
+                                       tls_info=server.tls_description())
+        message: bytes | MessageParts = trace + content
+        if spilled is not None:
+            message = [trace + content, (spilled, body_offset)]
+        env = self.spool_envelope(qid, server, session, envelope, protocol)
         try:
             await self.spool.commit(env, message)
         except OSError as e:
             log.error("%s: cannot spool message: %s", qid, e)
             return replies.SPOOL_ERROR
         log.info("%s: from=<%s> size=%d nrcpt=%d client=%s proto=%s", qid, env.mail_from,
-                 len(message), len(env.recipients), server.peer_ip or "local", protocol)
-        self.kick(env, message)
+                 env.size, len(env.recipients), server.peer_ip or "local", protocol)
+        self.kick(env, message if isinstance(message, bytes) else None)
         return replies.QUEUED.format(id=qid)
 
     async def check_message(self, session: Session, content: bytes) -> bytes | str:
@@ -242,7 +260,7 @@ class SMTPHandler:
         return content
 
     def spool_envelope(self, qid: str, server: SMTPProtocol, session: Session,
-                       envelope: SMTPEnvelope, protocol: str, size: int) -> Envelope:
+                       envelope: SMTPEnvelope, protocol: str) -> Envelope:
         mail_from = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
         opts = {o.split("=", 1)[0]: (o.split("=", 1)[1] if "=" in o else "")
                 for o in envelope.mail_options}
@@ -260,7 +278,7 @@ class SMTPHandler:
                                             orcpt=rec.orcpt, notify=rec.notify,
                                             next_attempt=now))
         return Envelope(
-            id=qid, created=now, mail_from=mail_from, recipients=recipients, size=size,
+            id=qid, created=now, mail_from=mail_from, recipients=recipients,
             smtputf8=bool(envelope.smtp_utf8), body=opts.get("BODY", "7BIT") or "7BIT",
             client={"ip": server.peer_ip, "helo": session.host_name, "protocol": protocol,
                     "auth": session.login_data if session.authenticated else None},

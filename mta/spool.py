@@ -52,6 +52,11 @@ class SpoolError(Exception):
     pass
 
 
+# A message to spool: bytes, or pieces of it: bytes and (file, offset) meaning "that file from
+# that offset to its end" (large messages arrive in a file and are copied by the kernel).
+MessageParts = list["bytes | tuple[Path, int]"]
+
+
 @dataclass
 class Recipient:
     address: str
@@ -102,6 +107,47 @@ class Envelope:
         return cls(**raw)
 
 
+def read_header_section(path: Path, limit: int = 1 << 20) -> bytes:
+    """The header section of a message in a file, through the CRLF of its last field."""
+    with open(path, "rb") as f:
+        head = f.read(limit)
+    end = head.find(b"\r\n\r\n")
+    return head if end < 0 else head[: end + 2]
+
+
+def write_parts_synced(path: Path, parts: MessageParts) -> int:
+    """Create ``path`` from ``parts``, fsync it; return its size. Files are copied in-kernel."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    size = 0
+    try:
+        for part in parts:
+            if isinstance(part, bytes):
+                view = memoryview(part)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                size += len(part)
+            else:
+                src, offset = part
+                with open(src, "rb") as f:
+                    remaining = os.fstat(f.fileno()).st_size - offset
+                    while remaining > 0:
+                        n = os.sendfile(fd, f.fileno(), offset, min(remaining, 1 << 24))
+                        if n == 0:
+                            break
+                        offset += n
+                        remaining -= n
+                        size += n
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+    return size
+
+
 def new_id() -> str:
     """Sortable by arrival (microseconds, hex) and unique (random suffix)."""
     return f"{time.time_ns() // 1000:014x}{secrets.token_hex(3)}"
@@ -112,10 +158,10 @@ class Spool:
         self.dir = ensure_dir(directory, 0o700)
         # Group commit: messages whose DATA ends while a commit is running wait for the next
         # one and share its thread hop and directory fsync.
-        self._waiting: list[tuple[Envelope, bytes, asyncio.Future[None]]] = []
+        self._waiting: list[tuple[Envelope, bytes | MessageParts, asyncio.Future[None]]] = []
         self._committer: asyncio.Task[None] | None = None
 
-    async def commit(self, env: Envelope, message: bytes) -> None:
+    async def commit(self, env: Envelope, message: bytes | MessageParts) -> None:
         """``put`` from the event loop, batched with concurrent callers (group commit)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append((env, message, future))
@@ -135,7 +181,8 @@ class Spool:
                 else:
                     future.set_exception(error)
 
-    def _put_batch(self, items: list[tuple[Envelope, bytes]]) -> list[BaseException | None]:
+    def _put_batch(self, items: list[tuple[Envelope, bytes | MessageParts]]
+                   ) -> list[BaseException | None]:
         errors: list[BaseException | None] = []
         for env, message in items:
             try:
@@ -159,7 +206,7 @@ class Spool:
     def json_path(self, qid: str) -> Path:
         return self.dir / f"{qid}.json"
 
-    def put(self, env: Envelope, message: bytes) -> None:
+    def put(self, env: Envelope, message: bytes | MessageParts) -> None:
         """Store a new message durably; when this returns, it survives a crash."""
         self._write(env, message)
         try:
@@ -168,11 +215,14 @@ class Spool:
             self._discard(env.id)
             raise
 
-    def _write(self, env: Envelope, message: bytes) -> None:
+    def _write(self, env: Envelope, message: bytes | MessageParts) -> None:
         """Both files written and fsynced; durable once the directory is fsynced."""
-        env.size = len(message)
         try:
-            write_file_synced(self.eml_path(env.id), message)
+            if isinstance(message, bytes):
+                env.size = len(message)
+                write_file_synced(self.eml_path(env.id), message)
+            else:
+                env.size = write_parts_synced(self.eml_path(env.id), message)
             atomic_write(self.json_path(env.id), env.to_json(), sync_dir=False)
         except BaseException:
             self._discard(env.id)
@@ -196,6 +246,13 @@ class Spool:
 
     def read_message(self, qid: str) -> bytes:
         return self.eml_path(qid).read_bytes()
+
+    def message(self, qid: str, in_memory_max: int) -> bytes | Path:
+        """The message's bytes, or its file when it is larger than ``in_memory_max``."""
+        path = self.eml_path(qid)
+        if path.stat().st_size > in_memory_max:
+            return path
+        return path.read_bytes()
 
     def load(self, qid: str) -> Envelope:
         return Envelope.from_json(self.json_path(qid).read_bytes())
@@ -238,8 +295,9 @@ class Spool:
     def unlock(fd: int) -> None:
         os.close(fd)
 
-    def checkout(self, qid: str) -> tuple[int, bytes] | None:
-        """Lock a committed item and read its message; None if busy or gone."""
+    def checkout(self, qid: str, in_memory_max: int = 1 << 20
+                 ) -> tuple[int, bytes | Path] | None:
+        """Lock a committed item and get its message (``message``); None if busy or gone."""
         fd = self.try_lock(qid)
         if fd is None:
             return None
@@ -247,7 +305,7 @@ class Spool:
             if not self.json_path(qid).exists():
                 os.close(fd)
                 return None
-            return fd, self.read_message(qid)
+            return fd, self.message(qid, in_memory_max)
         except BaseException:
             os.close(fd)
             raise

@@ -14,27 +14,44 @@ the end marker (a pipelining client may already have sent its next command).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 END = b"\r\n.\r\n"
 MAX_LINE = 1000  # octets including CRLF, RFC 5321 §4.5.3.1.6
 CHUNK = 1 << 16
 
 
+SPILL_AT = 1 << 20  # messages larger than this go to a file as they arrive, not into memory
+
+# Opens the file a large message spills into: (writable file, its path).
+SinkFactory = Callable[[], tuple[BinaryIO, Path]]
+
+
 @dataclass
 class DataResult:
-    content: bytes
+    content: bytes  # the message, unless it spilled to ``path``
     error: str | None  # "size", "line" or "bare-eol"; content is empty when set
     size: int  # octets received, for the log
+    path: Path | None = None  # the message spilled to this file (content is then b"")
 
 
 class DataDecoder:
     """Incremental decoder. ``feed`` returns the offset just past the end marker, or -1."""
 
-    def __init__(self, max_size: int | None, max_line: int = MAX_LINE) -> None:
+    def __init__(self, max_size: int | None, max_line: int = MAX_LINE,
+                 sink_factory: SinkFactory | None = None, spill_at: int = SPILL_AT) -> None:
         self.max_size = max_size
         self.max_line = max_line
+        self.sink_factory = sink_factory
+        self.spill_at = spill_at
+        self.sink: BinaryIO | None = None
+        self.sink_path: Path | None = None
+        self.held = 0  # bytes in self.parts
         # Invariant: pending starts at a line start with the CRLF that precedes that line.
         self.pending = bytearray(b"\r\n")
         self.parts: list[bytes] = []
@@ -84,34 +101,65 @@ class DataDecoder:
         self._emit(segment.replace(b"\r\n.", b"\r\n")[2:] + b"\r\n")
 
     def _emit(self, data: bytes) -> None:
-        if not self.error:
-            self.parts.append(data)
+        if self.error:
+            return
+        if self.sink is not None:
+            self.sink.write(data)
+            return
+        self.parts.append(data)
+        self.held += len(data)
+        if self.sink_factory is not None and self.held > self.spill_at:
+            # Large message: from here on it goes to disk, so a 50 MB message does not cost
+            # 50 MB of memory per session.
+            self.sink, self.sink_path = self.sink_factory()
+            self.sink.writelines(self.parts)
+            self.parts.clear()
 
     def _fail(self, why: str) -> None:
         if self.error is None:
             self.error = why
         self.parts.clear()
+        self.discard()
+
+    def discard(self) -> None:
+        """Drop a spilled file (error, or a connection lost mid-DATA)."""
+        if self.sink is not None:
+            with contextlib.suppress(OSError):
+                self.sink.close()
+            self.sink = None
+        if self.sink_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.sink_path)
+            self.sink_path = None
 
     def result(self) -> DataResult:
+        if self.sink is not None and self.sink_path is not None and not self.error:
+            self.sink.close()
+            return DataResult(b"", None, self.size, self.sink_path)
         content = b"" if self.error else b"".join(self.parts)
         return DataResult(content, self.error, self.size)
 
 
 async def read_data(reader: asyncio.StreamReader, max_size: int | None,
-                    on_progress: Callable[[], None] | None = None) -> DataResult:
+                    on_progress: Callable[[], None] | None = None,
+                    sink_factory: SinkFactory | None = None) -> DataResult:
     """Read one DATA section from ``reader``; bytes after the end marker stay in the reader."""
-    decoder = DataDecoder(max_size)
-    while True:
-        chunk = await reader.read(CHUNK)
-        if not chunk:
-            raise ConnectionResetError("connection closed during DATA")
-        if on_progress is not None:
-            on_progress()
-        used = decoder.feed(chunk)
-        if used >= 0:
-            rest = chunk[used:]
-            if rest:
-                # Pipelined commands after the final dot: hand them back to the command loop.
-                # asyncio has no unread(); aiosmtpd itself manipulates _buffer for STARTTLS.
-                reader._buffer[:0] = rest  # type: ignore[attr-defined]
-            return decoder.result()
+    decoder = DataDecoder(max_size, sink_factory=sink_factory)
+    try:
+        while True:
+            chunk = await reader.read(CHUNK)
+            if not chunk:
+                raise ConnectionResetError("connection closed during DATA")
+            if on_progress is not None:
+                on_progress()
+            used = decoder.feed(chunk)
+            if used >= 0:
+                rest = chunk[used:]
+                if rest:
+                    # Pipelined commands after the final dot: back to the command loop.
+                    # asyncio has no unread(); aiosmtpd itself manipulates _buffer (STARTTLS).
+                    reader._buffer[:0] = rest  # type: ignore[attr-defined]
+                return decoder.result()
+    except BaseException:
+        decoder.discard()
+        raise

@@ -267,14 +267,21 @@ class BaseSMTP(SMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        result = await read_data(self._reader, self.data_size_limit, self._reset_timeout)
+        result = await read_data(self._reader, self.data_size_limit, self._reset_timeout,
+                                 getattr(self.event_handler, "data_sink", None))
         if result.error is not None:
             log.info("%s: DATA refused (%s, %d octets)", self.peer_ip, result.error, result.size)
             self._set_post_data_state()
             await self.push(DATA_ERRORS[result.error])
             return
         self.envelope.content = self.envelope.original_content = result.content
-        status = await self._call_handler_hook("DATA")
+        self.envelope.spilled = result.path  # type: ignore[attr-defined]
+        try:
+            status = await self._call_handler_hook("DATA")
+        finally:
+            if result.path is not None:  # the handler has copied it into the spool, or not
+                with contextlib.suppress(OSError):
+                    os.unlink(result.path)
         self._set_post_data_state()
         await self.push(status)
 

@@ -93,6 +93,16 @@ def test_spf_results(checked, sender, expected):
     assert expected in ar_header(last_with(s, marker))
 
 
+def test_spf_helo_identity(checked, dns_server):
+    s, _ = checked
+    dns_server.add("helo.spfpass.test", "TXT", '"v=spf1 ip4:127.0.0.1 -all"')
+    send(s, "a@spffail.test", b"From: a@spffail.test\r\nSubject: helo-id\r\n\r\nx\r\n",
+         helo="helo.spfpass.test")
+    got = ar_header(last_with(s, b"helo-id"))
+    assert "spf=fail smtp.mailfrom=a@spffail.test" in got
+    assert "spf=pass smtp.helo=helo.spfpass.test" in got
+
+
 def test_dkim_pass_and_tampered_body_fail(checked):
     from mta.dkimsign import Signer
     s, keys = checked

@@ -66,3 +66,39 @@ def test_line_too_long_still_finds_the_end():
     assert res.error == "line" and rest == b"QUIT\r\n"
     res, _ = decode(b"a" * 999 + b"\r\n.\r\n")
     assert res.error is None
+
+
+def test_large_message_spills_to_a_file(tmp_path):
+    made = []
+
+    def sink():
+        p = tmp_path / f"spill{len(made)}"
+        made.append(p)
+        return open(p, "wb"), p
+
+    body = (b"y" * 78 + b"\r\n") * 5000 + b"..dot\r\n"
+    d = DataDecoder(None, sink_factory=sink, spill_at=100_000)
+    for i in range(0, len(body + b".\r\n"), 4096):
+        if d.feed((body + b".\r\n")[i:i + 4096]) >= 0:
+            break
+    res = d.result()
+    assert res.error is None and res.content == b"" and res.path == made[0]
+    assert res.path.read_bytes() == body.replace(b"..dot", b".dot")
+    # An error after spilling removes the file.
+    d = DataDecoder(None, sink_factory=sink, spill_at=1000)
+    d.feed((b"a" * 500 + b"\r\n") * 4 + b"x")
+    assert made[1].exists()
+    d.feed(b"\n" + b"\r\n.\r\n")
+    assert d.result().error == "bare-eol" and not made[1].exists()
+
+
+def test_streamed_dot_stuffing_equals_in_memory(tmp_path):
+    from mta.lmtp_out import dot_stuff, dot_stuffed_file
+    rng = random.Random(3)
+    for trial in range(30):
+        lines = [b"." * rng.randint(0, 2) + b"z" * rng.randint(0, 30) for _ in range(rng.randint(0, 60))]
+        data = b"\r\n".join(lines) + (b"\r\n" if rng.random() < 0.8 else b"")
+        p = tmp_path / f"m{trial}"
+        p.write_bytes(data)
+        for chunk in (1, 2, 3, 7, 64):
+            assert b"".join(dot_stuffed_file(p, chunk)) == dot_stuff(data), (trial, chunk)

@@ -69,7 +69,7 @@ class Raw:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("mta"), mta={"max_recipients": 5, "max_message_size": 20000,
+    s = Stack(tmp_path_factory.mktemp("mta"), mta={"max_recipients": 5, "max_message_size": 2000000,
                                                   "max_connections_per_ip": 8})
     s.setup_users(DOMAIN, "bob@example.com", "amy@example.com", "ünï@example.com",
                   "postmaster@example.com")
@@ -96,7 +96,7 @@ def test_banner_and_ehlo(stack):
     assert {"SIZE", "PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "STARTTLS",
             "HELP"} <= keywords
     assert "AUTH" not in keywords  # no AUTH on port 25
-    assert "250-SIZE 20000" in ehlo
+    assert "250-SIZE 2000000" in ehlo
     assert r.cmd("HELO client.test").startswith("250 ")
     assert r.cmd("NOOP") == "250 2.0.0 OK"
     assert r.cmd("RSET") == "250 2.0.0 OK"
@@ -139,12 +139,12 @@ def test_unknown_user_and_relay_tricks(stack):
 def test_size_and_recipient_limits(stack):
     r = Raw(stack.mta_port)
     r.cmd("EHLO client.test")
-    assert r.cmd("MAIL FROM:<s@remote.test> SIZE=999999").startswith("552")
+    assert r.cmd("MAIL FROM:<s@remote.test> SIZE=9999999").startswith("552")
     assert r.cmd("MAIL FROM:<s@remote.test>").startswith("250")
     replies = [r.cmd("RCPT TO:<bob@example.com>") for _ in range(6)]
     assert all(x.startswith("250") for x in replies[:5]) and replies[5].startswith("452 4.5.3")
     assert r.cmd("DATA").startswith("354")
-    r.send(b"Subject: big\r\n\r\n" + (b"x" * 900 + b"\r\n") * 30 + b".\r\n")
+    r.send(b"Subject: big\r\n\r\n" + (b"x" * 900 + b"\r\n") * 2300 + b".\r\n")
     assert r.reply().startswith("552 5.3.4")
     assert r.cmd("MAIL FROM:<s@remote.test>").startswith("250")  # session goes on
     r.close()
@@ -395,3 +395,53 @@ def test_spool_leftovers_are_cleaned_and_committed_items_delivered(tmp_path):
         assert wait_for(lambda: not list(Path(tmp_path / "spool").glob("*.eml")), 10)
     finally:
         s.stop_all()
+
+
+def test_spool_nearly_full_refuses_at_mail(tmp_path):
+    s = Stack(tmp_path, mta={"min_free_space": 10**18})  # more than any disk has free
+    s.setup_users(DOMAIN, "bob@example.com")
+    s.start("mta")
+    try:
+        r = Raw(s.mta_port)
+        r.cmd("EHLO client.test")
+        assert r.cmd("MAIL FROM:<s@remote.test>").startswith("452 4.3.1")
+        r.close()
+        assert not list((tmp_path / "spool").glob("*.eml"))
+    finally:
+        s.stop_all()
+
+
+def test_directory_unreachable_is_temporary(tmp_path):
+    s = Stack(tmp_path)
+    s.setup_users(DOMAIN, "bob@example.com")
+    s.start("mta")
+    try:
+        db = tmp_path / "pochta.db"
+        db.rename(tmp_path / "pochta.db.away")  # the database vanishes under the running MTA
+        r = Raw(s.mta_port)
+        r.cmd("EHLO client.test")
+        r.cmd("MAIL FROM:<s@remote.test>")
+        assert r.cmd("RCPT TO:<bob@example.com>").startswith("451 4.3.0")  # never 550
+        r.close()
+    finally:
+        s.stop_all()
+
+
+def test_large_message_streams_through_the_spool(stack):
+    """Over 1 MiB the MTA spills DATA to a file: delivered byte for byte, no leftovers."""
+    line = b"0123456789abcdef" * 4 + b"\r\n"
+    body = b"Subject: big-one\r\nMessage-ID: <big@x>\r\n\r\n" + line * 18000 + b".dot\r\n"
+    assert len(body) > 1 << 20
+    size_before = len(mailbox(stack, "amy@example.com"))
+    r = Raw(stack.mta_port)
+    r.cmd("EHLO client.test")
+    r.cmd("MAIL FROM:<s@remote.test>")
+    r.cmd("RCPT TO:<amy@example.com>")
+    assert r.cmd("DATA").startswith("354")
+    r.send(body.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+    assert r.reply().startswith("250 2.0.0")
+    r.close()
+    got = wait_mail(stack, "amy@example.com", size_before + 1)
+    big = next(m for m in got if b"big-one" in m)
+    assert big.endswith(body.replace(b"\r\n", b"\n"))
+    assert not list((stack.base / "spool").glob(".data-*"))
