@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -56,11 +57,19 @@ async def _serve(cfg: Config, role: str) -> None:
     await run(cfg, stop)
 
 
+def raise_file_limit() -> None:
+    """Every SMTP session is a descriptor: use the hard limit, not the 1024 soft default."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 @app.command("serve")
 def serve(ctx: typer.Context, role: Role) -> None:
     """Run one process in the foreground, logging to stderr."""
     cfg = _ctx(ctx).config
     setup_logging(cfg, role.value)
+    raise_file_limit()
     try:
         asyncio.run(_serve(cfg, role.value))
     except OSError as e:

@@ -165,6 +165,7 @@ log_level = "warning"
 listen = ["127.0.0.1:{self.port}"]
 max_connections = 2000
 max_connections_per_ip = 2000
+max_message_size = 60000000
 [msa]
 listen = []
 listen_tls = []
@@ -279,6 +280,51 @@ def run_one(system_cls: type, n: int, concurrency: int, size: int, use_smtp_sour
         system.stop()
 
 
+def proc_rss_mb(pid: int) -> float:
+    m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(m.group(1)) / 1024 if m else 0.0
+
+
+def reset_peak(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
+
+
+def memory(idle: int, big_mb: int) -> None:
+    """RSS of the MTA with ``idle`` idle sessions, and its peak RSS rise for one big message."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    system = Pochta()
+    try:
+        pid = system.pids()["mta"]
+        base = proc_rss_mb(pid)
+        socks = []
+        for _ in range(idle):
+            s = socket.create_connection(("127.0.0.1", system.port), timeout=10)
+            s.recv(512)  # the banner: the session exists
+            socks.append(s)
+        time.sleep(1)
+        with_idle = proc_rss_mb(pid)
+        for s in socks:
+            s.close()
+        time.sleep(1)
+        print(f"idle sessions: {idle} -> MTA RSS {base:.1f} MB -> {with_idle:.1f} MB "
+              f"(+{with_idle - base:.1f} MB, {1024 * (with_idle - base) / idle:.0f} KB each)")
+        reset_peak(pid)
+        before = proc_peak_rss_mb(pid)
+        size = big_mb * 1_000_000
+        data = message(0, size, "big")
+        t0 = time.perf_counter()
+        asyncio.run(send_one(system.port, data, []))
+        accept = time.perf_counter() - t0
+        wait_files(system.new_dir, 1, timeout=300)
+        peak = proc_peak_rss_mb(pid)
+        print(f"one {big_mb} MB message: accepted in {accept:.2f} s; MTA peak RSS "
+              f"{before:.1f} MB -> {peak:.1f} MB (+{peak - before:.1f} MB)")
+    finally:
+        system.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("-n", "--messages", type=int, default=500)
@@ -288,7 +334,12 @@ def main() -> None:
     ap.add_argument("--client", choices=["auto", "own", "smtp-source"], default="auto",
                     help="load generator for throughput (auto: smtp-source when installed; "
                          "latency percentiles always come from our own client)")
+    ap.add_argument("--memory", action="store_true",
+                    help="instead: RSS with 1000 idle sessions, and for one 50 MB message")
     args = ap.parse_args()
+    if args.memory:
+        memory(1000, 50)
+        return
     args.smtp_source = args.client == "smtp-source" or (
         args.client == "auto" and shutil.which("smtp-source") is not None)
     concurrencies = args.concurrency or [1, 10, 50]
