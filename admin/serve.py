@@ -12,13 +12,15 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
+from typing import Any
 
 import typer
 
 from admin.cli import _ctx, app
-from store.config import Config, parse_address
+from store.config import Config, ConfigError, parse_address
 
 ROLES = ("mda", "mta", "msa")
 
@@ -57,6 +59,20 @@ async def _serve(cfg: Config, role: str) -> None:
     await run(cfg, stop)
 
 
+def run_loop(main: Coroutine[Any, Any, None], kind: str) -> None:
+    """asyncio.run, on uvloop when it is installed and wanted (about twice the speed)."""
+    if kind in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise ConfigError("config key 'event_loop': uvloop is not installed") from None
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def raise_file_limit() -> None:
     """Every SMTP session is a descriptor: use the hard limit, not the 1024 soft default."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -71,7 +87,7 @@ def serve(ctx: typer.Context, role: Role) -> None:
     setup_logging(cfg, role.value)
     raise_file_limit()
     try:
-        asyncio.run(_serve(cfg, role.value))
+        run_loop(_serve(cfg, role.value), cfg.event_loop)
     except OSError as e:
         logging.getLogger("pochta").error("cannot start %s: %s", role.value, e)
         raise SystemExit(1) from None

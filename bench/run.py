@@ -152,6 +152,7 @@ def count_ids(new_dir: Path, run: str) -> dict[str, int]:
 
 class Pochta:
     name = "pochta"
+    event_loop = "asyncio"
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="pochta-bench-"))
@@ -161,6 +162,7 @@ class Pochta:
 hostname = "mx.bench.test"
 data_dir = "{self.dir}"
 log_level = "warning"
+event_loop = "{self.event_loop}"
 [mta]
 listen = ["127.0.0.1:{self.port}"]
 max_connections = 2000
@@ -336,7 +338,10 @@ def main() -> None:
                          "latency percentiles always come from our own client)")
     ap.add_argument("--memory", action="store_true",
                     help="instead: RSS with 1000 idle sessions, and for one 50 MB message")
+    ap.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="asyncio",
+                    help="pochta's event loop")
     args = ap.parse_args()
+    Pochta.event_loop = args.loop
     if args.memory:
         memory(1000, 50)
         return

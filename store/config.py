@@ -112,6 +112,7 @@ class Config:
     database_url: str = ""
     spool_dir: str = ""
     log_level: str = "info"
+    event_loop: str = "asyncio"  # or "uvloop" (pip install uvloop), or "auto": uvloop if installed
     directory_cache_ttl: float = 5.0  # seconds the mail processes remember directory look-ups
     mta: MTAConfig = field(default_factory=MTAConfig)
     msa: MSAConfig = field(default_factory=MSAConfig)
@@ -207,6 +208,9 @@ def _validate(cfg: Config) -> None:
     if bool(cfg.delivery.smarthost_user) != bool(cfg.delivery.smarthost_password):
         raise ConfigError("config keys 'delivery.smarthost_user' and 'delivery.smarthost_password' "
                           "must be set together")
+    if cfg.event_loop not in ("auto", "uvloop", "asyncio"):
+        raise ConfigError(f"config key 'event_loop': expected auto, uvloop or asyncio, "
+                          f"got {cfg.event_loop!r}")
     if cfg.checks.temperror not in ("accept", "defer"):
         raise ConfigError(f"config key 'checks.temperror': expected \"accept\" or \"defer\", "
                           f"got {cfg.checks.temperror!r}")
