@@ -16,7 +16,7 @@ import dns.asyncresolver
 import dns.exception
 from sqlalchemy import delete, select
 
-from store.config import parse_address
+from mta.dns import configured
 from store.db import Database
 from store.models import Greylist
 
@@ -88,13 +88,7 @@ async def dnsbl_listed(ip: str, zones: list[str], resolver: dns.asyncresolver.Re
 
 
 def make_async_resolver(server: str, timeout: float = 3.0) -> dns.asyncresolver.Resolver:
-    r = dns.asyncresolver.Resolver(configure=not server)
-    if server:
-        host, port = parse_address(server, "delivery.resolver")
-        r.nameservers = [host]
-        r.port = port
-    r.lifetime = r.timeout = timeout
-    return r
+    return configured(dns.asyncresolver.Resolver, server, timeout)
 
 
 def client_network(ip: str) -> str:

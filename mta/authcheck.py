@@ -25,7 +25,7 @@ import dns.resolver
 import spf
 from publicsuffixlist import PublicSuffixList
 
-from store.config import parse_address
+from mta.dns import configured
 
 log = logging.getLogger("pochta.auth")
 
@@ -103,13 +103,7 @@ class InboundChecks:
         self.dmarc_enforce = dmarc_enforce
         self.temperror = temperror
         self.timeout = timeout
-        r = dns.resolver.Resolver(configure=not resolver)
-        if resolver:
-            host, port = parse_address(resolver, "delivery.resolver")
-            r.nameservers = [host]
-            r.port = port
-        r.lifetime = r.timeout = timeout
-        self.resolver = r
+        r = self.resolver = configured(dns.resolver.Resolver, resolver, timeout)
         # pyspf asks dnspython's default resolver: in this process that is ours.
         dns.resolver.default_resolver = r
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -15,6 +16,19 @@ import dns.rdatatype
 import dns.resolver
 
 from store.config import parse_address
+
+R = TypeVar("R", dns.resolver.Resolver, dns.asyncresolver.Resolver)
+
+
+def configured(cls: type[R], server: str, timeout: float) -> R:
+    """A dnspython resolver asking ``[delivery] resolver`` ("host:port"), else the system's."""
+    r = cls(configure=not server)
+    if server:
+        host, port = parse_address(server, "delivery.resolver")
+        r.nameservers = [host]
+        r.port = port
+    r.lifetime = r.timeout = timeout
+    return r
 
 
 @dataclass(frozen=True)
@@ -32,15 +46,7 @@ class RouteError(Exception):
 
 class Resolver:
     def __init__(self, server: str = "", timeout: float = 5.0) -> None:
-        if server:
-            host, port = parse_address(server, "delivery.resolver")
-            self.r = dns.asyncresolver.Resolver(configure=False)
-            self.r.nameservers = [host]
-            self.r.port = port
-        else:
-            self.r = dns.asyncresolver.Resolver()
-        self.r.lifetime = timeout
-        self.r.timeout = timeout
+        self.r = configured(dns.asyncresolver.Resolver, server, timeout)
 
     async def _query(self, name: str, rtype: str) -> list[dns.rdata.Rdata] | None:
         """Answers, or None for NOERROR/NODATA; NXDOMAIN and failures raise RouteError."""
