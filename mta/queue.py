@@ -97,15 +97,22 @@ class QueueRunner:
             self.fresh[env.id] = data
         self.wake.set()
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def recover(self) -> None:
+        """Load what the spool holds (crash recovery); before the listeners open."""
         for env in await asyncio.to_thread(self.spool.recover):
             self.items[env.id] = env
         if self.items:
             log.info("recovered %d message(s) from the spool", len(self.items))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        next_gc = time.monotonic() + 3600.0
         while not stop.is_set():
             if time.monotonic() >= self.next_marker_check:  # other processes' kicks, flush
                 self.next_marker_check = time.monotonic() + 1.0
                 await self._markers()
+            if time.monotonic() >= next_gc:  # leftovers of a crash that came after start-up
+                next_gc = time.monotonic() + 3600.0
+                await asyncio.to_thread(self.spool.collect_garbage)
             now = self.clock()
             next_due = now + 1.0  # also the marker poll interval
             for env in list(self.items.values()):

@@ -78,6 +78,7 @@ async def run_mta(cfg: Config, stop: asyncio.Event) -> None:
                           directory, spool, kick=runner.add, defences=defences)
     connections = Connections(cfg.mta.max_connections, cfg.mta.max_connections_per_ip)
     tls = server_context(cfg)
+    await runner.recover()
     servers = await start_listeners(
         cfg.mta.listen, protocol_factory(cfg, handler, connections, tls, require_auth=False),
         key="mta.listen")

@@ -44,6 +44,7 @@ log = logging.getLogger("pochta.spool")
 FORMAT_VERSION = 1
 PENDING, SENT, FAILED, EXPIRED = "pending", "sent", "failed", "expired"
 FINAL = {SENT, FAILED, EXPIRED}
+GARBAGE_AGE = 3600.0  # seconds an uncommitted spool file must be idle before it is garbage
 KICK = "kick"  # marker file: another process asks the runner to rescan
 FLUSH = "flush"  # marker file: make every deferred recipient due now
 
@@ -261,15 +262,35 @@ class Spool:
         return sorted(p.name[:-5] for p in self.dir.iterdir()
                       if p.name.endswith(".json") and not p.name.startswith("."))
 
+    def collect_garbage(self, min_age: float = GARBAGE_AGE) -> int:
+        """Remove uncommitted leftovers of a crash: temporary files, .eml without .json.
+
+        Only files untouched for ``min_age`` seconds: the MSA (another process) and sessions
+        receiving a large message write these files right now, and a transfer in progress
+        touches its file at least every idle timeout.
+        """
+        names = {p.name for p in self.dir.iterdir()}
+        cutoff = time.time() - min_age
+        removed = 0
+        for name in names:
+            uncommitted = (name.startswith(".") and name.endswith(".tmp")) or (
+                name.endswith(".eml") and f"{name[:-4]}.json" not in names)
+            if not uncommitted:
+                continue
+            path = self.dir / name
+            try:
+                if path.stat().st_mtime > cutoff:
+                    continue
+                path.unlink()
+                removed += 1
+                log.info("removed uncommitted spool file %s", name)
+            except FileNotFoundError:
+                continue
+        return removed
+
     def recover(self) -> list[Envelope]:
         """Every committed message; removes uncommitted leftovers of a crash."""
-        names = {p.name for p in self.dir.iterdir()}
-        for name in names:
-            if name.startswith(".") and name.endswith(".tmp"):
-                (self.dir / name).unlink(missing_ok=True)
-            elif name.endswith(".eml") and f"{name[:-4]}.json" not in names:
-                log.info("%s: removing message that was never committed", name[:-4])
-                (self.dir / name).unlink(missing_ok=True)
+        self.collect_garbage()
         items = []
         for qid in self.ids():
             try:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import smtplib
 import socket
 import ssl
 import time
-from pathlib import Path
 
 import pytest
 from stack import Stack, mail_files
@@ -387,12 +387,17 @@ def test_spool_leftovers_are_cleaned_and_committed_items_delivered(tmp_path):
     env = Envelope(id="00000000000001abcdef", created=time.time(), mail_from="s@remote.test",
                    recipients=[Recipient("bob@example.com", "bob@example.com")])
     spool.put(env, b"Subject: pre-existing\r\n\r\nx\r\n")
-    (tmp_path / "spool" / "00000000000002abcdef.eml").write_bytes(b"Subject: uncommitted\r\n")
+    leftover = tmp_path / "spool" / "00000000000002abcdef.eml"
+    leftover.write_bytes(b"Subject: uncommitted\r\n")
+    os.utime(leftover, (time.time() - 7200, time.time() - 7200))  # a crash two hours ago
+    in_flight = tmp_path / "spool" / "00000000000003abcdef.eml"  # e.g. the MSA writing now
+    in_flight.write_bytes(b"Subject: being written\r\n")
     s.start("up")
     try:
         [m] = wait_mail(s, "bob@example.com", 1)
         assert b"pre-existing" in m
-        assert wait_for(lambda: not list(Path(tmp_path / "spool").glob("*.eml")), 10)
+        assert wait_for(lambda: not leftover.exists(), 10)
+        assert in_flight.exists()  # young: maybe still being written by another process
     finally:
         s.stop_all()
 
