@@ -11,6 +11,7 @@ import ipaddress
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterable
+from functools import lru_cache
 
 import dns.asyncresolver
 import dns.exception
@@ -26,7 +27,12 @@ def in_networks(ip: str, networks: Iterable[str]) -> bool:
         addr = ipaddress.ip_address(ip)
     except ValueError:
         return False
-    return any(addr in ipaddress.ip_network(n, strict=False) for n in networks)
+    return any(addr in net for net in _parsed(tuple(networks)))
+
+
+@lru_cache(maxsize=16)
+def _parsed(networks: tuple[str, ...]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(n, strict=False) for n in networks]
 
 
 class RateLimiter:
