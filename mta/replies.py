@@ -6,14 +6,11 @@ compare against the same names.
 
 from __future__ import annotations
 
-OK = "250 2.0.0 OK"
 SENDER_OK = "250 2.1.0 Sender OK"
 RCPT_OK = "250 2.1.5 Recipient OK"
 QUEUED = "250 2.0.0 Ok: queued as {id}"
-BYE = "221 2.0.0 Bye"
 
 # 4xx: try again later
-SHUTTING_DOWN = "421 4.3.2 Service shutting down"
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 DIRECTORY_UNAVAILABLE = "451 4.3.0 Directory temporarily unavailable, try again later"
 SPOOL_ERROR = "451 4.3.0 Could not queue the message, try again later"
@@ -27,8 +24,6 @@ NOT_IMPLEMENTED = "502 5.5.1 Command not implemented"
 EXPN_DISABLED = "502 5.5.1 EXPN not available"
 ALREADY_TLS = "503 5.5.1 TLS already active"
 NEED_MAIL = "503 5.5.1 Need MAIL command first"
-NEED_RCPT = "503 5.5.1 Need RCPT command first"
-NESTED_MAIL = "503 5.5.1 Nested MAIL command"
 NO_AUTH_HERE = "503 5.5.1 AUTH not available on this port; use submission"
 VRFY_DISABLED = "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery"
 NO_SUCH_USER = "550 5.1.1 <{addr}> Recipient address rejected: no such user here"
@@ -37,4 +32,3 @@ RELAY_TRICK = "554 5.7.1 <{addr}> Relay access denied: routing characters in add
 BAD_ADDRESS = "553 5.1.3 <{addr}> Malformed address: {why}"
 BAD_SENDER = "553 5.1.7 <{addr}> Malformed sender address: {why}"
 MAIL_LOOP = "554 5.4.6 Too many Received headers: mail loop"
-AUTH_REQUIRED = "530 5.7.0 Authentication required"

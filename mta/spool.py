@@ -245,9 +245,6 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 
-    def read_message(self, qid: str) -> bytes:
-        return self.eml_path(qid).read_bytes()
-
     def message(self, qid: str, in_memory_max: int) -> bytes | Path:
         """The message's bytes, or its file when it is larger than ``in_memory_max``."""
         path = self.eml_path(qid)
