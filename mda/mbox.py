@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from store.fsio import ensure_dir
+from store.fsio import ensure_dir, wait_for_lock
 
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
 _QUOTED_FROM = re.compile(rb"^>(>*From )", re.MULTILINE)
@@ -112,17 +112,8 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
 def _open_locked(path: Path) -> Iterator[int]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        deadline = time.monotonic() + LOCK_TIMEOUT
-        while True:
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if time.monotonic() > deadline:
-                    raise LockTimeout(errno.ETIMEDOUT, f"fcntl lock on {path} timed out") from None
-                time.sleep(0.02)
+        if not wait_for_lock(fd, fcntl.lockf, LOCK_TIMEOUT):
+            raise LockTimeout(errno.ETIMEDOUT, f"fcntl lock on {path} timed out")
         yield fd
     finally:
         os.close(fd)  # closing releases the fcntl lock

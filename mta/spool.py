@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -37,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from store.fsio import atomic_write, ensure_dir, fsync_dir, write_file_synced
+from store.fsio import atomic_write, ensure_dir, fsync_dir, wait_for_lock, write_file_synced
 
 log = logging.getLogger("pochta.spool")
 
@@ -347,15 +346,8 @@ class Spool:
             yield False
             return
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as e:
-                    if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
-                        raise SpoolError(f"queue item {qid} is busy") from None
-                    time.sleep(0.05)
+            if not wait_for_lock(fd, fcntl.flock, timeout, poll=0.05):
+                raise SpoolError(f"queue item {qid} is busy")
             yield self.json_path(qid).exists()
         finally:
             os.close(fd)

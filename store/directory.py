@@ -288,10 +288,9 @@ class Directory:
     # --- internals ---------------------------------------------------------------------------
 
     def _read(self) -> _Guard:
-        return _Guard(self.db, write=False)
+        return _Guard(self.db)
 
-    def _write(self) -> _Guard:
-        return _Guard(self.db, write=True)
+    _write = _read  # the same transaction; the two names say what the caller intends
 
     @staticmethod
     def _domain_arg(name: str) -> str:
@@ -363,9 +362,7 @@ def _check_password(password: str) -> None:
 class _Guard:
     """A transaction that turns database failures into DirectoryUnavailable."""
 
-    def __init__(self, db: Database, write: bool) -> None:
-        self.db = db
-        self.write = write
+    def __init__(self, db: Database) -> None:
         self._cm = db.transaction()
 
     def __enter__(self) -> Session:

@@ -8,8 +8,12 @@ precedes a 250 goes through here.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -116,3 +120,20 @@ class GroupDirSync:
                     st[2] = 0
                     self._cond.notify_all()
                 st[1] = max(st[1], target)
+
+
+def wait_for_lock(fd: int, lock: Callable[[int, int], None], timeout: float,
+                  poll: float = 0.02) -> bool:
+    """Take an exclusive ``lock`` (fcntl.flock or fcntl.lockf) on ``fd``, polling until
+    ``timeout``; False if it stayed busy. Polling keeps the wait bounded and interruptible."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(poll)
