@@ -38,7 +38,7 @@ def queue_list(ctx: typer.Context) -> None:
     for qid in spool.ids():
         try:
             env = spool.load(qid)
-        except (OSError, ValueError):
+        except (OSError, ValueError, SpoolError):
             continue
         pending = env.pending
         nxt = min((r.next_attempt for r in pending), default=0.0)
@@ -58,6 +58,8 @@ def queue_show(ctx: typer.Context, qid: str) -> None:
         env = spool.load(_valid_id(qid))
     except FileNotFoundError:
         raise UserError(f"no message {qid} in the queue") from None
+    except (OSError, ValueError, SpoolError) as e:
+        raise UserError(f"message {qid}: unreadable envelope: {e}") from None
     typer.echo(f"id:       {env.id}\narrived:  {_when(env.created)}\nfrom:     <{env.mail_from}>\n"
                f"size:     {env.size}\nclient:   {env.client.get('ip') or '-'} "
                f"({env.client.get('protocol', '')})")

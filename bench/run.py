@@ -153,6 +153,7 @@ def count_ids(new_dir: Path, run: str) -> dict[str, int]:
 class Pochta:
     name = "pochta"
     event_loop = "asyncio"
+    keep = False  # set when a run lost or duplicated mail: its logs are the evidence
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="pochta-bench-"))
@@ -180,7 +181,9 @@ listen = "127.0.0.1:{free_port()}"
         subprocess.run(run + ["domain", "add", "bench.test"], check=True, capture_output=True)
         subprocess.run(run + ["user", "add", "user@bench.test", "--password-stdin"],
                        input=b"bench\n", check=True, capture_output=True)
-        self.procs = {role: subprocess.Popen(run + ["serve", role], stderr=subprocess.DEVNULL)
+        self.logs = {role: open(self.dir / f"{role}.log", "wb")  # noqa: SIM115 -- closed in stop()
+                     for role in ("mda", "mta")}
+        self.procs = {role: subprocess.Popen(run + ["serve", role], stderr=self.logs[role])
                       for role in ("mda", "mta")}
         deadline = time.time() + 20
         while time.time() < deadline:
@@ -202,7 +205,13 @@ listen = "127.0.0.1:{free_port()}"
                 p.wait(20)
             except subprocess.TimeoutExpired:
                 p.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        for f in self.logs.values():
+            f.close()
+        if self.keep:
+            print(f"  pochta lost or duplicated mail: logs and spool kept in {self.dir}",
+                  file=sys.stderr)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Postfix:
@@ -271,6 +280,7 @@ def run_one(system_cls: type, n: int, concurrency: int, size: int, use_smtp_sour
         tagged = len(latencies) if use_smtp_source else n - failures
         lost = max(0, expected - files) + max(0, tagged - len(ids))
         dup = max(0, files - expected) + sum(c - 1 for c in ids.values())
+        system.keep = bool(lost or dup or failures)
         rss = " ".join(f"{r}={proc_peak_rss_mb(p):.0f}MB" for r, p in pids.items()) or "-"
         cpu_txt = " ".join(f"{r}={1000 * c / n:.2f}s" for r, c in cpu.items()) or "-"
         lat = sorted(latencies)

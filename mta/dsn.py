@@ -15,9 +15,8 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
-from pathlib import Path
 
-from mta.spool import EXPIRED, Envelope, Recipient, Spool, new_id, read_header_section
+from mta.spool import EXPIRED, Envelope, Recipient, Spool, SpooledMessage, new_id
 from store import addresses
 from store.directory import Directory
 
@@ -156,20 +155,20 @@ class Bouncer:
         self.directory = directory
         self.enqueue = enqueue
 
-    async def bounce(self, env: Envelope, original: bytes | Path) -> None:
+    async def bounce(self, env: Envelope, original: bytes | SpooledMessage) -> None:
         """The DSN due when every recipient is final (failures; successes if asked)."""
         await self.notify(env, original, final_reports(env))
 
-    async def notify(self, env: Envelope, original: bytes | Path,
+    async def notify(self, env: Envelope, original: bytes | SpooledMessage,
                      reports: list[tuple[Recipient, str]]) -> None:
         if not reports:
             return
         if not env.mail_from:
             log.info("%s: no DSN for %d recipient(s): the sender is <>", env.id, len(reports))
             return
-        headers_only = isinstance(original, Path)  # large: return its header section only
-        if isinstance(original, Path):
-            original = await asyncio.to_thread(read_header_section, original) + b"\r\n"
+        headers_only = isinstance(original, SpooledMessage)  # large: its header section only
+        if isinstance(original, SpooledMessage):
+            original = await asyncio.to_thread(original.header_section) + b"\r\n"
         data = build_dsn(env, reports, original, self.hostname, headers_only=headers_only)
         sender_domain = addresses.domain_of(env.mail_from)
         if await asyncio.to_thread(self.directory.is_local_domain, sender_domain):

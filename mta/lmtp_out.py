@@ -8,10 +8,10 @@ Commands are pipelined (LMTP servers must support PIPELINING, RFC 2033 §4.2).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
+from mta.spool import SpooledMessage
 from store.config import parse_address
 
 
@@ -45,18 +45,17 @@ def _stuff(block: bytes, at_line_start: bool) -> bytes:
     return block.replace(b"\r\n.", b"\r\n..")
 
 
-def dot_stuffed_file(path: Path, chunk: int = 1 << 16) -> Iterator[bytes]:
-    """``dot_stuff`` for a message in a file, a chunk at a time (big messages stay on disk)."""
+def dot_stuffed_chunks(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """``dot_stuff`` for a message read a chunk at a time (big messages stay on disk)."""
     carry, at_start, last2 = b"", True, b""
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            data = carry + block
-            # A CR at the end may start the CRLF of a "\r\n." that the next block completes.
-            emit, carry = (data[:-1], b"\r") if data.endswith(b"\r") else (data, b"")
-            if emit:
-                yield _stuff(emit, at_start)
-                at_start = emit.endswith(b"\r\n")
-                last2 = (last2 + emit)[-2:]
+    for block in chunks:
+        data = carry + block
+        # A CR at the end may start the CRLF of a "\r\n." that the next block completes.
+        emit, carry = (data[:-1], b"\r") if data.endswith(b"\r") else (data, b"")
+        if emit:
+            yield _stuff(emit, at_start)
+            at_start = emit.endswith(b"\r\n")
+            last2 = (last2 + emit)[-2:]
     if carry:
         yield carry
         last2 = (last2 + carry)[-2:]
@@ -124,7 +123,7 @@ class LMTPClient:
             if len(lines) > 100:
                 raise LMTPError("reply too long")
 
-    async def deliver(self, mail_from: str, rcpts: list[str], data: bytes | Path,
+    async def deliver(self, mail_from: str, rcpts: list[str], data: bytes | SpooledMessage,
                       smtputf8: bool = False) -> dict[str, Reply]:
         """One transaction; the reply for each recipient (RCPT refusal or its DATA reply)."""
         if not self.connected:
@@ -139,7 +138,7 @@ class LMTPClient:
             await self.close()
             raise
 
-    async def _transaction(self, mail_from: str, rcpts: list[str], data: bytes | Path,
+    async def _transaction(self, mail_from: str, rcpts: list[str], data: bytes | SpooledMessage,
                            smtputf8: bool) -> dict[str, Reply]:
         assert self.writer is not None
         params = " SMTPUTF8" if smtputf8 else ""
@@ -166,8 +165,8 @@ class LMTPClient:
                 for r in accepted:
                     results[r] = data_reply
             return {r: results.get(r, data_reply) for r in rcpts}
-        if isinstance(data, Path):
-            for block in dot_stuffed_file(data):
+        if isinstance(data, SpooledMessage):
+            for block in dot_stuffed_chunks(data.chunks()):
                 self.writer.write(block)
                 await self.writer.drain()  # keeps at most a chunk or two in memory
         else:

@@ -17,12 +17,21 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from mta import policy
 from mta.dsn import Bouncer, wants
 from mta.lmtp_out import LMTPClient, LMTPError, Reply
-from mta.spool import EXPIRED, FAILED, FLUSH, KICK, SENT, Envelope, Recipient, Spool
+from mta.spool import (
+    EXPIRED,
+    FAILED,
+    FLUSH,
+    KICK,
+    SENT,
+    Envelope,
+    Recipient,
+    Spool,
+    SpooledMessage,
+)
 from store import addresses
 from store.config import Config
 from store.directory import Directory, DirectoryUnavailable, lookup
@@ -44,7 +53,7 @@ class LocalDelivery:
         self.max_idle = max_idle
         self.idle: list[LMTPClient] = []
 
-    async def deliver(self, env: Envelope, rcpts: list[Recipient], data: bytes | Path
+    async def deliver(self, env: Envelope, rcpts: list[Recipient], data: bytes | SpooledMessage
                       ) -> dict[str, Reply]:
         addrs = list(dict.fromkeys(r.address for r in rcpts))
         client = self.idle.pop() if self.idle else None
@@ -176,7 +185,7 @@ class QueueRunner:
         else:
             got = await asyncio.to_thread(self.spool.checkout, env.id)
         if got is None:
-            if not self.spool.json_path(env.id).exists():
+            if not self.spool.committed(env.id):
                 self.items.pop(env.id, None)  # deleted by `pochta queue delete`
             return  # locked by the CLI: try again on the next round
         fd, data = got
@@ -197,7 +206,7 @@ class QueueRunner:
         if env.finished:
             self.items.pop(env.id, None)
 
-    async def _route_and_send(self, env: Envelope, rcpts: list[Recipient], data: bytes | Path
+    async def _route_and_send(self, env: Envelope, rcpts: list[Recipient], data: bytes | SpooledMessage
                               ) -> dict[str, Reply]:
         local: list[Recipient] = []
         remote: list[Recipient] = []
@@ -214,7 +223,7 @@ class QueueRunner:
             jobs.append(self.local.deliver(env, local, data))
         if remote:
             # aiosmtplib sends from memory: a large message is read in for remote delivery only.
-            whole = data if isinstance(data, bytes) else await asyncio.to_thread(data.read_bytes)
+            whole = data if isinstance(data, bytes) else await asyncio.to_thread(data.read)
             jobs.append(self.remote(env, remote, whole))
         for part in await asyncio.gather(*jobs):
             results.update(part)

@@ -1,9 +1,15 @@
-"""The spool: each accepted message as two files in ``spool_dir``, durable before we say 250.
+"""The spool: each accepted message in ``spool_dir``, durable before we say 250.
 
-On-disk format, version 1:
+On-disk layout 2 (what we write; layout 1 is still read, see below):
 
-- ``<id>.eml``  the message exactly as it will be delivered (our Received header first), CRLF.
-- ``<id>.json`` the envelope, UTF-8 JSON::
+- ``<id>.msg``: the envelope as one line of UTF-8 JSON and a LF, then the message exactly as it
+  will be delivered (our Received header first), CRLF. Written as ``.<id>.tmp``, fsynced and
+  renamed: the rename is the commit point, and one directory fsync makes a whole batch of
+  renames durable. One file means one data fsync and, once delivered, one unlink per message.
+- ``<id>.json``: the envelope alone, written (temp, fsync, rename, directory fsync) only when
+  an attempt leaves recipients pending; it supersedes the envelope line of ``<id>.msg``.
+
+The envelope (schema version 1)::
 
     {"version": 1, "id": ..., "created": <unix time>, "mail_from": "a@b" or "",
      "smtputf8": bool, "body": "7BIT"|"8BITMIME", "size": int, "client": {"ip", "helo",
@@ -14,11 +20,12 @@ On-disk format, version 1:
                      "last_reply": str, "last_relay": str, "delay_notified": bool,
                      "dsn_passed": bool}]}
 
-Write order: the ``.eml`` is written and fsynced first, then the ``.json`` to a temporary name,
-fsynced and renamed, then the directory is fsynced. The ``.json`` rename is the commit point:
-at start-up an ``.eml`` without ``.json`` is a transaction that never got its 250 and is removed.
-Only the queue runner rewrites ``.json`` files after that, under an flock on the ``.eml``, which
-the ``pochta queue`` commands take too.
+Layout 1 (spools of earlier versions): ``<id>.eml`` holds the message alone and ``<id>.json``
+the envelope; the ``.json`` was the commit point. Such items are delivered as they are.
+
+Uncommitted leftovers of a crash (``.tmp`` files, a layout-1 ``.eml`` without ``.json``, a
+``.json`` whose message is gone) are removed once idle for an hour. Only the queue runner
+changes a committed item, under an flock on its message file, which ``pochta queue`` takes too.
 """
 
 from __future__ import annotations
@@ -34,9 +41,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from store.fsio import atomic_write, ensure_dir, fsync_dir, wait_for_lock, write_file_synced
+from store.fsio import atomic_write, ensure_dir, fsync_dir, wait_for_lock
 
 log = logging.getLogger("pochta.spool")
 
@@ -107,12 +114,35 @@ class Envelope:
         return cls(**raw)
 
 
-def read_header_section(path: Path, limit: int = 1 << 20) -> bytes:
+def read_header_section(path: Path, limit: int = 1 << 20, offset: int = 0) -> bytes:
     """The header section of a message in a file, through the CRLF of its last field."""
     with open(path, "rb") as f:
+        f.seek(offset)
         head = f.read(limit)
     end = head.find(b"\r\n\r\n")
     return head if end < 0 else head[: end + 2]
+
+
+@dataclass(frozen=True)
+class SpooledMessage:
+    """A message left on disk: ``path`` from ``offset`` to its end (large messages)."""
+
+    path: Path
+    offset: int
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            return f.read()
+
+    def header_section(self) -> bytes:
+        return read_header_section(self.path, offset=self.offset)
+
+    def chunks(self, size: int = 1 << 16) -> Iterator[bytes]:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            while block := f.read(size):
+                yield block
 
 
 def write_parts_synced(path: Path, parts: MessageParts) -> int:
@@ -120,24 +150,27 @@ def write_parts_synced(path: Path, parts: MessageParts) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     size = 0
     try:
-        for part in parts:
+        i = 0
+        while i < len(parts):
+            part = parts[i]
             if isinstance(part, bytes):
-                view = memoryview(part)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                size += len(part)
-            else:
-                src, offset = part
-                with open(src, "rb") as f:
-                    remaining = os.fstat(f.fileno()).st_size - offset
-                    while remaining > 0:
-                        n = os.sendfile(fd, f.fileno(), offset, min(remaining, 1 << 24))
-                        if n == 0:
-                            break
-                        offset += n
-                        remaining -= n
-                        size += n
+                run: list[bytes] = []  # consecutive byte strings: one writev
+                while i < len(parts) and isinstance(parts[i], bytes):
+                    run.append(parts[i])  # type: ignore[arg-type]
+                    i += 1
+                size += _writev_all(fd, run)
+                continue
+            src, offset = part
+            with open(src, "rb") as f:
+                remaining = os.fstat(f.fileno()).st_size - offset
+                while remaining > 0:
+                    n = os.sendfile(fd, f.fileno(), offset, min(remaining, 1 << 24))
+                    if n == 0:
+                        break
+                    offset += n
+                    remaining -= n
+                    size += n
+            i += 1
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -148,9 +181,37 @@ def write_parts_synced(path: Path, parts: MessageParts) -> int:
     return size
 
 
+def _writev_all(fd: int, buffers: list[bytes]) -> int:
+    total = sum(len(b) for b in buffers)
+    views = [memoryview(b) for b in buffers if b]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+    return total
+
+
+def parts_size(parts: MessageParts) -> int:
+    return sum(len(p) if isinstance(p, bytes) else os.stat(p[0]).st_size - p[1] for p in parts)
+
+
 def new_id() -> str:
     """Sortable by arrival (microseconds, hex) and unique (random suffix)."""
     return f"{time.time_ns() // 1000:014x}{secrets.token_hex(3)}"
+
+
+def _envelope_line(f: BinaryIO, limit: int = 1 << 24) -> bytes:
+    """The first line of a layout-2 message file (its envelope), without the LF."""
+    head = f.read(1 << 16)
+    while b"\n" not in head:
+        more = f.read(1 << 16)
+        if not more or len(head) > limit:
+            raise SpoolError("message file has no envelope line")
+        head += more
+    return head[: head.index(b"\n")]
 
 
 class Spool:
@@ -200,66 +261,94 @@ class Spool:
                 return [e] * len(items)
         return errors
 
-    def eml_path(self, qid: str) -> Path:
-        return self.dir / f"{qid}.eml"
+    def msg_path(self, qid: str) -> Path:
+        return self.dir / f"{qid}.msg"
 
     def json_path(self, qid: str) -> Path:
         return self.dir / f"{qid}.json"
+
+    def eml_path(self, qid: str) -> Path:
+        """A layout-1 item's message file."""
+        return self.dir / f"{qid}.eml"
 
     def put(self, env: Envelope, message: bytes | MessageParts) -> None:
         """Store a new message durably; when this returns, it survives a crash."""
         self._write(env, message)
         try:
-            fsync_dir(self.dir)  # one directory sync makes both names durable
+            fsync_dir(self.dir)
         except BaseException:
             self._discard(env.id)
             raise
 
     def _write(self, env: Envelope, message: bytes | MessageParts) -> None:
-        """Both files written and fsynced; durable once the directory is fsynced."""
+        """The message file written, fsynced and renamed; durable once the directory is."""
+        parts: MessageParts = [message] if isinstance(message, bytes) else message
+        env.size = parts_size(parts)
+        tmp = self.dir / f".{env.id}.tmp"
+        write_parts_synced(tmp, [env.to_json() + b"\n", *parts])
         try:
-            if isinstance(message, bytes):
-                env.size = len(message)
-                write_file_synced(self.eml_path(env.id), message)
-            else:
-                env.size = write_parts_synced(self.eml_path(env.id), message)
-            atomic_write(self.json_path(env.id), env.to_json(), sync_dir=False)
+            os.rename(tmp, self.msg_path(env.id))
         except BaseException:
-            self._discard(env.id)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             raise
 
     def _discard(self, qid: str) -> None:
-        for p in (self.json_path(qid), self.eml_path(qid)):
-            with contextlib.suppress(OSError):
-                p.unlink()
+        with contextlib.suppress(OSError):
+            self.msg_path(qid).unlink()
 
     def update(self, env: Envelope) -> None:
         atomic_write(self.json_path(env.id), env.to_json())
 
     def remove(self, qid: str) -> None:
-        # .json first: without it the .eml is garbage, never a message to deliver again. No
-        # directory fsync (as Postfix): a crash may bring a delivered message back, which means
-        # a duplicate, never a loss, and it saves an fsync per message.
-        for p in (self.json_path(qid), self.eml_path(qid)):
+        # The message file first: once it is gone, nothing is delivered again, and a .json left
+        # by a crash is garbage. No directory fsync (as Postfix): a crash may bring a delivered
+        # message back, which means a duplicate, never a loss, and it saves an fsync a message.
+        for p in (self.msg_path(qid), self.json_path(qid), self.eml_path(qid)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 
-    def message(self, qid: str, in_memory_max: int) -> bytes | Path:
-        """The message's bytes, or its file when it is larger than ``in_memory_max``."""
-        path = self.eml_path(qid)
-        if path.stat().st_size > in_memory_max:
-            return path
-        return path.read_bytes()
+    def _message_file(self, qid: str) -> tuple[Path, BinaryIO]:
+        """The open message file of a committed item, positioned at the message."""
+        try:
+            f = open(self.msg_path(qid), "rb")  # noqa: SIM115 -- returned to the caller
+        except FileNotFoundError:
+            if not self.json_path(qid).exists():
+                raise
+            return self.eml_path(qid), open(self.eml_path(qid), "rb")  # layout 1
+        try:
+            f.seek(len(_envelope_line(f)) + 1)
+        except BaseException:
+            f.close()
+            raise
+        return self.msg_path(qid), f
+
+    def message(self, qid: str, in_memory_max: int) -> bytes | SpooledMessage:
+        """The message's bytes, or where it lies when it is larger than ``in_memory_max``."""
+        path, f = self._message_file(qid)
+        with f:
+            offset = f.tell()
+            if os.fstat(f.fileno()).st_size - offset > in_memory_max:
+                return SpooledMessage(path, offset)
+            return f.read()
 
     def load(self, qid: str) -> Envelope:
-        return Envelope.from_json(self.json_path(qid).read_bytes())
+        try:
+            return Envelope.from_json(self.json_path(qid).read_bytes())
+        except FileNotFoundError:
+            pass
+        with open(self.msg_path(qid), "rb") as f:
+            return Envelope.from_json(_envelope_line(f))
 
     def ids(self) -> list[str]:
-        return sorted(p.name[:-5] for p in self.dir.iterdir()
-                      if p.name.endswith(".json") and not p.name.startswith("."))
+        names = [p.name for p in self.dir.iterdir() if not p.name.startswith(".")]
+        msgs = {n[:-4] for n in names if n.endswith(".msg")}
+        layout1 = {n[:-5] for n in names if n.endswith(".json")} - msgs
+        layout1 = {q for q in layout1 if f"{q}.eml" in names}
+        return sorted(msgs | layout1)
 
     def collect_garbage(self, min_age: float = GARBAGE_AGE) -> int:
-        """Remove uncommitted leftovers of a crash: temporary files, .eml without .json.
+        """Remove uncommitted leftovers of a crash (see the module's docstring).
 
         Only files untouched for ``min_age`` seconds: the MSA (another process) and sessions
         receiving a large message write these files right now, and a transfer in progress
@@ -269,8 +358,11 @@ class Spool:
         cutoff = time.time() - min_age
         removed = 0
         for name in names:
+            stem = name.rpartition(".")[0]
             uncommitted = (name.startswith(".") and name.endswith(".tmp")) or (
-                name.endswith(".eml") and f"{name[:-4]}.json" not in names)
+                name.endswith(".eml") and f"{stem}.json" not in names) or (
+                name.endswith(".json") and not name.startswith(".")
+                and f"{stem}.msg" not in names and f"{stem}.eml" not in names)
             if not uncommitted:
                 continue
             path = self.dir / name
@@ -297,9 +389,13 @@ class Spool:
 
     def try_lock(self, qid: str) -> int | None:
         """The item's lock without waiting: a descriptor to ``unlock``, or None if busy/gone."""
-        try:
-            fd = os.open(self.eml_path(qid), os.O_RDONLY)
-        except FileNotFoundError:
+        for path in (self.msg_path(qid), self.eml_path(qid)):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+                break
+            except FileNotFoundError:
+                continue
+        else:
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -312,14 +408,19 @@ class Spool:
     def unlock(fd: int) -> None:
         os.close(fd)
 
+    def committed(self, qid: str) -> bool:
+        """Still in the queue (not delivered, not deleted)."""
+        return self.msg_path(qid).exists() or (
+            self.json_path(qid).exists() and self.eml_path(qid).exists())
+
     def checkout(self, qid: str, in_memory_max: int = 1 << 20
-                 ) -> tuple[int, bytes | Path] | None:
+                 ) -> tuple[int, bytes | SpooledMessage] | None:
         """Lock a committed item and get its message (``message``); None if busy or gone."""
         fd = self.try_lock(qid)
         if fd is None:
             return None
         try:
-            if not self.json_path(qid).exists():
+            if not self.committed(qid):
                 os.close(fd)
                 return None
             return fd, self.message(qid, in_memory_max)
@@ -340,15 +441,22 @@ class Spool:
     @contextlib.contextmanager
     def locked(self, qid: str, timeout: float = 30.0) -> Iterator[bool]:
         """Hold the item's lock; yields False if the item is gone (delivered or deleted)."""
-        try:
-            fd = os.open(self.eml_path(qid), os.O_RDONLY)
-        except FileNotFoundError:
-            yield False
-            return
-        try:
+        fd = self.try_lock(qid)
+        if fd is None:
+            for path in (self.msg_path(qid), self.eml_path(qid)):
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                    break
+                except FileNotFoundError:
+                    continue
+            else:
+                yield False
+                return
             if not wait_for_lock(fd, fcntl.flock, timeout, poll=0.05):
+                os.close(fd)
                 raise SpoolError(f"queue item {qid} is busy")
-            yield self.json_path(qid).exists()
+        try:
+            yield self.committed(qid)
         finally:
             os.close(fd)
 

@@ -93,12 +93,15 @@ def test_large_message_spills_to_a_file(tmp_path):
 
 
 def test_streamed_dot_stuffing_equals_in_memory(tmp_path):
-    from mta.lmtp_out import dot_stuff, dot_stuffed_file
+    from mta.lmtp_out import dot_stuff, dot_stuffed_chunks
+    from mta.spool import SpooledMessage
     rng = random.Random(3)
     for trial in range(30):
         lines = [b"." * rng.randint(0, 2) + b"z" * rng.randint(0, 30) for _ in range(rng.randint(0, 60))]
         data = b"\r\n".join(lines) + (b"\r\n" if rng.random() < 0.8 else b"")
         p = tmp_path / f"m{trial}"
-        p.write_bytes(data)
+        p.write_bytes(b'{"envelope": 1}\n' + data)  # a spool file: the message after line 1
+        spooled = SpooledMessage(p, 16)
         for chunk in (1, 2, 3, 7, 64):
-            assert b"".join(dot_stuffed_file(p, chunk)) == dot_stuff(data), (trial, chunk)
+            got = b"".join(dot_stuffed_chunks(spooled.chunks(chunk)))
+            assert got == dot_stuff(data), (trial, chunk)

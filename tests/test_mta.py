@@ -387,17 +387,28 @@ def test_spool_leftovers_are_cleaned_and_committed_items_delivered(tmp_path):
     env = Envelope(id="00000000000001abcdef", created=time.time(), mail_from="s@remote.test",
                    recipients=[Recipient("bob@example.com", "bob@example.com")])
     spool.put(env, b"Subject: pre-existing\r\n\r\nx\r\n")
-    leftover = tmp_path / "spool" / "00000000000002abcdef.eml"
-    leftover.write_bytes(b"Subject: uncommitted\r\n")
-    os.utime(leftover, (time.time() - 7200, time.time() - 7200))  # a crash two hours ago
-    in_flight = tmp_path / "spool" / "00000000000003abcdef.eml"  # e.g. the MSA writing now
+    # A message an earlier version spooled (layout 1: .eml + .json) is delivered too.
+    env.id = "00000000000004abcdef"
+    (tmp_path / "spool" / f"{env.id}.eml").write_bytes(b"Subject: layout-1\r\n\r\ny\r\n")
+    (tmp_path / "spool" / f"{env.id}.json").write_bytes(env.to_json())
+    spool_dir = tmp_path / "spool"
+    leftovers = [spool_dir / "00000000000002abcdef.eml",  # layout 1, never committed
+                 spool_dir / ".00000000000005abcdef.tmp",  # layout 2, never renamed
+                 spool_dir / "00000000000006abcdef.json"]  # its message removed, then a crash
+    for leftover in leftovers:
+        leftover.write_bytes(b"Subject: uncommitted\r\n")
+        os.utime(leftover, (time.time() - 7200, time.time() - 7200))  # a crash 2 hours ago
+    in_flight = spool_dir / ".00000000000003abcdef.tmp"  # e.g. the MSA writing now
     in_flight.write_bytes(b"Subject: being written\r\n")
     s.start("up")
     try:
-        [m] = wait_mail(s, "bob@example.com", 1)
-        assert b"pre-existing" in m
-        assert wait_for(lambda: not leftover.exists(), 10)
+        got = wait_mail(s, "bob@example.com", 2)
+        assert sorted(b"pre-existing" in m for m in got) == [False, True]
+        assert any(b"layout-1" in m for m in got)
+        assert wait_for(lambda: not any(p.exists() for p in leftovers), 10)
         assert in_flight.exists()  # young: maybe still being written by another process
+        assert wait_for(lambda: sorted(p.name for p in spool_dir.iterdir()) == [in_flight.name],
+                        10)  # both delivered messages left the spool
     finally:
         s.stop_all()
 
@@ -411,7 +422,7 @@ def test_spool_nearly_full_refuses_at_mail(tmp_path):
         r.cmd("EHLO client.test")
         assert r.cmd("MAIL FROM:<s@remote.test>").startswith("452 4.3.1")
         r.close()
-        assert not list((tmp_path / "spool").glob("*.eml"))
+        assert not list((tmp_path / "spool").glob("*.msg"))
     finally:
         s.stop_all()
 
