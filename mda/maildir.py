@@ -1,20 +1,22 @@
 """Maildir delivery: the message is durable in ``new/`` before we say 250.
 
-tmp/ write -> fsync file -> link into new/ -> unlink tmp -> fsync new/. A crash at any point
-leaves either nothing in new/ or the whole message; stray tmp/ files are what Dovecot already
-cleans up after 36 hours. Names follow https://cr.yp.to/proto/maildir.html plus Dovecot's
+tmp/ write -> fsync file -> rename into new/ -> fsync new/. A crash at any point leaves either
+nothing in new/ or the whole message; stray tmp/ files are what Dovecot already cleans up after
+36 hours. Names follow https://cr.yp.to/proto/maildir.html plus Dovecot's
 ``,S=<size>`` so it need not stat the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from store.fsio import GroupDirSync, ensure_dir, fsync_dir, write_file_synced
+from store.fsio import ensure_dir, fsync_dir
 
 
 class UniqueNames:
@@ -38,41 +40,61 @@ def ensure_maildir(path: Path, owner: tuple[int, int] | None = None) -> None:
         ensure_dir(path / sub, 0o700, owner)
 
 
-def deliver(path: Path, message: bytes, names: UniqueNames,
-            owner: tuple[int, int] | None = None, known: bool = False,
-            dirsync: GroupDirSync | None = None) -> Path:
-    """Write ``message`` into the maildir at ``path``; return its file in new/.
+@dataclass
+class Unsynced:
+    """A message written into tmp/, not yet fsynced nor moved to new/."""
 
-    ``known``: the maildir existed at an earlier delivery (if it was removed since, the
-    write fails with ENOENT and we create it and try once more).
-    """
-    if not known:
-        ensure_maildir(path, owner)
-    try:
-        return _deliver(path, message, names, owner, dirsync)
-    except FileNotFoundError:
-        if not known:
-            raise
-        ensure_maildir(path, owner)
-        return _deliver(path, message, names, owner, dirsync)
+    fd: int
+    tmp: Path
+    final: Path
 
 
-def _deliver(path: Path, message: bytes, names: UniqueNames,
-             owner: tuple[int, int] | None, dirsync: GroupDirSync | None) -> Path:
+def write_unsynced(path: Path, message: bytes, names: UniqueNames,
+                   owner: tuple[int, int] | None = None) -> Unsynced:
+    """Write ``message`` into the tmp/ of the maildir at ``path`` (which must exist)."""
     name = names.next(len(message))
     tmp = path / "tmp" / name
-    final = path / "new" / name
-    write_file_synced(tmp, message, 0o600, owner)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.link(tmp, final)
-    finally:
-        os.unlink(tmp)
-    try:
-        if dirsync is not None:
-            dirsync.sync(path / "new")  # shared with concurrent deliveries to this mailbox
-        else:
-            fsync_dir(path / "new")
+        if owner is not None:
+            os.fchown(fd, *owner)
+        view = memoryview(message)
+        while view:
+            view = view[os.write(fd, view):]
     except BaseException:
-        os.unlink(final)  # not durable: better no copy than one we cannot promise
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
-    return final
+    return Unsynced(fd, tmp, path / "new" / name)
+
+
+def commit(batch: list[Unsynced]) -> list[OSError | None]:
+    """Make each written message durable in new/: fsync each file, rename it, fsync each new/.
+
+    For a batch, every file is written before the first fsync, so the file system commits them
+    in one journal transaction; each new/ directory is fsynced once for all its messages.
+    """
+    errors: list[OSError | None] = [None] * len(batch)
+    moved: dict[Path, list[int]] = {}
+    for i, item in enumerate(batch):
+        try:
+            try:
+                os.fsync(item.fd)
+            finally:
+                os.close(item.fd)
+            os.rename(item.tmp, item.final)  # unique names: rename never replaces a message
+            moved.setdefault(item.final.parent, []).append(i)
+        except OSError as e:
+            errors[i] = e
+            with contextlib.suppress(OSError):
+                os.unlink(item.tmp)
+    for directory, indexes in moved.items():
+        try:
+            fsync_dir(directory)
+        except OSError as e:
+            for i in indexes:  # not durable: better no copy than one we cannot promise
+                errors[i] = e
+                with contextlib.suppress(OSError):
+                    os.unlink(batch[i].final)
+    return errors

@@ -14,8 +14,9 @@ from typing import Any
 
 from aiosmtpd.smtp import Envelope, Session, syntax
 
-from mda.deliver import Deliverer
+from mda.deliver import Deliverer, Job
 from store import addresses
+from store.batching import Batcher
 from store.directory import Directory, DirectoryUnavailable, UserInfo, lookup
 from store.smtpserver import BaseSMTP
 
@@ -49,6 +50,9 @@ class LMTPHandler:
     def __init__(self, directory: Directory, deliverer: Deliverer) -> None:
         self.directory = directory
         self.deliverer = deliverer
+        # maildir copies of concurrent sessions share a thread hop and their fsyncs; mbox
+        # copies go one thread each, since one may wait for a mailbox lock held elsewhere.
+        self.maildir_batches: Batcher[Job, str] = Batcher(deliverer.deliver_batch)
 
     async def handle_RCPT(self, server: LMTPProtocol, session: Session, envelope: LMTPEnvelope,
                           address: str, rcpt_options: list[str]) -> str:
@@ -73,7 +77,11 @@ class LMTPHandler:
         data: Any = envelope.content
         assert isinstance(data, bytes)
         mail_from = envelope.mail_from or "<>"
-        replies = await asyncio.gather(*(
-            asyncio.to_thread(self.deliverer.deliver, mb, rcpt, mail_from, data)
-            for mb, rcpt in zip(envelope.mailboxes, envelope.rcpt_tos, strict=True)))
+        jobs = [Job(mb, rcpt, mail_from, data)
+                for mb, rcpt in zip(envelope.mailboxes, envelope.rcpt_tos, strict=True)]
+        if self.deliverer.format == "maildir":
+            replies = await asyncio.gather(*(self.maildir_batches.submit(j) for j in jobs))
+        else:
+            replies = await asyncio.gather(*(asyncio.to_thread(self.deliverer.deliver, j)
+                                             for j in jobs))
         return "\r\n".join(replies)  # RFC 2033 §4.2: one reply per accepted RCPT, in order

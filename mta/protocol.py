@@ -72,8 +72,6 @@ class SMTPEnvelope(Envelope):
 
 
 # The common case of a path: <dot-atom@domain> in ASCII, then parameters.
-_SIMPLE_PATH = re.compile(r"\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-                          r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(.*)\Z", re.DOTALL)
 _XTEXT = re.compile(r"^(?:[!-*,-<>-~]|\+[0-9A-F]{2})+$")  # RFC 3461 §4: xtext
 
 
@@ -90,17 +88,6 @@ class SMTPProtocol(BaseSMTP):
     def _cb_client_connected(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
         super()._cb_client_connected(StrictLineReader(reader), writer)  # type: ignore[arg-type]
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """aiosmtpd's path parser (RFC 5322 machinery, a class definition per call) is a tenth
-        of the MTA's CPU per message; plain <local@domain> paths take a regex instead."""
-        m = _SIMPLE_PATH.match(arg)
-        if m:
-            return m.group(1), m.group(2)
-        stripped = arg.lstrip()
-        if stripped.startswith("<>"):
-            return "<>", stripped[2:]
-        return super()._getaddr(arg)
 
     @property
     def tls_active(self) -> bool:

@@ -30,7 +30,6 @@ changes a committed item, under an flock on its message file, which ``pochta que
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import json
@@ -43,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from store.batching import Batcher
 from store.fsio import atomic_write, ensure_dir, fsync_dir, wait_for_lock
 
 log = logging.getLogger("pochta.spool")
@@ -145,10 +145,12 @@ class SpooledMessage:
                 yield block
 
 
-def write_parts_synced(path: Path, parts: MessageParts) -> int:
-    """Create ``path`` from ``parts``, fsync it; return its size. Files are copied in-kernel."""
+def write_parts(path: Path, parts: MessageParts) -> int:
+    """Create ``path`` from ``parts`` (files are copied in-kernel); return its open descriptor.
+
+    The caller fsyncs and closes it: a batch writes every file before its first fsync.
+    """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    size = 0
     try:
         i = 0
         while i < len(parts):
@@ -158,7 +160,7 @@ def write_parts_synced(path: Path, parts: MessageParts) -> int:
                 while i < len(parts) and isinstance(parts[i], bytes):
                     run.append(parts[i])  # type: ignore[arg-type]
                     i += 1
-                size += _writev_all(fd, run)
+                _writev_all(fd, run)
                 continue
             src, offset = part
             with open(src, "rb") as f:
@@ -169,20 +171,16 @@ def write_parts_synced(path: Path, parts: MessageParts) -> int:
                         break
                     offset += n
                     remaining -= n
-                    size += n
             i += 1
-        os.fsync(fd)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
-    os.close(fd)
-    return size
+    return fd
 
 
-def _writev_all(fd: int, buffers: list[bytes]) -> int:
-    total = sum(len(b) for b in buffers)
+def _writev_all(fd: int, buffers: list[bytes]) -> None:
     views = [memoryview(b) for b in buffers if b]
     while views:
         n = os.writev(fd, views)
@@ -191,7 +189,6 @@ def _writev_all(fd: int, buffers: list[bytes]) -> int:
             views.pop(0)
         if views and n:
             views[0] = views[0][n:]
-    return total
 
 
 def parts_size(parts: MessageParts) -> int:
@@ -217,49 +214,56 @@ def _envelope_line(f: BinaryIO, limit: int = 1 << 24) -> bytes:
 class Spool:
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.dir = ensure_dir(directory, 0o700)
-        # Group commit: messages whose DATA ends while a commit is running wait for the next
-        # one and share its thread hop and directory fsync.
-        self._waiting: list[tuple[Envelope, bytes | MessageParts, asyncio.Future[None]]] = []
-        self._committer: asyncio.Task[None] | None = None
+        self._batcher: Batcher[tuple[Envelope, bytes | MessageParts], None] = \
+            Batcher(self._put_batch)
 
     async def commit(self, env: Envelope, message: bytes | MessageParts) -> None:
         """``put`` from the event loop, batched with concurrent callers (group commit)."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((env, message, future))
-        if self._committer is None or self._committer.done():
-            self._committer = asyncio.create_task(self._commit_batches())
-        await future
-
-    async def _commit_batches(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting, []
-            errors = await asyncio.to_thread(self._put_batch, [(e, m) for e, m, _ in batch])
-            for (_, _, future), error in zip(batch, errors, strict=True):
-                if future.done():
-                    continue
-                if error is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(error)
+        await self._batcher.submit((env, message))
 
     def _put_batch(self, items: list[tuple[Envelope, bytes | MessageParts]]
-                   ) -> list[BaseException | None]:
-        errors: list[BaseException | None] = []
-        for env, message in items:
+                   ) -> list[None | BaseException]:
+        """Write every file, then fsync them, rename them, fsync the directory once.
+
+        Writing all before the first fsync lets the file system commit the batch in one
+        journal transaction instead of one per message.
+        """
+        results: list[None | BaseException] = [None] * len(items)
+        written: list[tuple[int, int, Path]] = []  # (item index, open fd, temporary path)
+        try:
+            for i, (env, message) in enumerate(items):
+                try:
+                    written.append((i, *self._write_unsynced(env, message)))
+                except OSError as e:
+                    results[i] = e
+        except BaseException:
+            for _, fd, tmp in written:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            raise
+        renamed: list[Envelope] = []
+        for i, fd, tmp in written:
+            env = items[i][0]
             try:
-                self._write(env, message)
-                errors.append(None)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, self.msg_path(env.id))
+                renamed.append(env)
             except OSError as e:
-                errors.append(e)
-        if any(e is None for e in errors):
+                results[i] = e
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+        if renamed:
             try:
                 fsync_dir(self.dir)  # one directory sync makes the whole batch durable
             except OSError as e:
-                for (env, _), err in zip(items, errors, strict=True):
-                    if err is None:
-                        self._discard(env.id)
+                for env in renamed:
+                    self._discard(env.id)
                 return [e] * len(items)
-        return errors
+        return results
 
     def msg_path(self, qid: str) -> Path:
         return self.dir / f"{qid}.msg"
@@ -282,16 +286,24 @@ class Spool:
 
     def _write(self, env: Envelope, message: bytes | MessageParts) -> None:
         """The message file written, fsynced and renamed; durable once the directory is."""
-        parts: MessageParts = [message] if isinstance(message, bytes) else message
-        env.size = parts_size(parts)
-        tmp = self.dir / f".{env.id}.tmp"
-        write_parts_synced(tmp, [env.to_json() + b"\n", *parts])
+        fd, tmp = self._write_unsynced(env, message)
         try:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.rename(tmp, self.msg_path(env.id))
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
+
+    def _write_unsynced(self, env: Envelope, message: bytes | MessageParts) -> tuple[int, Path]:
+        """The temporary file of a new item, written, not yet synced: (open fd, its path)."""
+        parts: MessageParts = [message] if isinstance(message, bytes) else message
+        env.size = parts_size(parts)
+        tmp = self.dir / f".{env.id}.tmp"
+        return write_parts(tmp, [env.to_json() + b"\n", *parts]), tmp
 
     def _discard(self, qid: str) -> None:
         with contextlib.suppress(OSError):

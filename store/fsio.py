@@ -11,7 +11,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -86,40 +85,6 @@ def ensure_dir(path: str | os.PathLike[str], mode: int = 0o700,
 def _unlink_quietly(path: str | os.PathLike[str]) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-
-
-class GroupDirSync:
-    """fsync_dir shared by concurrent threads (group commit).
-
-    A thread that linked a file into a directory calls ``sync(dir)``; if an fsync of that
-    directory starts after its call, it covers that thread's link too, so one fsync serves
-    every caller that arrived while the previous one ran.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._state: dict[str, list[int]] = {}  # dir -> [requested, done, running]
-
-    def sync(self, path: str | os.PathLike[str]) -> None:
-        key = os.fspath(path)
-        with self._cond:
-            st = self._state.setdefault(key, [0, 0, 0])
-            st[0] += 1
-            ticket = st[0]
-            while st[1] < ticket:
-                if st[2]:
-                    self._cond.wait()
-                    continue
-                st[2] = 1
-                target = st[0]
-                self._cond.release()
-                try:
-                    fsync_dir(key)
-                finally:
-                    self._cond.acquire()
-                    st[2] = 0
-                    self._cond.notify_all()
-                st[1] = max(st[1], target)
 
 
 def wait_for_lock(fd: int, lock: Callable[[int, int], None], timeout: float,

@@ -23,7 +23,7 @@ import socket
 import ssl
 import stat
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, _AuthMechAttr, login_always_fail, syntax
@@ -43,6 +43,8 @@ DEFAULT_ENHANCED = {
     "530": "5.7.0", "535": "5.7.8", "538": "5.7.11", "550": "5.0.0", "552": "5.3.4",
     "553": "5.1.3", "554": "5.0.0", "555": "5.5.4",
 }
+_SIMPLE_PATH = re.compile(r"\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+                          r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(.*)\Z", re.DOTALL)
 NO_ENHANCED = {"220", "334", "354"}
 DATA_ERRORS = {
     "size": "552 5.3.4 Message size exceeds fixed maximum message size",
@@ -102,11 +104,33 @@ class Connections:
 
 
 # Per (protocol class, handler class): the names aiosmtpd's __init__ finds by introspection.
-_INTROSPECTED: dict[tuple[type, type], tuple[dict[str, tuple[str, bool]], list[str], list[str]]] = {}
+Names = dict[str, str]  # verb -> attribute, e.g. "MAIL" -> "smtp_MAIL"
+_INTROSPECTED: dict[tuple[type, type], tuple[dict[str, tuple[str, bool]], Names, Names]] = {}
 
 
-def _introspect(proto: SMTP, handler: Any) -> tuple[dict[str, tuple[str, bool]], list[str],
-                                                     list[str]]:
+class BoundOnUse(Mapping[str, Any]):
+    """verb -> bound method, bound when looked up: aiosmtpd binds some 25 per connection."""
+
+    __slots__ = ("_obj", "_names")
+
+    def __init__(self, obj: Any, names: Names) -> None:
+        self._obj = obj
+        self._names = names
+
+    def __getitem__(self, verb: str) -> Any:
+        return getattr(self._obj, self._names[verb])
+
+    def __contains__(self, verb: object) -> bool:
+        return verb in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _introspect(proto: SMTP, handler: Any) -> tuple[dict[str, tuple[str, bool]], Names, Names]:
     key = (type(proto), type(handler))
     if key not in _INTROSPECTED:
         auth: dict[str, tuple[str, bool]] = {}
@@ -117,8 +141,8 @@ def _introspect(proto: SMTP, handler: Any) -> tuple[dict[str, tuple[str, bool]],
                     mech = getattr(func, "__auth_mechanism_name__",
                                    name.replace("auth_", "").replace("__", "-"))
                     auth[mech] = (name, obj is proto)
-        hooks = [m for m in dir(handler) if m.startswith("handle_")]
-        verbs = [m for m in dir(proto) if m.startswith("smtp_")]
+        hooks = {m[len("handle_"):]: m for m in dir(handler) if m.startswith("handle_")}
+        verbs = {m[len("smtp_"):]: m for m in dir(proto) if m.startswith("smtp_")}
         _INTROSPECTED[key] = (auth, hooks, verbs)
     return _INTROSPECTED[key]
 
@@ -179,16 +203,27 @@ class BaseSMTP(SMTP):
         auth, hooks, verbs = _introspect(self, handler)
         self._auth_methods = {
             mech: _AuthMechAttr(getattr(self if builtin else handler, name), builtin)
-            for mech, (name, builtin) in auth.items()}
-        self._handle_hooks = {m[len("handle_"):]: getattr(handler, m) for m in hooks}
-        self._ehlo_hook_ver = "new" if "EHLO" in self._handle_hooks else None
-        self._smtp_methods = {m[len("smtp_"):]: getattr(self, m) for m in verbs}
+            for mech, (name, builtin) in auth.items()} if auth else {}
+        self._handle_hooks = BoundOnUse(handler, hooks)
+        self._ehlo_hook_ver = "new" if "EHLO" in hooks else None
+        self._smtp_methods = BoundOnUse(self, verbs)
         if command_call_limit is None:
             self._enforce_call_limit = False
         else:
             self._enforce_call_limit = True
             self._call_limit_base = command_call_limit
             self._call_limit_default = command_call_limit.get("*", 20)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's path parser (RFC 5322 machinery, a class definition per call) is a tenth
+        of a session's CPU per message; plain <local@domain> paths take a regex instead."""
+        m = _SIMPLE_PATH.match(arg)
+        if m:
+            return m.group(1), m.group(2)
+        stripped = arg.lstrip()
+        if stripped.startswith("<>"):
+            return "<>", stripped[2:]
+        return super()._getaddr(arg)
 
     # -- connection lifecycle -----------------------------------------------------------------
 

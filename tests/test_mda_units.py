@@ -25,26 +25,49 @@ def test_header_prepending():
     assert stored_message(b"x\r\n", "<>", "c@d").startswith(b"Return-Path: <>\n")
 
 
-def test_group_dir_sync_covers_concurrent_callers(tmp_path, monkeypatch):
-    import threading
-    import time
+def test_batcher_shares_one_thread_trip_between_concurrent_callers():
+    import asyncio
 
-    from store import fsio
+    from store.batching import Batcher
 
-    calls = []
-    real = fsio.fsync_dir
+    batches: list[list[int]] = []
 
-    def slow_fsync(path):
-        calls.append(path)
-        time.sleep(0.05)
-        real(path)
+    def run(items: list[int]) -> list[int | BaseException]:
+        batches.append(items)
+        return [ValueError("odd") if i % 2 else i * 10 for i in items]
 
-    monkeypatch.setattr(fsio, "fsync_dir", slow_fsync)
-    g = fsio.GroupDirSync()
-    threads = [threading.Thread(target=g.sync, args=(tmp_path,)) for _ in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    # Everyone returned, and far fewer fsyncs than callers ran (at most one running, one next).
-    assert 1 <= len(calls) <= 4
+    async def main() -> list[object]:
+        b: Batcher[int, int] = Batcher(run, max_batch=8)
+        return await asyncio.gather(*(b.submit(i) for i in range(20)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert [r for r in results if not isinstance(r, BaseException)] == list(range(0, 200, 20))
+    assert all(isinstance(r, ValueError) for r in results[1::2])
+    assert len(batches) < 20 and max(len(b) for b in batches) <= 8
+    assert sorted(i for b in batches for i in b) == list(range(20))
+
+
+def test_maildir_batch_delivers_each_copy_and_reports_each_failure(tmp_path):
+    from mda.deliver import Deliverer, Job
+    from store.config import MDAConfig
+    from store.directory import UserInfo
+
+    d = Deliverer(MDAConfig(mailbox_root=str(tmp_path)), "mx.test")
+    from datetime import datetime
+
+    now = datetime.now()
+    amy = UserInfo(address="amy@example.com", enabled=True, created=now, quota_bytes=None)
+    full = UserInfo(address="bob@example.com", enabled=True, created=now, quota_bytes=10)
+    replies = d.deliver_batch([Job(amy, "amy@example.com", "s@x", b"Subject: 1\r\n\r\nx\r\n"),
+                               Job(full, "bob@example.com", "s@x", b"Subject: 2\r\n\r\nx\r\n"),
+                               Job(amy, "amy+t@example.com", "<>", b"Subject: 3\r\n\r\nx\r\n")])
+    assert [r[:9] for r in replies] == ["250 2.0.0", "452 4.2.2", "250 2.0.0"]
+    new = sorted((tmp_path / "example.com" / "amy" / "new").iterdir())
+    assert len(new) == 2 and not list((tmp_path / "example.com" / "amy" / "tmp").iterdir())
+    assert {p.read_bytes().split(b"\n")[1] for p in new} == {
+        b"Delivered-To: amy@example.com", b"Delivered-To: amy+t@example.com"}
+    # The maildir vanishes (an admin removed it): the next delivery creates it again.
+    import shutil
+    shutil.rmtree(tmp_path / "example.com" / "amy")
+    assert d.deliver(Job(amy, "amy@example.com", "s@x", b"x\r\n")).startswith("250 2.0.0")
+    assert len(list((tmp_path / "example.com" / "amy" / "new").iterdir())) == 1
