@@ -1,4 +1,7 @@
-"""`pochta serve mta|msa|mda` (one process, foreground) and `pochta up` (all, supervised)."""
+"""`pochta serve mta|msa|mda|queue` (one process, foreground) and `pochta up` (all, supervised).
+
+``serve mta`` starts ``serve queue`` (the queue runner) as its child: nobody needs to start it.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ class Role(StrEnum):
     mta = "mta"
     msa = "msa"
     mda = "mda"
+    queue = "queue"
 
 
 def setup_logging(cfg: Config, role: str) -> None:
@@ -42,7 +46,7 @@ def setup_logging(cfg: Config, role: str) -> None:
     warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
 
 
-async def _serve(cfg: Config, role: str) -> None:
+async def _serve(cfg: Config, role: str, config_path: str | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # fsync and SQL run in threads; more of them lets concurrent sessions' fsyncs overlap
@@ -53,7 +57,12 @@ async def _serve(cfg: Config, role: str) -> None:
     if role == "mda":
         from mda.server import run
     elif role == "mta":
-        from mta.server import run_mta as run
+        from mta.server import run_mta
+
+        await run_mta(cfg, stop, config_path)
+        return
+    elif role == "queue":
+        from mta.server import run_queue as run
     else:
         from mta.server import run_msa as run
     await run(cfg, stop)
@@ -83,11 +92,12 @@ def raise_file_limit() -> None:
 @app.command("serve")
 def serve(ctx: typer.Context, role: Role) -> None:
     """Run one process in the foreground, logging to stderr."""
-    cfg = _ctx(ctx).config
+    c = _ctx(ctx)
+    cfg = c.config
     setup_logging(cfg, role.value)
     raise_file_limit()
     try:
-        run_loop(_serve(cfg, role.value), cfg.event_loop)
+        run_loop(_serve(cfg, role.value, c.config_path), cfg.event_loop)
     except OSError as e:
         logging.getLogger("pochta").error("cannot start %s: %s", role.value, e)
         raise SystemExit(1) from None
@@ -98,6 +108,8 @@ def listen_addresses(cfg: Config, role: str) -> list[str]:
         return [cfg.mda.listen]
     if role == "mta":
         return list(cfg.mta.listen)
+    if role == "queue":
+        return []
     return list(cfg.msa.listen) + list(cfg.msa.listen_tls)
 
 

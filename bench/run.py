@@ -195,7 +195,21 @@ listen = "127.0.0.1:{free_port()}"
         self.new_dir = self.dir / "mail" / "bench.test" / "user" / "new"
 
     def pids(self) -> dict[str, int]:
-        return {role: p.pid for role, p in self.procs.items()}
+        pids = {role: p.pid for role, p in self.procs.items()}
+        mta = pids["mta"]
+        deadline = time.time() + 20
+        while "queue" not in pids and time.time() < deadline:  # serve mta's child
+            children = Path(f"/proc/{mta}/task/{mta}/children").read_text().split()
+            if children:
+                pids["queue"] = int(children[0])
+            else:
+                time.sleep(0.05)
+        if "queue" in pids:  # let it finish starting (imports, spool scan): not our figures
+            last = -1.0
+            while time.time() < deadline and (now := proc_cpu(pids["queue"])) != last:
+                last = now
+                time.sleep(0.3)
+        return pids
 
     def stop(self) -> None:
         for p in self.procs.values():

@@ -1,20 +1,26 @@
-"""The queue runner: one asyncio task in the MTA process that empties the spool.
+"""The queue runner: its own process (``pochta serve queue``, started by ``serve mta``) that
+empties the spool, on the second core while the MTA's loop only accepts mail.
 
 It loads every committed message at start (crash recovery), then sleeps until the earliest
-``next_attempt``, a ``kick`` (a new message from this process; a marker file from another) or a
-flush. For each due message it delivers the pending recipients: ours to the MDA over LMTP in one
-transaction, foreign ones through ``Outbound`` (MX or smarthost). Each outcome is recorded in the
+``next_attempt``, a notice (``Notifier``: one datagram per new message from the MTA and the MSA;
+a ``kick`` marker file when a datagram cannot be sent) or a flush. For each due message it
+delivers the pending recipients: ours to the MDA over LMTP in one transaction, foreign ones
+through ``Outbound`` (MX or smarthost). Each outcome is recorded in the
 envelope file before the next attempt: 2xx sent, 5xx failed, 4xx retried with backoff until
 ``max_queue_lifetime``. A message leaves the spool when every recipient is final; failed and
 expired recipients then get one DSN (``mta/dsn.py``) unless the sender is ``<>``.
 
-Acceptance never waits for this: sessions only write the spool and call ``add``.
+Acceptance never waits for this: sessions only write the spool and send a notice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
+import re
+import socket
 import time
 from collections.abc import Awaitable, Callable
 
@@ -31,6 +37,7 @@ from mta.spool import (
     Recipient,
     Spool,
     SpooledMessage,
+    SpoolError,
 )
 from store import addresses
 from store.config import Config
@@ -38,7 +45,33 @@ from store.directory import Directory, DirectoryUnavailable, lookup
 
 log = logging.getLogger("pochta.queue")
 
-FRESH_MAX = 256 * 1024  # keep just-accepted messages up to this size in memory for attempt 1
+QUEUE_ID = re.compile(r"[0-9a-f]{20}")
+
+
+def notice_address(spool: Spool) -> str:
+    """The runner's datagram socket: Linux's abstract namespace (no path length limit, no file
+    to clean up), one name per spool directory."""
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(spool.dir))).hexdigest()[:24]
+    return f"\0pochta-queue-{digest}"
+
+
+class Notifier:
+    """Tells the queue runner about a message just committed to the spool (MTA and MSA)."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.address = notice_address(spool)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+
+    def notify(self, env: Envelope, _data: object = None) -> None:
+        try:
+            self.sock.sendto(env.id.encode("ascii"), self.address)
+        except OSError:  # the runner is not up, or its backlog is full: it rescans on this
+            self.spool.touch_marker(KICK)
+
+    def close(self) -> None:
+        self.sock.close()
 
 RemoteDeliver = Callable[[Envelope, list[Recipient], bytes], Awaitable[dict[str, Reply]]]
 
@@ -92,24 +125,55 @@ class QueueRunner:
         self.tasks: set[asyncio.Task[None]] = set()
         self.wake = asyncio.Event()
         self.slots = asyncio.Semaphore(concurrency)
-        self.fresh: dict[str, bytes] = {}  # message bytes of just-accepted small messages
+        self.fresh: set[str] = set()  # just written: in the page cache, read without a thread
         self.next_marker_check = 0.0
+        self.notices: socket.socket | None = None
 
-    def add(self, env: Envelope, data: bytes | None = None) -> None:
-        """A message this process just spooled: deliver it now.
-
-        ``data`` (small messages only) spares the first attempt reading back the file it was
-        written to a moment ago.
-        """
+    def add(self, env: Envelope) -> None:
+        """A message this process just spooled (a DSN): deliver it now."""
         self.items[env.id] = env
-        if data is not None and len(data) <= FRESH_MAX:
-            self.fresh[env.id] = data
+        self.fresh.add(env.id)
+        self.wake.set()
+
+    async def listen(self, wait: float = 30.0) -> None:
+        """Take notices of new messages; waits while an older runner of this spool exits."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                sock.bind(notice_address(self.spool))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    sock.close()
+                    raise
+                await asyncio.sleep(0.2)
+        self.notices = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_notices)
+
+    def _on_notices(self) -> None:
+        assert self.notices is not None
+        for _ in range(1000):  # bounded: let the loop breathe under a flood
+            try:
+                qid = self.notices.recv(64).decode("ascii", "replace")
+            except BlockingIOError:
+                break
+            if not QUEUE_ID.fullmatch(qid) or qid in self.items:
+                continue
+            try:
+                # Inline: the file was written a moment ago and is in the page cache.
+                self.items[qid] = self.spool.load(qid)
+            except (OSError, ValueError, TypeError, SpoolError) as e:
+                log.warning("%s: notice for a message that cannot be loaded: %s", qid, e)
+                continue
+            self.fresh.add(qid)
         self.wake.set()
 
     async def recover(self) -> None:
         """Load what the spool holds (crash recovery); before the listeners open."""
         for env in await asyncio.to_thread(self.spool.recover):
-            self.items[env.id] = env
+            self.items.setdefault(env.id, env)  # a notice may have brought it in already
         if self.items:
             log.info("recovered %d message(s) from the spool", len(self.items))
 
@@ -142,6 +206,9 @@ class QueueRunner:
             except TimeoutError:
                 pass
             self.wake.clear()
+        if self.notices is not None:
+            asyncio.get_running_loop().remove_reader(self.notices.fileno())
+            self.notices.close()
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=10)
         await self.local.close()
@@ -176,12 +243,10 @@ class QueueRunner:
             self.wake.set()
 
     async def _deliver(self, env: Envelope) -> None:
-        fresh = self.fresh.pop(env.id, None)
-        if fresh is not None:
-            # Small and in memory: taking the lock is one open and one flock, cheaper than a
-            # trip to a thread.
-            fd = self.spool.try_lock(env.id)
-            got = None if fd is None else (fd, fresh)
+        if env.id in self.fresh:
+            # Just written, so in the page cache: a few syscalls, cheaper than a thread trip.
+            self.fresh.discard(env.id)
+            got = self.spool.checkout(env.id)
         else:
             got = await asyncio.to_thread(self.spool.checkout, env.id)
         if got is None:

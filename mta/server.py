@@ -1,7 +1,9 @@
-"""`pochta serve mta` and `pochta serve msa`: listeners, and the MTA's queue runner.
+"""`pochta serve mta|msa|queue`: the listeners, and the queue runner.
 
-The MTA process runs the queue: it owns delivery. The MSA process only accepts and spools, then
-drops a ``kick`` marker so the MTA's runner picks the message up at once.
+The MTA and the MSA only accept and spool, then send the runner a notice. The runner is its own
+process, ``pochta serve queue``, which ``serve mta`` starts as its child and restarts if it
+dies: delivery then runs on another core than acceptance, and a user who starts the contract's
+three roles gets delivery too.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import sys
 from collections.abc import Callable
 
 from mta.abuse import Greylister, PregreetMemory, RateLimiter, make_async_resolver
@@ -17,9 +21,9 @@ from mta.dkimsign import Signer
 from mta.dsn import Bouncer
 from mta.outbound import Outbound
 from mta.protocol import SMTPProtocol
-from mta.queue import LocalDelivery, QueueRunner
+from mta.queue import LocalDelivery, Notifier, QueueRunner
 from mta.session import Defences, Mode, SMTPHandler
-from mta.spool import KICK, Envelope, Spool
+from mta.spool import Spool
 from store.config import Config
 from store.db import Database
 from store.directory import CachedDirectory
@@ -55,7 +59,7 @@ async def _serve_until(stop: asyncio.Event, servers: list[asyncio.base_events.Se
             await asyncio.wait_for(s.wait_closed(), 5)
 
 
-async def run_mta(cfg: Config, stop: asyncio.Event) -> None:
+async def run_queue(cfg: Config, stop: asyncio.Event) -> None:
     db = Database(cfg.database_url)
     directory = CachedDirectory(db, cfg.directory_cache_ttl)
     spool = Spool(cfg.spool_dir)
@@ -63,6 +67,68 @@ async def run_mta(cfg: Config, stop: asyncio.Event) -> None:
     runner = QueueRunner(cfg, spool, directory, LocalDelivery(cfg), Outbound(cfg).deliver,
                          bouncer)
     bouncer.enqueue = runner.add
+    if os.environ.get(PARENT_PIPE):
+        _stop_when_parent_exits(stop)
+    await runner.listen()  # before the scan: what is committed from now on comes as a notice
+    await runner.recover()
+    log.info("queue ready: spool %s, local delivery to %s", cfg.spool_dir, cfg.mda.listen)
+    try:
+        await runner.run(stop)
+    finally:
+        db.dispose()
+        log.info("queue stopped")
+
+
+PARENT_PIPE = "POCHTA_QUEUE_PARENT_PIPE"  # set by serve mta: our stdin is a pipe from it
+
+
+def _stop_when_parent_exits(stop: asyncio.Event) -> None:
+    """EOF on stdin: the MTA that started us is gone (even SIGKILLed); finish and exit."""
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        if not os.read(0, 4096):
+            loop.remove_reader(0)
+            log.warning("the MTA process is gone: stopping the queue runner")
+            stop.set()
+
+    loop.add_reader(0, readable)
+
+
+async def supervise_queue(config_path: str | None, stop: asyncio.Event) -> None:
+    """Run ``pochta serve queue`` as our child until ``stop``; restart it if it dies."""
+    cmd = [sys.executable, "-m", "admin"] + (["--config", config_path] if config_path else [])
+    restarts = 0
+    while not stop.is_set():
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, "serve", "queue", stdin=asyncio.subprocess.PIPE,
+            env={**os.environ, PARENT_PIPE: "1"})
+        exited = asyncio.create_task(proc.wait())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait([exited, stopping], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if stop.is_set():
+            if proc.returncode is None:
+                proc.terminate()
+                try:
+                    await asyncio.wait_for(exited, 20)
+                except TimeoutError:
+                    proc.kill()
+                    await exited
+            return
+        delay = min(30.0, 2.0 ** min(restarts, 5))
+        restarts += 1
+        log.error("queue runner exited with status %s; restarting in %.0f s",
+                  proc.returncode, delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+
+
+async def run_mta(cfg: Config, stop: asyncio.Event, config_path: str | None = None) -> None:
+    db = Database(cfg.database_url)
+    directory = CachedDirectory(db, cfg.directory_cache_ttl)
+    spool = Spool(cfg.spool_dir)
+    notifier = Notifier(spool)
     c = cfg.checks
     defences = Defences(
         checks=InboundChecks(cfg.hostname, cfg.delivery.resolver, spf_enabled=c.spf,
@@ -75,22 +141,22 @@ async def run_mta(cfg: Config, stop: asyncio.Event) -> None:
         connection_rate=RateLimiter(cfg.limits.connections_per_ip_per_minute,
                                     60.0 * cfg.limits.window_scale))
     handler = SMTPHandler(cfg, Mode("mta", submission=False, vrfy=cfg.mta.vrfy, expn=cfg.mta.expn),
-                          directory, spool, kick=runner.add, defences=defences)
+                          directory, spool, kick=notifier.notify, defences=defences)
     connections = Connections(cfg.mta.max_connections, cfg.mta.max_connections_per_ip)
     tls = server_context(cfg)
-    await runner.recover()
+    queue_stop = asyncio.Event()
+    queue = asyncio.create_task(supervise_queue(config_path, queue_stop))
     servers = await start_listeners(
         cfg.mta.listen, protocol_factory(cfg, handler, connections, tls, require_auth=False),
         key="mta.listen")
-    runner_task = asyncio.create_task(runner.run(stop))
-    log.info("mta ready: SMTP on %s, spool %s, local delivery to %s", " ".join(cfg.mta.listen),
-             cfg.spool_dir, cfg.mda.listen)
+    log.info("mta ready: SMTP on %s, spool %s", " ".join(cfg.mta.listen), cfg.spool_dir)
     try:
         await _serve_until(stop, servers, connections, cfg.hostname)
     finally:
-        stop.set()
+        queue_stop.set()  # after the listeners: sessions still finishing get their notices
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(runner_task, 15)
+            await asyncio.wait_for(queue, 30)
+        notifier.close()
         db.dispose()
         log.info("mta stopped")
 
@@ -102,12 +168,10 @@ async def run_msa(cfg: Config, stop: asyncio.Event) -> None:
     directory = CachedDirectory(db, cfg.directory_cache_ttl)
     spool = Spool(cfg.spool_dir)
 
-    def kick(_env: Envelope, _data: bytes | None) -> None:
-        spool.touch_marker(KICK)  # the MTA's queue runner rescans the spool
-
+    notifier = Notifier(spool)
     handler = SubmissionHandler(
         cfg, Mode("msa", submission=True, vrfy=cfg.msa.vrfy, expn=cfg.msa.expn),
-        directory, spool, kick=kick,
+        directory, spool, kick=notifier.notify,
         defences=Defences(connection_rate=RateLimiter(cfg.limits.connections_per_ip_per_minute,
                                                       60.0 * cfg.limits.window_scale)),
         signer=Signer(cfg.dkim.keys_dir) if cfg.dkim.sign else None)
@@ -125,5 +189,6 @@ async def run_msa(cfg: Config, stop: asyncio.Event) -> None:
     try:
         await _serve_until(stop, servers, connections, cfg.hostname)
     finally:
+        notifier.close()
         db.dispose()
         log.info("msa stopped")

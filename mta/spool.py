@@ -202,7 +202,7 @@ def new_id() -> str:
 
 def _envelope_line(f: BinaryIO, limit: int = 1 << 24) -> bytes:
     """The first line of a layout-2 message file (its envelope), without the LF."""
-    head = f.read(1 << 16)
+    head = f.read(1 << 12)
     while b"\n" not in head:
         more = f.read(1 << 16)
         if not more or len(head) > limit:
@@ -316,9 +316,16 @@ class Spool:
         # The message file first: once it is gone, nothing is delivered again, and a .json left
         # by a crash is garbage. No directory fsync (as Postfix): a crash may bring a delivered
         # message back, which means a duplicate, never a loss, and it saves an fsync a message.
-        for p in (self.msg_path(qid), self.json_path(qid), self.eml_path(qid)):
+        try:
+            os.unlink(self.msg_path(qid))
+            layout1 = False
+        except FileNotFoundError:
+            layout1 = True
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.json_path(qid))
+        if layout1:
             with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+                os.unlink(self.eml_path(qid))
 
     def _message_file(self, qid: str) -> tuple[Path, BinaryIO]:
         """The open message file of a committed item, positioned at the message."""
@@ -399,8 +406,8 @@ class Spool:
                 log.error("%s: unreadable envelope left in place: %s", qid, e)
         return items
 
-    def try_lock(self, qid: str) -> int | None:
-        """The item's lock without waiting: a descriptor to ``unlock``, or None if busy/gone."""
+    def _open_locked(self, qid: str) -> tuple[int, Path] | None:
+        """The item's message file, open and flocked without waiting; None if busy or gone."""
         for path in (self.msg_path(qid), self.eml_path(qid)):
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -414,7 +421,12 @@ class Spool:
         except OSError:
             os.close(fd)
             return None
-        return fd
+        return fd, path
+
+    def try_lock(self, qid: str) -> int | None:
+        """The item's lock without waiting: a descriptor to ``unlock``, or None if busy/gone."""
+        got = self._open_locked(qid)
+        return None if got is None else got[0]
 
     @staticmethod
     def unlock(fd: int) -> None:
@@ -427,15 +439,34 @@ class Spool:
 
     def checkout(self, qid: str, in_memory_max: int = 1 << 20
                  ) -> tuple[int, bytes | SpooledMessage] | None:
-        """Lock a committed item and get its message (``message``); None if busy or gone."""
-        fd = self.try_lock(qid)
-        if fd is None:
+        """Lock a committed item and get its message (``message``); None if busy or gone.
+
+        The message is read through the locked descriptor: one open per delivery attempt.
+        """
+        got = self._open_locked(qid)
+        if got is None:
             return None
+        fd, path = got
         try:
-            if not self.committed(qid):
-                os.close(fd)
+            st = os.fstat(fd)
+            layout2 = path.suffix == ".msg"
+            if st.st_nlink == 0 or (not layout2 and not self.json_path(qid).exists()):
+                os.close(fd)  # removed (delivered or deleted) before we had the lock
                 return None
-            return fd, self.message(qid, in_memory_max)
+            if st.st_size > in_memory_max:
+                with open(fd, "rb", closefd=False) as f:
+                    offset = len(_envelope_line(f)) + 1 if layout2 else 0
+                return fd, SpooledMessage(path, offset)
+            data = os.pread(fd, st.st_size, 0)
+            while len(data) < st.st_size and (more := os.pread(fd, st.st_size - len(data),
+                                                              len(data))):
+                data += more
+            if layout2:
+                end = data.find(b"\n")
+                if end < 0:
+                    raise SpoolError("message file has no envelope line")
+                data = data[end + 1:]
+            return fd, data
         except BaseException:
             os.close(fd)
             raise
