@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import smtplib
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 from stack import Stack
 from test_mta import wait_for
@@ -80,3 +82,47 @@ def test_sigkill_mid_stream_loses_nothing(tmp_path):
     assert all(c >= 1 for c in ids.values())
     assert duplicates <= len(tried_unacked) + 5
     s.stop_all()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _send(s: Stack, mid: str) -> None:
+    with smtplib.SMTP("127.0.0.1", s.mta_port, timeout=10) as c:
+        c.sendmail("s@remote.test", ["bob@example.com"],
+                   f"Message-ID: <{mid}@test>\r\nSubject: {mid}\r\n\r\nx\r\n".encode())
+
+
+def test_queue_runner_is_restarted_by_the_mta_and_dies_with_it(tmp_path):
+    """The queue runner is `serve mta`'s child: restarted when it dies, never an orphan."""
+    s = Stack(tmp_path)
+    s.setup_users("example.com", "bob@example.com")
+    s.start("mda")
+    mta = s.start("mta")
+    try:
+        assert wait_for(lambda: len(_children(mta.pid)) == 1, 20)
+        [runner] = _children(mta.pid)
+        _send(s, "dur-1")
+        assert wait_for(lambda: "dur-1" in delivered_ids(s), 20)
+        os.kill(runner, signal.SIGKILL)
+        assert wait_for(lambda: _children(mta.pid) not in ([], [runner]), 20)
+        [runner] = _children(mta.pid)
+        _send(s, "dur-2")  # accepted while the new runner may still be starting
+        assert wait_for(lambda: "dur-2" in delivered_ids(s), 20)
+        s.stop("mta", signal.SIGKILL)
+        assert wait_for(lambda: not _running(runner), 20), "queue runner outlived its MTA"
+        assert "restarting" in s.log("mta")
+    finally:
+        s.stop_all()
