@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import logging
 import os
 import re
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 from mta import policy
@@ -79,7 +81,7 @@ RemoteDeliver = Callable[[Envelope, list[Recipient], bytes], Awaitable[dict[str,
 class LocalDelivery:
     """Hands local recipients to the MDA over LMTP, reusing idle connections."""
 
-    def __init__(self, cfg: Config, max_idle: int = 16) -> None:
+    def __init__(self, cfg: Config, max_idle: int = 32) -> None:
         self.address = cfg.mda.listen
         self.hostname = cfg.hostname
         self.timeout = cfg.delivery.lmtp_timeout
@@ -121,10 +123,14 @@ class QueueRunner:
         self.bouncer = bouncer
         self.clock = clock
         self.items: dict[str, Envelope] = {}
+        # What to try when: ids due now in arrival order, later ones by due time. Entries may
+        # be stale (an id twice, an old time); each is checked against its envelope when taken.
+        self.ready: deque[str] = deque()
+        self.timers: list[tuple[float, str]] = []
         self.busy: set[str] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.wake = asyncio.Event()
-        self.slots = asyncio.Semaphore(concurrency)
+        self.concurrency = concurrency
         self.fresh: set[str] = set()  # just written: in the page cache, read without a thread
         self.next_marker_check = 0.0
         self.notices: socket.socket | None = None
@@ -133,7 +139,18 @@ class QueueRunner:
         """A message this process just spooled (a DSN): deliver it now."""
         self.items[env.id] = env
         self.fresh.add(env.id)
+        self.ready.append(env.id)
         self.wake.set()
+
+    def _schedule(self, env: Envelope) -> None:
+        """Queue ``env`` for its next attempt: now, or when its first pending recipient is due."""
+        due = min((r.next_attempt for r in env.pending), default=None)
+        if due is None:
+            return
+        if due <= self.clock():
+            self.ready.append(env.id)
+        else:
+            heapq.heappush(self.timers, (due, env.id))
 
     async def listen(self, wait: float = 30.0) -> None:
         """Take notices of new messages; waits while an older runner of this spool exits."""
@@ -168,12 +185,15 @@ class QueueRunner:
                 log.warning("%s: notice for a message that cannot be loaded: %s", qid, e)
                 continue
             self.fresh.add(qid)
+            self.ready.append(qid)
         self.wake.set()
 
     async def recover(self) -> None:
         """Load what the spool holds (crash recovery); before the listeners open."""
         for env in await asyncio.to_thread(self.spool.recover):
-            self.items.setdefault(env.id, env)  # a notice may have brought it in already
+            if env.id not in self.items:  # a notice may have brought it in already
+                self.items[env.id] = env
+                self._schedule(env)
         if self.items:
             log.info("recovered %d message(s) from the spool", len(self.items))
 
@@ -187,22 +207,27 @@ class QueueRunner:
                 next_gc = time.monotonic() + 3600.0
                 await asyncio.to_thread(self.spool.collect_garbage)
             now = self.clock()
-            next_due = now + 1.0  # also the marker poll interval
-            for env in list(self.items.values()):
-                if env.id in self.busy:
+            while self.timers and self.timers[0][0] <= now:
+                self.ready.append(heapq.heappop(self.timers)[1])
+            while self.ready and len(self.busy) < self.concurrency:
+                qid = self.ready.popleft()
+                env = self.items.get(qid)
+                if env is None or qid in self.busy:
                     continue
                 due = min((r.next_attempt for r in env.pending), default=None)
                 if due is None:
                     continue
-                if due <= now:
-                    self.busy.add(env.id)
-                    task = asyncio.create_task(self._attempt(env))
-                    self.tasks.add(task)
-                    task.add_done_callback(self.tasks.discard)
-                else:
-                    next_due = min(next_due, due)
+                if due > now:
+                    heapq.heappush(self.timers, (due, qid))
+                    continue
+                self.busy.add(qid)
+                task = asyncio.create_task(self._attempt(env))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            # A finished attempt, a notice or a marker sets wake; else the earliest timer.
+            wait = 1.0 if not self.timers else min(1.0, self.timers[0][0] - now)
             try:
-                await asyncio.wait_for(self.wake.wait(), max(0.0, next_due - now))
+                await asyncio.wait_for(self.wake.wait(), max(0.0, wait))
             except TimeoutError:
                 pass
             self.wake.clear()
@@ -220,29 +245,39 @@ class QueueRunner:
             for qid in await asyncio.to_thread(self.spool.ids):
                 if qid not in self.items:
                     try:
-                        self.items[qid] = await asyncio.to_thread(self.spool.load, qid)
-                    except (OSError, ValueError) as e:
+                        env = await asyncio.to_thread(self.spool.load, qid)
+                    except (OSError, ValueError, SpoolError) as e:
                         log.debug("%s: not loadable yet: %s", qid, e)
+                        continue
+                    self.items[qid] = env
+                    self._schedule(env)
         if flushed:
             log.info("flush: every deferred recipient is due now")
             now = self.clock()
             for env in self.items.values():
                 for r in env.pending:
                     r.next_attempt = min(r.next_attempt, now)
+                self._schedule(env)
 
     async def _attempt(self, env: Envelope) -> None:
+        retry_soon = False
         try:
-            async with self.slots:
-                await self._deliver(env)
+            retry_soon = not await self._deliver(env)
         except Exception:
             log.exception("%s: delivery attempt failed", env.id)
             for r in env.pending:
                 r.next_attempt = self.clock() + self.cfg.delivery.retry_initial
         finally:
             self.busy.discard(env.id)
+            if env.id in self.items:
+                if retry_soon:  # locked by the CLI for now
+                    heapq.heappush(self.timers, (self.clock() + 1.0, env.id))
+                else:
+                    self._schedule(env)
             self.wake.set()
 
-    async def _deliver(self, env: Envelope) -> None:
+    async def _deliver(self, env: Envelope) -> bool:
+        """One attempt for the due recipients; False if the item was busy (try again soon)."""
         if env.id in self.fresh:
             # Just written, so in the page cache: a few syscalls, cheaper than a thread trip.
             self.fresh.discard(env.id)
@@ -252,7 +287,8 @@ class QueueRunner:
         if got is None:
             if not self.spool.committed(env.id):
                 self.items.pop(env.id, None)  # deleted by `pochta queue delete`
-            return  # locked by the CLI: try again on the next round
+                return True
+            return False
         fd, data = got
         try:
             now = self.clock()
@@ -270,6 +306,7 @@ class QueueRunner:
                 await asyncio.to_thread(self.spool.checkin, env, fd)
         if env.finished:
             self.items.pop(env.id, None)
+        return True
 
     async def _route_and_send(self, env: Envelope, rcpts: list[Recipient], data: bytes | SpooledMessage
                               ) -> dict[str, Reply]:
