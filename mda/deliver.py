@@ -6,6 +6,7 @@ over quota 452 4.2.2, disk full 452 4.3.1, any other I/O problem 451 4.3.0.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -16,6 +17,7 @@ from mda import maildir
 from mda.mbox import MboxWriter
 from mda.message import stored_message
 from mda.paths import UnsafeAddress, mailbox_path
+from store.batching import fsync_all, fsync_dirs
 from store.config import MDAConfig
 from store.directory import UserInfo
 
@@ -49,46 +51,109 @@ class Deliverer:
             self.owner = (pw.pw_uid, pw.pw_gid)
 
     def deliver(self, job: Job) -> str:
-        """Store one copy; return the LMTP reply line for its recipient."""
-        return self.deliver_batch([job])[0]
+        """Store one copy (blocking: mbox, or a maildir outside a batch); its LMTP reply."""
+        prepared = self._prepare(job)
+        if isinstance(prepared, str):
+            return prepared
+        path, message = prepared
+        if self.format == "mbox":
+            try:
+                self.mbox.deliver(path, message, job.mail_from, self.owner)
+            except OSError as e:
+                return self._failed(job.rcpt, path, e)
+            return self._delivered(job.rcpt, len(message), str(path))
+        try:
+            item = self._write_maildir(path, message)
+        except OSError as e:
+            return self._failed(job.rcpt, path, e)
+        [error] = maildir.commit([item])
+        return self._outcome(job.rcpt, item, len(message), error)
 
-    def deliver_batch(self, jobs: list[Job]) -> list[str]:
-        """Store each copy; one LMTP reply line per job.
+    async def deliver_batch(self, jobs: list[Job]) -> list[str]:
+        """Store each maildir copy; one LMTP reply line per job.
 
-        maildir: every file is written, then all are made durable together (``maildir.commit``).
-        mbox: one after the other, each under its mailbox's locks.
+        Files are written from the loop, fsynced together in one thread trip, renamed into new/
+        from the loop, and each new/ is fsynced once in a second trip (store/batching.py says
+        why the thread does nothing else). Jobs that may be slow (a maildir to create, a quota
+        to sum up) are done whole in the thread.
         """
         replies: list[str] = [""] * len(jobs)
         written: list[tuple[int, maildir.Unsynced, int]] = []  # (job index, file, size)
+        slow: list[tuple[int, Path, bytes]] = []
         for i, job in enumerate(jobs):
-            try:
-                path = mailbox_path(self.root, job.mailbox.address)
-            except UnsafeAddress as e:
-                replies[i] = f"550 5.1.3 {e}"
+            prepared = self._prepare(job, check_quota=False)
+            if isinstance(prepared, str):
+                replies[i] = prepared
                 continue
-            message = stored_message(job.data, job.mail_from, job.rcpt)
-            quota = job.mailbox.quota_bytes
-            if quota is not None and self.usage(path) + len(message) > quota:
-                log.info("to=<%s> status=deferred (over quota %d)", job.rcpt, quota)
-                replies[i] = f"452 4.2.2 <{job.rcpt}> Mailbox full"
+            path, message = prepared
+            if job.mailbox.quota_bytes is not None or path not in self.known_maildirs:
+                slow.append((i, path, message))
                 continue
             try:
-                if self.format == "mbox":
-                    self.mbox.deliver(path, message, job.mail_from, self.owner)
-                    replies[i] = self._delivered(job.rcpt, len(message), str(path))
-                else:
-                    written.append((i, self._write_maildir(path, message), len(message)))
+                item = maildir.write_unsynced(path, message, self.names, self.owner)
+            except FileNotFoundError:  # removed since (an admin deleted it): create it again
+                self.known_maildirs.discard(path)
+                slow.append((i, path, message))
+                continue
             except OSError as e:
                 replies[i] = self._failed(job.rcpt, path, e)
-        errors = maildir.commit([item for _, item, _ in written])
+                continue
+            written.append((i, item, len(message)))
+
+        def write_slow_and_sync() -> list[OSError | None]:
+            for i, path, message in slow:
+                over = self._over_quota(jobs[i], path, len(message))
+                if over:
+                    replies[i] = over
+                    continue
+                try:
+                    written.append((i, self._write_maildir(path, message), len(message)))
+                except OSError as e:
+                    replies[i] = self._failed(jobs[i].rcpt, path, e)
+            return fsync_all([item.fd for _, item, _ in written])
+
+        try:
+            synced = await asyncio.to_thread(write_slow_and_sync)
+        except BaseException:
+            for _, item, _ in written:
+                os.close(item.fd)
+            raise
+        items = [item for _, item, _ in written]
+        errors, moved = maildir.move_into_new(items, synced)
+        if moved:
+            maildir.drop_unsynced(items, errors, moved, await asyncio.to_thread(fsync_dirs,
+                                                                                list(moved)))
         for (i, item, size), error in zip(written, errors, strict=True):
-            rcpt = jobs[i].rcpt
-            if error is None:
-                self.known_maildirs.add(item.final.parent.parent)
-                replies[i] = self._delivered(rcpt, size, item.final.name)
-            else:
-                replies[i] = self._failed(rcpt, item.final.parent.parent, error)
+            replies[i] = self._outcome(jobs[i].rcpt, item, size, error)
         return replies
+
+    def _prepare(self, job: Job, check_quota: bool = True) -> tuple[Path, bytes] | str:
+        """The mailbox and the bytes to store, or the refusal reply."""
+        try:
+            path = mailbox_path(self.root, job.mailbox.address)
+        except UnsafeAddress as e:
+            return f"550 5.1.3 {e}"
+        message = stored_message(job.data, job.mail_from, job.rcpt)
+        if check_quota:
+            over = self._over_quota(job, path, len(message))
+            if over:
+                return over
+        return path, message
+
+    def _over_quota(self, job: Job, path: Path, size: int) -> str:
+        quota = job.mailbox.quota_bytes
+        if quota is not None and self.usage(path) + size > quota:
+            log.info("to=<%s> status=deferred (over quota %d)", job.rcpt, quota)
+            return f"452 4.2.2 <{job.rcpt}> Mailbox full"
+        return ""
+
+    def _outcome(self, rcpt: str, item: maildir.Unsynced, size: int, error: OSError | None
+                 ) -> str:
+        mailbox = item.final.parent.parent
+        if error is not None:
+            return self._failed(rcpt, mailbox, error)
+        self.known_maildirs.add(mailbox)
+        return self._delivered(rcpt, size, item.final.name)
 
     def _write_maildir(self, path: Path, message: bytes) -> maildir.Unsynced:
         known = path in self.known_maildirs

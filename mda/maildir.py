@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from store.fsio import ensure_dir, fsync_dir
+from store.batching import fsync_all, fsync_dirs
+from store.fsio import ensure_dir
 
 
 class UniqueNames:
@@ -69,32 +70,43 @@ def write_unsynced(path: Path, message: bytes, names: UniqueNames,
     return Unsynced(fd, tmp, path / "new" / name)
 
 
-def commit(batch: list[Unsynced]) -> list[OSError | None]:
-    """Make each written message durable in new/: fsync each file, rename it, fsync each new/.
-
-    For a batch, every file is written before the first fsync, so the file system commits them
-    in one journal transaction; each new/ directory is fsynced once for all its messages.
-    """
-    errors: list[OSError | None] = [None] * len(batch)
-    moved: dict[Path, list[int]] = {}
+def move_into_new(batch: list[Unsynced], synced: list[OSError | None]
+                  ) -> tuple[list[OSError | None], dict[str, list[int]]]:
+    """After the fsyncs (``synced``: each file's error or None): close each file and rename the
+    synced ones into new/. Returns each item's error and the new/ directories to fsync, with the
+    items in each."""
+    errors: list[OSError | None] = list(synced)
+    moved: dict[str, list[int]] = {}
     for i, item in enumerate(batch):
-        try:
+        os.close(item.fd)
+        if errors[i] is None:
             try:
-                os.fsync(item.fd)
-            finally:
-                os.close(item.fd)
-            os.rename(item.tmp, item.final)  # unique names: rename never replaces a message
-            moved.setdefault(item.final.parent, []).append(i)
-        except OSError as e:
-            errors[i] = e
-            with contextlib.suppress(OSError):
-                os.unlink(item.tmp)
-    for directory, indexes in moved.items():
-        try:
-            fsync_dir(directory)
-        except OSError as e:
-            for i in indexes:  # not durable: better no copy than one we cannot promise
+                os.rename(item.tmp, item.final)  # unique names: never replaces a message
+                moved.setdefault(str(item.final.parent), []).append(i)
+                continue
+            except OSError as e:
                 errors[i] = e
+        with contextlib.suppress(OSError):
+            os.unlink(item.tmp)
+    return errors, moved
+
+
+def drop_unsynced(batch: list[Unsynced], errors: list[OSError | None],
+                  moved: dict[str, list[int]], dir_errors: dict[str, OSError | None]) -> None:
+    """A new/ whose fsync failed: its messages are not durable; better no copy than one we
+    cannot promise (the MTA retries)."""
+    for directory, indexes in moved.items():
+        error = dir_errors.get(directory)
+        if error is not None:
+            for i in indexes:
+                errors[i] = error
                 with contextlib.suppress(OSError):
                     os.unlink(batch[i].final)
+
+
+def commit(batch: list[Unsynced]) -> list[OSError | None]:
+    """Make written messages durable in new/ (blocking): fsync each file, rename it into new/,
+    fsync each new/ once."""
+    errors, moved = move_into_new(batch, fsync_all([item.fd for item in batch]))
+    drop_unsynced(batch, errors, moved, fsync_dirs(list(moved)))
     return errors

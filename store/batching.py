@@ -1,24 +1,31 @@
-"""Group commit for the event loop: concurrent callers share one trip to a worker thread.
+"""Group commit for the event loop: concurrent callers share one round of fsyncs.
 
 Callers that arrive while a batch runs wait for the next one, so under load every batch holds
-what arrived during the previous one: one thread hop, and one round of fsyncs, for all of them.
-The spool (MTA) and maildir delivery (MDA) both use it.
+what arrived during the previous one. The spool (MTA) and maildir delivery (MDA) both use it.
+
+Why the batch functions keep the worker thread to the fsyncs alone: every system call a thread
+makes gives up the GIL and must win it back from a busy event loop, which costs far more than
+the call (measured: a batch of 23 spool writes took 38 ms at 50 sessions with the whole write
+in the thread). Opening, writing to the page cache and renaming are quick enough for the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import os
+from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
+
+from store.fsio import fsync_dir
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
 class Batcher(Generic[Item, Result]):
-    def __init__(self, run_batch: Callable[[list[Item]], list[Result | BaseException]],
+    def __init__(self, run_batch: Callable[[list[Item]], Awaitable[list[Result | BaseException]]],
                  max_batch: int = 256) -> None:
-        """``run_batch`` runs in a thread and returns one result (or exception) per item."""
+        """``run_batch`` returns one result (or exception) per item, in order."""
         self.run_batch = run_batch
         self.max_batch = max_batch  # bounds the open files a batch may hold
         self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
@@ -36,7 +43,7 @@ class Batcher(Generic[Item, Result]):
             batch = self._waiting[: self.max_batch]
             del self._waiting[: self.max_batch]
             try:
-                results = await asyncio.to_thread(self.run_batch, [item for item, _ in batch])
+                results = await self.run_batch([item for item, _ in batch])
             except asyncio.CancelledError:
                 for _, future in batch + self._waiting:
                     future.cancel()
@@ -50,3 +57,27 @@ class Batcher(Generic[Item, Result]):
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+
+def fsync_all(fds: list[int]) -> list[OSError | None]:
+    """fsync each descriptor (in a worker thread); the error of each, or None."""
+    errors: list[OSError | None] = []
+    for fd in fds:
+        try:
+            os.fsync(fd)
+            errors.append(None)
+        except OSError as e:
+            errors.append(e)
+    return errors
+
+
+def fsync_dirs(dirs: list[str]) -> dict[str, OSError | None]:
+    """fsync each directory once (in a worker thread); the error of each, or None."""
+    errors: dict[str, OSError | None] = {}
+    for d in dirs:
+        try:
+            fsync_dir(d)
+            errors[d] = None
+        except OSError as e:
+            errors[d] = e
+    return errors

@@ -32,8 +32,9 @@ def test_batcher_shares_one_thread_trip_between_concurrent_callers():
 
     batches: list[list[int]] = []
 
-    def run(items: list[int]) -> list[int | BaseException]:
+    async def run(items: list[int]) -> list[int | BaseException]:
         batches.append(items)
+        await asyncio.sleep(0.01)  # as a trip to a thread would: callers pile up meanwhile
         return [ValueError("odd") if i % 2 else i * 10 for i in items]
 
     async def main() -> list[object]:
@@ -58,9 +59,12 @@ def test_maildir_batch_delivers_each_copy_and_reports_each_failure(tmp_path):
     now = datetime.now()
     amy = UserInfo(address="amy@example.com", enabled=True, created=now, quota_bytes=None)
     full = UserInfo(address="bob@example.com", enabled=True, created=now, quota_bytes=10)
-    replies = d.deliver_batch([Job(amy, "amy@example.com", "s@x", b"Subject: 1\r\n\r\nx\r\n"),
-                               Job(full, "bob@example.com", "s@x", b"Subject: 2\r\n\r\nx\r\n"),
-                               Job(amy, "amy+t@example.com", "<>", b"Subject: 3\r\n\r\nx\r\n")])
+    import asyncio
+
+    jobs = [Job(amy, "amy@example.com", "s@x", b"Subject: 1\r\n\r\nx\r\n"),
+            Job(full, "bob@example.com", "s@x", b"Subject: 2\r\n\r\nx\r\n"),
+            Job(amy, "amy+t@example.com", "<>", b"Subject: 3\r\n\r\nx\r\n")]
+    replies = asyncio.run(d.deliver_batch(jobs))
     assert [r[:9] for r in replies] == ["250 2.0.0", "452 4.2.2", "250 2.0.0"]
     new = sorted((tmp_path / "example.com" / "amy" / "new").iterdir())
     assert len(new) == 2 and not list((tmp_path / "example.com" / "amy" / "tmp").iterdir())
@@ -70,4 +74,9 @@ def test_maildir_batch_delivers_each_copy_and_reports_each_failure(tmp_path):
     import shutil
     shutil.rmtree(tmp_path / "example.com" / "amy")
     assert d.deliver(Job(amy, "amy@example.com", "s@x", b"x\r\n")).startswith("250 2.0.0")
+    assert len(list((tmp_path / "example.com" / "amy" / "new").iterdir())) == 1
+    # Removed again while known: the batch path (written from the loop) recreates it too.
+    shutil.rmtree(tmp_path / "example.com" / "amy")
+    [reply] = asyncio.run(d.deliver_batch(jobs[:1]))
+    assert reply.startswith("250 2.0.0")
     assert len(list((tmp_path / "example.com" / "amy" / "new").iterdir())) == 1
