@@ -231,6 +231,12 @@ class Spool:
         Messages up to ``INLINE_MAX`` are written from the loop (page cache); larger ones and
         those with parts in files (sendfile) are written in the thread.
         """
+        if len(items) == 1:  # an idle server: one trip to the thread beats two
+            try:
+                await asyncio.to_thread(self.put, *items[0])
+                return [None]
+            except OSError as e:
+                return [e]
         results: list[None | BaseException] = [None] * len(items)
         written: list[tuple[int, int, Path]] = []  # (item index, open fd, temporary path)
         in_thread: list[int] = []
