@@ -18,6 +18,12 @@ from store.config import parse_address
 class LMTPError(Exception):
     """The session failed as a whole (connection, protocol): every recipient is temporary."""
 
+    def __init__(self, message: str, data_sent: bool = True) -> None:
+        super().__init__(message)
+        # False: the message never went out in this transaction, so nothing was delivered and
+        # it may be tried again at once (e.g. on a reused connection the MDA had closed).
+        self.data_sent = data_sent
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -79,6 +85,7 @@ class LMTPClient:
         self.timeout = timeout
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.data_sent = False  # the current transaction sent the message
 
     async def connect(self, local_name: str) -> None:
         try:
@@ -127,13 +134,15 @@ class LMTPClient:
                       smtputf8: bool = False) -> dict[str, Reply]:
         """One transaction; the reply for each recipient (RCPT refusal or its DATA reply)."""
         if not self.connected:
-            raise LMTPError("not connected")
+            raise LMTPError("not connected", data_sent=False)
+        self.data_sent = False
         try:
             async with asyncio.timeout(self.timeout):
                 return await self._transaction(mail_from, rcpts, data, smtputf8)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, UnicodeError) as e:
             await self.close()
-            raise LMTPError(f"LMTP session with {self.address} failed: {e!r}") from e
+            raise LMTPError(f"LMTP session with {self.address} failed: {e!r}",
+                            data_sent=self.data_sent) from e
         except LMTPError:
             await self.close()
             raise
@@ -165,6 +174,7 @@ class LMTPClient:
                 for r in accepted:
                     results[r] = data_reply
             return {r: results.get(r, data_reply) for r in rcpts}
+        self.data_sent = True
         if isinstance(data, SpooledMessage):
             for block in dot_stuffed_chunks(data.chunks()):
                 self.writer.write(block)

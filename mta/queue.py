@@ -91,15 +91,23 @@ class LocalDelivery:
     async def deliver(self, env: Envelope, rcpts: list[Recipient], data: bytes | SpooledMessage
                       ) -> dict[str, Reply]:
         addrs = list(dict.fromkeys(r.address for r in rcpts))
-        client = self.idle.pop() if self.idle else None
-        try:
-            if client is None or not client.connected:
-                client = LMTPClient(self.address, self.timeout)
-                await client.connect(self.hostname)
-            results = await client.deliver(env.mail_from, addrs, data, env.smtputf8)
-        except LMTPError as e:
-            log.warning("%s: MDA: %s", env.id, e)
-            return {a: Reply(451, f"4.4.1 MDA not available: {e}") for a in addrs}
+        while True:
+            client = self.idle.pop() if self.idle else None
+            reused = client is not None and client.connected
+            try:
+                if client is None or not reused:
+                    client = LMTPClient(self.address, self.timeout)
+                    await client.connect(self.hostname)
+                results = await client.deliver(env.mail_from, addrs, data, env.smtputf8)
+                break
+            except LMTPError as e:
+                if reused and not e.data_sent:
+                    # An idle connection the MDA closed meanwhile (it restarted, or timed out):
+                    # nothing was delivered; go on with the next one, at worst a new one.
+                    log.info("%s: MDA connection gone stale, trying another: %s", env.id, e)
+                    continue
+                log.warning("%s: MDA: %s", env.id, e)
+                return {a: Reply(451, f"4.4.1 MDA not available: {e}") for a in addrs}
         if client.connected and len(self.idle) < self.max_idle:
             self.idle.append(client)
         else:

@@ -126,3 +126,22 @@ def test_queue_runner_is_restarted_by_the_mta_and_dies_with_it(tmp_path):
         assert "restarting" in s.log("mta")
     finally:
         s.stop_all()
+
+
+def test_a_restarted_mda_costs_no_deferral(tmp_path):
+    """Pooled LMTP connections to an MDA that restarted are stale: the next message goes
+    through a fresh one at once instead of waiting for a retry (here a minute)."""
+    s = Stack(tmp_path, delivery={"retry_initial": 60, "retry_max": 60})
+    s.setup_users("example.com", "bob@example.com")
+    s.start("mda")
+    s.start("mta")
+    try:
+        _send(s, "dur-9001")
+        assert wait_for(lambda: "dur-9001" in delivered_ids(s), 20)
+        s.stop("mda")
+        s.start("mda")
+        _send(s, "dur-9002")
+        assert wait_for(lambda: "dur-9002" in delivered_ids(s), 20)
+        assert "MDA not available" not in s.log("mta")
+    finally:
+        s.stop_all()
