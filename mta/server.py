@@ -100,9 +100,10 @@ async def supervise_queue(config_path: str | None, stop: asyncio.Event) -> None:
     cmd = [sys.executable, "-m", "admin"] + (["--config", config_path] if config_path else [])
     restarts = 0
     while not stop.is_set():
+        # Its own session: a Ctrl-C on the terminal reaches us, and we stop it in order.
         proc = await asyncio.create_subprocess_exec(
             *cmd, "serve", "queue", stdin=asyncio.subprocess.PIPE,
-            env={**os.environ, PARENT_PIPE: "1"})
+            env={**os.environ, PARENT_PIPE: "1"}, start_new_session=True)
         exited = asyncio.create_task(proc.wait())
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait([exited, stopping], return_when=asyncio.FIRST_COMPLETED)

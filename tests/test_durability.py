@@ -145,3 +145,18 @@ def test_a_restarted_mda_costs_no_deferral(tmp_path):
         assert "MDA not available" not in s.log("mta")
     finally:
         s.stop_all()
+
+
+def test_ctrl_c_stops_the_mta_and_then_its_queue_runner(tmp_path):
+    """A terminal's Ctrl-C stops the MTA and its queue runner cleanly, not as a crash."""
+    s = Stack(tmp_path)
+    s.setup_users("example.com", "bob@example.com")
+    mta = s.start("mta", preexec=os.setpgrp)
+    assert wait_for(lambda: len(_children(mta.pid)) == 1, 20)
+    [runner] = _children(mta.pid)
+    assert wait_for(lambda: "queue ready" in s.log("mta"), 20)
+    os.killpg(mta.pid, signal.SIGINT)
+    assert mta.wait(30) == 0
+    assert wait_for(lambda: not _running(runner), 10)
+    log = s.log("mta")
+    assert "restarting" not in log and "queue stopped" in log
