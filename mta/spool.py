@@ -349,30 +349,6 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.eml_path(qid))
 
-    def _message_file(self, qid: str) -> tuple[Path, BinaryIO]:
-        """The open message file of a committed item, positioned at the message."""
-        try:
-            f = open(self.msg_path(qid), "rb")  # noqa: SIM115 -- returned to the caller
-        except FileNotFoundError:
-            if not self.json_path(qid).exists():
-                raise
-            return self.eml_path(qid), open(self.eml_path(qid), "rb")  # layout 1
-        try:
-            f.seek(len(_envelope_line(f)) + 1)
-        except BaseException:
-            f.close()
-            raise
-        return self.msg_path(qid), f
-
-    def message(self, qid: str, in_memory_max: int) -> bytes | SpooledMessage:
-        """The message's bytes, or where it lies when it is larger than ``in_memory_max``."""
-        path, f = self._message_file(qid)
-        with f:
-            offset = f.tell()
-            if os.fstat(f.fileno()).st_size - offset > in_memory_max:
-                return SpooledMessage(path, offset)
-            return f.read()
-
     def load(self, qid: str) -> Envelope:
         try:
             return Envelope.from_json(self.json_path(qid).read_bytes())
@@ -446,13 +422,9 @@ class Spool:
         return fd, path
 
     def try_lock(self, qid: str) -> int | None:
-        """The item's lock without waiting: a descriptor to ``unlock``, or None if busy/gone."""
+        """The item's lock without waiting: a descriptor to close, or None if busy or gone."""
         got = self._open_locked(qid)
         return None if got is None else got[0]
-
-    @staticmethod
-    def unlock(fd: int) -> None:
-        os.close(fd)
 
     def committed(self, qid: str) -> bool:
         """Still in the queue (not delivered, not deleted)."""
