@@ -66,7 +66,7 @@ class Notifier:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
 
-    def notify(self, env: Envelope, _data: object = None) -> None:
+    def notify(self, env: Envelope) -> None:
         try:
             self.sock.sendto(env.id.encode("ascii"), self.address)
         except OSError:  # the runner is not up, or its backlog is full: it rescans on this

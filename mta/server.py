@@ -59,6 +59,9 @@ async def _serve_until(stop: asyncio.Event, servers: list[asyncio.base_events.Se
             await asyncio.wait_for(s.wait_closed(), 5)
 
 
+PARENT_PIPE = "POCHTA_QUEUE_PARENT_PIPE"  # set by serve mta: our stdin is a pipe from it
+
+
 async def run_queue(cfg: Config, stop: asyncio.Event) -> None:
     db = Database(cfg.database_url)
     directory = CachedDirectory(db, cfg.directory_cache_ttl)
@@ -77,9 +80,6 @@ async def run_queue(cfg: Config, stop: asyncio.Event) -> None:
     finally:
         db.dispose()
         log.info("queue stopped")
-
-
-PARENT_PIPE = "POCHTA_QUEUE_PARENT_PIPE"  # set by serve mta: our stdin is a pipe from it
 
 
 def _stop_when_parent_exits(stop: asyncio.Event) -> None:

@@ -74,7 +74,7 @@ class Defences:
 
 class SMTPHandler:
     def __init__(self, cfg: Config, mode: Mode, directory: Directory, spool: Spool,
-                 kick: Callable[[Envelope, bytes | None], None],
+                 kick: Callable[[Envelope], None],
                  defences: Defences | None = None) -> None:
         self.cfg = cfg
         self.mode = mode
@@ -252,7 +252,7 @@ class SMTPHandler:
             return replies.SPOOL_ERROR
         log.info("%s: from=<%s> size=%d nrcpt=%d client=%s proto=%s", qid, env.mail_from,
                  env.size, len(env.recipients), server.peer_ip or "local", protocol)
-        self.kick(env, message if isinstance(message, bytes) else None)
+        self.kick(env)
         return replies.QUEUED.format(id=qid)
 
     async def check_message(self, session: Session, content: bytes) -> bytes | str:

@@ -404,27 +404,26 @@ class Spool:
                 log.error("%s: unreadable envelope left in place: %s", qid, e)
         return items
 
-    def _open_locked(self, qid: str) -> tuple[int, Path] | None:
-        """The item's message file, open and flocked without waiting; None if busy or gone."""
+    def _open_message_file(self, qid: str) -> tuple[int, Path] | None:
+        """The item's message file (layout 2, else 1), open for reading; None if gone."""
         for path in (self.msg_path(qid), self.eml_path(qid)):
             try:
-                fd = os.open(path, os.O_RDONLY)
-                break
+                return os.open(path, os.O_RDONLY), path
             except FileNotFoundError:
                 continue
-        else:
+        return None
+
+    def _open_locked(self, qid: str) -> tuple[int, Path] | None:
+        """The item's message file, open and flocked without waiting; None if busy or gone."""
+        got = self._open_message_file(qid)
+        if got is None:
             return None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(got[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            os.close(fd)
+            os.close(got[0])
             return None
-        return fd, path
-
-    def try_lock(self, qid: str) -> int | None:
-        """The item's lock without waiting: a descriptor to close, or None if busy or gone."""
-        got = self._open_locked(qid)
-        return None if got is None else got[0]
+        return got
 
     def committed(self, qid: str) -> bool:
         """Still in the queue (not delivered, not deleted)."""
@@ -478,21 +477,14 @@ class Spool:
     @contextlib.contextmanager
     def locked(self, qid: str, timeout: float = 30.0) -> Iterator[bool]:
         """Hold the item's lock; yields False if the item is gone (delivered or deleted)."""
-        fd = self.try_lock(qid)
-        if fd is None:
-            for path in (self.msg_path(qid), self.eml_path(qid)):
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                    break
-                except FileNotFoundError:
-                    continue
-            else:
-                yield False
-                return
-            if not wait_for_lock(fd, fcntl.flock, timeout, poll=0.05):
-                os.close(fd)
-                raise SpoolError(f"queue item {qid} is busy")
+        got = self._open_message_file(qid)
+        if got is None:
+            yield False
+            return
+        fd = got[0]
         try:
+            if not wait_for_lock(fd, fcntl.flock, timeout, poll=0.05):
+                raise SpoolError(f"queue item {qid} is busy")
             yield self.committed(qid)
         finally:
             os.close(fd)

@@ -57,7 +57,7 @@ def test_an_update_supersedes_the_envelope_line_and_removal_leaves_nothing(tmp_p
     assert got is not None
     fd, data = got
     assert data == MESSAGE
-    assert spool.try_lock(env.id) is None  # busy while checked out
+    assert spool.checkout(env.id) is None  # busy while checked out
     env.recipients[0].attempts = 1
     spool.checkin(env, fd)
     assert spool.load(env.id).recipients[0].attempts == 1
