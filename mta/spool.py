@@ -23,6 +23,12 @@ The envelope (schema version 1)::
 Layout 1 (spools of earlier versions): ``<id>.eml`` holds the message alone and ``<id>.json``
 the envelope; the ``.json`` was the commit point. Such items are delivered as they are.
 
+Delivered message files are recycled, not deleted: ``free/`` keeps up to ``FREE_MAX`` of them
+(each at most ``RECYCLE_MAX`` bytes) and a new item is written into one of them (renamed to its
+temporary name, overwritten, truncated, fsynced). Creating and deleting an inode per message
+costs more kernel time than writing the message: on ext4 without a journal every new inode
+scans the group's recently deleted ones (a quarter of the MTA's CPU in the benchmark).
+
 Uncommitted leftovers of a crash (``.tmp`` files, a layout-1 ``.eml`` without ``.json``, a
 ``.json`` whose message is gone) are removed once idle for an hour. Only the queue runner
 changes a committed item, under an flock on its message file, which ``pochta queue`` takes too.
@@ -53,6 +59,9 @@ PENDING, SENT, FAILED, EXPIRED = "pending", "sent", "failed", "expired"
 FINAL = {SENT, FAILED, EXPIRED}
 GARBAGE_AGE = 3600.0  # seconds an uncommitted spool file must be idle before it is garbage
 INLINE_MAX = 1 << 20  # messages up to this size are written from the event loop (page cache)
+FREE_DIR = "free"  # delivered message files kept for reuse
+FREE_MAX = 256  # at most this many of them ...
+RECYCLE_MAX = 256 << 10  # ... of at most this size: 64 MiB of disk at worst
 KICK = "kick"  # marker file: another process asks the runner to rescan
 FLUSH = "flush"  # marker file: make every deferred recipient due now
 
@@ -147,12 +156,16 @@ class SpooledMessage:
                 yield block
 
 
-def write_parts(path: Path, parts: MessageParts) -> int:
+def write_parts(path: Path, parts: MessageParts, reuse: Path | None = None) -> int:
     """Create ``path`` from ``parts`` (files are copied in-kernel); return its open descriptor.
 
-    The caller fsyncs and closes it: a batch writes every file before its first fsync.
+    ``reuse``: a recycled file to rename to ``path`` and overwrite instead of creating one (if
+    another process took it first, a new file is created). The caller fsyncs and closes the
+    descriptor: a batch writes every file before its first fsync.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = _reuse(reuse, path) if reuse is not None else None
+    if fd is None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         i = 0
         while i < len(parts):
@@ -174,12 +187,56 @@ def write_parts(path: Path, parts: MessageParts) -> int:
                     offset += n
                     remaining -= n
             i += 1
+        if reuse is not None:  # a recycled file may be longer than this message
+            os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
     return fd
+
+
+def _reuse(old: Path, path: Path) -> int | None:
+    """``old`` renamed to ``path`` and open for writing; None if it is gone (taken)."""
+    try:
+        os.rename(old, path)
+        return os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+
+
+class FreeFiles:
+    """The pool of delivered message files in ``free/``, shared by every process of a spool.
+
+    Writers (MTA, MSA) take a name from their last listing and rename it: if another writer
+    renamed it first, they create a file instead. The runner adds files while the pool looks
+    smaller than ``FREE_MAX``; it lists the directory again only when its count says full.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = ensure_dir(directory, 0o700)
+        self._names: list[str] = []
+        self._count = 0  # files in the pool when last listed, plus those added since
+
+    def take(self) -> Path | None:
+        if not self._names:  # an empty directory lists in a few microseconds
+            self._names = os.listdir(self.dir)
+            if not self._names:
+                return None
+        return self.dir / self._names.pop()
+
+    def give(self, path: Path, size: int) -> bool:
+        """Move a delivered message file into the pool; False if it is full or the file big."""
+        if size > RECYCLE_MAX:
+            return False
+        if self._count >= FREE_MAX:
+            self._count = len(os.listdir(self.dir))
+            if self._count >= FREE_MAX:
+                return False
+        os.rename(path, self.dir / path.name)
+        self._count += 1
+        return True
 
 
 def _writev_all(fd: int, buffers: list[bytes]) -> None:
@@ -216,6 +273,7 @@ def _envelope_line(f: BinaryIO, limit: int = 1 << 24) -> bytes:
 class Spool:
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.dir = ensure_dir(directory, 0o700)
+        self.free = FreeFiles(self.dir / FREE_DIR)
         self._batcher: Batcher[tuple[Envelope, bytes | MessageParts], None] = \
             Batcher(self._put_batch)
 
@@ -325,7 +383,7 @@ class Spool:
         parts: MessageParts = [message] if isinstance(message, bytes) else message
         env.size = parts_size(parts)
         tmp = self.dir / f".{env.id}.tmp"
-        return write_parts(tmp, [env.to_json() + b"\n", *parts]), tmp
+        return write_parts(tmp, [env.to_json() + b"\n", *parts], self.free.take()), tmp
 
     def _discard(self, qid: str) -> None:
         with contextlib.suppress(OSError):
@@ -334,12 +392,19 @@ class Spool:
     def update(self, env: Envelope) -> None:
         atomic_write(self.json_path(env.id), env.to_json())
 
-    def remove(self, qid: str) -> None:
-        # The message file first: once it is gone, nothing is delivered again, and a .json left
-        # by a crash is garbage. No directory fsync (as Postfix): a crash may bring a delivered
-        # message back, which means a duplicate, never a loss, and it saves an fsync a message.
+    def remove(self, qid: str, size: int | None = None) -> None:
+        """Remove an item (its lock held); ``size``: its message file's, if known.
+
+        The message file first: once it is gone, nothing is delivered again, and a .json left
+        by a crash is garbage. No directory fsync (as Postfix): a crash may bring a delivered
+        message back, which means a duplicate, never a loss, and it saves an fsync a message.
+        """
+        path = self.msg_path(qid)
         try:
-            os.unlink(self.msg_path(qid))
+            if size is None:
+                size = os.stat(path).st_size
+            if not self.free.give(path, size):
+                os.unlink(path)
             layout1 = False
         except FileNotFoundError:
             layout1 = True
@@ -399,9 +464,18 @@ class Spool:
         items = []
         for qid in self.ids():
             try:
-                items.append(self.load(qid))
+                env = self.load(qid)
             except (OSError, ValueError, TypeError, SpoolError) as e:
                 log.error("%s: unreadable envelope left in place: %s", qid, e)
+                continue
+            if env.id != qid:
+                # A delivered item's old name that a crash kept, on a file since recycled for
+                # a message that was never acknowledged (its own name was not yet durable).
+                log.warning("%s: stale name of a recycled file (holds %s): removed", qid, env.id)
+                with contextlib.suppress(FileNotFoundError):
+                    self.msg_path(qid).unlink()
+                continue
+            items.append(env)
         return items
 
     def _open_message_file(self, qid: str) -> tuple[int, Path] | None:
@@ -443,7 +517,7 @@ class Spool:
         try:
             st = os.fstat(fd)
             layout2 = path.suffix == ".msg"
-            if st.st_nlink == 0 or (not layout2 and not self.json_path(qid).exists()):
+            if not self._still_committed(qid, path, st):
                 os.close(fd)  # removed (delivered or deleted) before we had the lock
                 return None
             if st.st_size > in_memory_max:
@@ -464,11 +538,27 @@ class Spool:
             os.close(fd)
             raise
 
+    def _still_committed(self, qid: str, path: Path, st: os.stat_result) -> bool:
+        """Whether the locked file ``st`` (opened as ``path``) is still the item's.
+
+        Between our open and our lock, another process may have removed the item, and its file
+        may even hold another message by now (recycled): the name must still lead to it.
+        """
+        if st.st_nlink == 0:
+            return False
+        if path.suffix != ".msg":  # layout 1: its envelope file is the commit point
+            return self.json_path(qid).exists()
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            return False
+        return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
+
     def checkin(self, env: Envelope, fd: int) -> None:
         """Record an attempt's outcome (or remove a finished item) and release its lock."""
         try:
             if env.finished:
-                self.remove(env.id)
+                self.remove(env.id, os.fstat(fd).st_size)
             else:
                 self.update(env)
         finally:
@@ -481,11 +571,11 @@ class Spool:
         if got is None:
             yield False
             return
-        fd = got[0]
+        fd, path = got
         try:
             if not wait_for_lock(fd, fcntl.flock, timeout, poll=0.05):
                 raise SpoolError(f"queue item {qid} is busy")
-            yield self.committed(qid)
+            yield self._still_committed(qid, path, os.fstat(fd))
         finally:
             os.close(fd)
 

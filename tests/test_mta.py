@@ -407,8 +407,8 @@ def test_spool_leftovers_are_cleaned_and_committed_items_delivered(tmp_path):
         assert any(b"layout-1" in m for m in got)
         assert wait_for(lambda: not any(p.exists() for p in leftovers), 10)
         assert in_flight.exists()  # young: maybe still being written by another process
-        assert wait_for(lambda: sorted(p.name for p in spool_dir.iterdir()) == [in_flight.name],
-                        10)  # both delivered messages left the spool
+        assert wait_for(lambda: sorted(p.name for p in spool_dir.iterdir()) == [
+            in_flight.name, "free"], 10)  # both delivered messages left the spool
     finally:
         s.stop_all()
 
