@@ -2,8 +2,8 @@
 empties the spool, on the second core while the MTA's loop only accepts mail.
 
 It loads every committed message at start (crash recovery), then sleeps until the earliest
-``next_attempt``, a notice (``Notifier``: one datagram per new message from the MTA and the MSA;
-a ``kick`` marker file when a datagram cannot be sent) or a flush. For each due message it
+``next_attempt``, a notice (``Notifier``: datagrams of new messages' ids from the MTA and the
+MSA; a ``kick`` marker file when the runner is not there) or a flush. For each due message it
 delivers the pending recipients: ours to the MDA over LMTP in one transaction, foreign ones
 through ``Outbound`` (MX or smarthost). Each outcome is recorded in the
 envelope file before the next attempt: 2xx sent, 5xx failed, 4xx retried with backoff until
@@ -16,6 +16,7 @@ Acceptance never waits for this: sessions only write the spool and send a notice
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import heapq
 import logging
@@ -58,22 +59,67 @@ def notice_address(spool: Spool) -> str:
 
 
 class Notifier:
-    """Tells the queue runner about a message just committed to the spool (MTA and MSA)."""
+    """Tells the queue runner about messages just committed to the spool (MTA and MSA).
+
+    The ids committed in one loop iteration (a group commit) go in one datagram: Linux queues
+    only ``net.unix.max_dgram_qlen`` datagrams per socket (10 by default), and a notice that
+    does not fit must not wait for the runner's once-a-second marker check. When the queue is
+    full the ids wait here until the runner's socket is writable again; when the runner is not
+    there, a ``kick`` marker makes it rescan the spool once it is.
+    """
+
+    MAX_IDS = 150  # ids per datagram: 21 bytes each, some 3 KB
+    MAX_PENDING = 100_000  # ids held for a runner that stopped reading: then the marker
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
         self.address = notice_address(spool)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.setblocking(False)
+        self.sock: socket.socket | None = None
+        self.pending: list[str] = []
+        self.scheduled = False  # a flush is due on the loop (call_soon or writer)
 
     def notify(self, env: Envelope) -> None:
+        self.pending.append(env.id)
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.scheduled = False
+        if self.sock is not None:
+            asyncio.get_running_loop().remove_writer(self.sock.fileno())
         try:
-            self.sock.sendto(env.id.encode("ascii"), self.address)
-        except OSError:  # the runner is not up, or its backlog is full: it rescans on this
-            self.spool.touch_marker(KICK)
+            if self.sock is None:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self.sock.setblocking(False)
+                self.sock.connect(self.address)
+            while self.pending:
+                batch = self.pending[: self.MAX_IDS]
+                self.sock.send(" ".join(batch).encode("ascii"))
+                del self.pending[: len(batch)]
+        except BlockingIOError:  # the runner's queue is full: resume once it has room
+            if len(self.pending) <= self.MAX_PENDING:
+                assert self.sock is not None
+                self.scheduled = True
+                asyncio.get_running_loop().add_writer(self.sock.fileno(), self._flush)
+                return
+            self._kick()
+        except OSError:  # no runner (not started yet, restarting): it rescans on the marker
+            self._kick()
+
+    def _kick(self) -> None:
+        self.pending.clear()
+        if self.sock is not None:  # connect again next time: the runner may be a new one
+            self.sock.close()
+            self.sock = None
+        self.spool.touch_marker(KICK)
 
     def close(self) -> None:
-        self.sock.close()
+        if self.sock is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_writer(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
 
 RemoteDeliver = Callable[[Envelope, list[Recipient], bytes], Awaitable[dict[str, Reply]]]
 
@@ -179,21 +225,22 @@ class QueueRunner:
 
     def _on_notices(self) -> None:
         assert self.notices is not None
-        for _ in range(1000):  # bounded: let the loop breathe under a flood
+        for _ in range(100):  # bounded: let the loop breathe under a flood
             try:
-                qid = self.notices.recv(64).decode("ascii", "replace")
+                ids = self.notices.recv(1 << 16).decode("ascii", "replace").split()
             except BlockingIOError:
                 break
-            if not QUEUE_ID.fullmatch(qid) or qid in self.items:
-                continue
-            try:
-                # Inline: the file was written a moment ago and is in the page cache.
-                self.items[qid] = self.spool.load(qid)
-            except (OSError, ValueError, TypeError, SpoolError) as e:
-                log.warning("%s: notice for a message that cannot be loaded: %s", qid, e)
-                continue
-            self.fresh.add(qid)
-            self.ready.append(qid)
+            for qid in ids:
+                if not QUEUE_ID.fullmatch(qid) or qid in self.items:
+                    continue
+                try:
+                    # Inline: the file was written a moment ago and is in the page cache.
+                    self.items[qid] = self.spool.load(qid)
+                except (OSError, ValueError, TypeError, SpoolError) as e:
+                    log.warning("%s: notice for a message that cannot be loaded: %s", qid, e)
+                    continue
+                self.fresh.add(qid)
+                self.ready.append(qid)
         self.wake.set()
 
     async def recover(self) -> None:

@@ -155,6 +155,7 @@ class BaseSMTP(SMTP):
         self.connections = connections
         self.peer_ip = ""
         self._in_greeting_reply = False
+        self._held: list[bytes] | None = None  # reply lines to send in one write
         self._admitted = False
 
     def _fast_init(self, handler: Any, *, data_size_limit: int | None = None,
@@ -286,6 +287,10 @@ class BaseSMTP(SMTP):
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str) and not self._in_greeting_reply:
             status = "\r\n".join(with_enhanced_code(line) for line in status.split("\r\n"))
+        if self._held is not None:
+            self._held.append(status if isinstance(status, bytes) else status.encode(
+                "utf-8" if self.enable_SMTPUTF8 else "ascii"))
+            return
         await super().push(status)
 
     @syntax("DATA")
@@ -321,11 +326,18 @@ class BaseSMTP(SMTP):
         await self.push(status)
 
     async def smtp_EHLO(self, hostname: str) -> None:
+        # aiosmtpd pushes each EHLO line on its own: one send each, and a send on loopback
+        # costs some 40 us (it runs the receiver's TCP input). Its lines go in one write.
         self._in_greeting_reply = bool(hostname)  # 501 for a missing name still gets a code
+        self._held = []
         try:
             await super().smtp_EHLO(hostname)
         finally:
             self._in_greeting_reply = False
+            held, self._held = self._held, None
+        if held and self.transport is not None and not self.transport.is_closing():
+            self._writer.write(b"\r\n".join(held) + b"\r\n")
+            await self._writer.drain()
 
 
 async def start_listeners(
