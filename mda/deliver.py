@@ -17,7 +17,7 @@ from mda import maildir
 from mda.mbox import MboxWriter
 from mda.message import stored_message
 from mda.paths import UnsafeAddress, mailbox_path
-from store.batching import fsync_all, fsync_dirs
+from store.batching import DiskSync, fsync_all, fsync_dirs
 from store.config import MDAConfig
 from store.directory import UserInfo
 
@@ -43,6 +43,7 @@ class Deliverer:
         self.names = maildir.UniqueNames(hostname)
         self.mbox = MboxWriter()
         self.known_maildirs: set[Path] = set()  # created already: skip three stat calls
+        self.disk = DiskSync()
         self.owner: tuple[int, int] | None = None
         if cfg.mail_owner and os.geteuid() == 0:
             import pwd
@@ -72,13 +73,13 @@ class Deliverer:
     async def deliver_batch(self, jobs: list[Job]) -> list[str]:
         """Store each maildir copy; one LMTP reply line per job.
 
-        Files are written from the loop, fsynced together in one thread trip, renamed into new/
-        from the loop, and each new/ is fsynced once in a second trip (store/batching.py says
-        why the thread does nothing else). Jobs that may be slow (a maildir to create, a quota
-        to sum up) are done whole in the thread.
+        Files are written from the loop, fsynced together, renamed into new/ from the loop, and
+        each new/ is fsynced once: the fsyncs on the loop while the disk is fast, else in a
+        worker thread that does nothing else (store/batching.py says why). Jobs that may be
+        slow (a maildir to create, a quota to sum up) are done whole in the thread.
         """
-        if len(jobs) == 1:  # an idle server: one trip to the thread beats two
-            return [await asyncio.to_thread(self.deliver, jobs[0])]
+        if len(jobs) == 1 and not self.disk.inline(2):  # one trip to the thread beats two
+            return [await self.disk.run(2, self.deliver, jobs[0])]
         replies: list[str] = [""] * len(jobs)
         written: list[tuple[int, maildir.Unsynced, int]] = []  # (job index, file, size)
         slow: list[tuple[int, Path, bytes]] = []
@@ -115,7 +116,11 @@ class Deliverer:
             return fsync_all([item.fd for _, item, _ in written])
 
         try:
-            synced = await asyncio.to_thread(write_slow_and_sync)
+            if slow:
+                synced = await asyncio.to_thread(write_slow_and_sync)
+            else:
+                synced = await self.disk.run(len(written), fsync_all,
+                                             [item.fd for _, item, _ in written])
         except BaseException:
             for _, item, _ in written:
                 os.close(item.fd)
@@ -123,8 +128,8 @@ class Deliverer:
         items = [item for _, item, _ in written]
         errors, moved = maildir.move_into_new(items, synced)
         if moved:
-            maildir.drop_unsynced(items, errors, moved, await asyncio.to_thread(fsync_dirs,
-                                                                                list(moved)))
+            maildir.drop_unsynced(items, errors, moved,
+                                  await self.disk.run(len(moved), fsync_dirs, list(moved)))
         for (i, item, size), error in zip(written, errors, strict=True):
             replies[i] = self._outcome(jobs[i].rcpt, item, size, error)
         return replies

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from store.batching import Batcher, fsync_all, fsync_dirs
+from store.batching import Batcher, DiskSync, fsync_all, fsync_dirs
 from store.fsio import atomic_write, ensure_dir, fsync_dir, wait_for_lock
 
 log = logging.getLogger("pochta.spool")
@@ -274,6 +274,7 @@ class Spool:
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.dir = ensure_dir(directory, 0o700)
         self.free = FreeFiles(self.dir / FREE_DIR)
+        self.disk = DiskSync()
         self._batcher: Batcher[tuple[Envelope, bytes | MessageParts], None] = \
             Batcher(self._put_batch)
 
@@ -283,15 +284,16 @@ class Spool:
 
     async def _put_batch(self, items: list[tuple[Envelope, bytes | MessageParts]]
                          ) -> list[None | BaseException]:
-        """Write every file, fsync them all in one thread trip, rename them, then one more trip
-        to fsync the directory: the thread does nothing but fsyncs (see store/batching.py).
+        """Write every file, fsync them all, rename them, then fsync the directory once: the
+        fsyncs on the loop while the disk is fast, else in a worker thread, which then does
+        nothing but fsyncs (see store/batching.py).
 
         Messages up to ``INLINE_MAX`` are written from the loop (page cache); larger ones and
         those with parts in files (sendfile) are written in the thread.
         """
-        if len(items) == 1:  # an idle server: one trip to the thread beats two
+        if len(items) == 1 and not self.disk.inline(2):  # one trip to the thread beats two
             try:
-                await asyncio.to_thread(self.put, *items[0])
+                await self.disk.run(2, self.put, *items[0])
                 return [None]
             except OSError as e:
                 return [e]
@@ -316,7 +318,10 @@ class Spool:
                         results[i] = e
                 return fsync_all([fd for _, fd, _ in written])
 
-            synced = await asyncio.to_thread(write_rest_and_sync)
+            if in_thread:
+                synced = await asyncio.to_thread(write_rest_and_sync)
+            else:
+                synced = await self.disk.run(len(written), fsync_all, [fd for _, fd, _ in written])
         except BaseException:
             for _, fd, tmp in written:
                 os.close(fd)
@@ -338,7 +343,7 @@ class Spool:
                 tmp.unlink()
         if renamed:
             # One directory sync makes the whole batch durable.
-            error = (await asyncio.to_thread(fsync_dirs, [str(self.dir)]))[str(self.dir)]
+            error = (await self.disk.run(1, fsync_dirs, [str(self.dir)]))[str(self.dir)]
             if error is not None:
                 for i in renamed:
                     self._discard(items[i][0].id)

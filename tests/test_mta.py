@@ -194,6 +194,19 @@ def test_pipelined_transactions(stack):
     assert wait_mail(stack, "amy@example.com", before_amy + 1)
 
 
+def test_pipelined_group_without_data_gets_every_reply(stack):
+    # Replies to pipelined commands wait for the last one of the group (one send): a group
+    # that ends without DATA must still get all of them, in order, and errors included.
+    r = Raw(stack.mta_port)
+    r.cmd("EHLO client.test")
+    r.send(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<nobody@example.com>\r\n"
+           b"RCPT TO:<bob@example.com>\r\nBOGUS\r\nRCPT TO:<amy@example.com>\r\n")
+    assert [r.reply()[:9] for _ in range(5)] == [
+        "250 2.1.0", "550 5.1.1", "250 2.1.5", "500 5.5.2", "250 2.1.5"]
+    r.send(b"RSET\r\nQUIT\r\n")
+    assert r.reply().startswith("250") and r.reply().startswith("221")
+
+
 def test_smtputf8_and_8bit_byte_for_byte(stack):
     body = ("From: Ünï <ünï@example.com>\r\nSubject: ça marche ☕\r\nMessage-ID: <u8@x>\r\n\r\n"
             "Grüße, 8-bit body ✓\r\n").encode() + b"raw latin-1 \xe9\xff\r\n"
