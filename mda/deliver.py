@@ -44,6 +44,7 @@ class Deliverer:
         self.mbox = MboxWriter()
         self.known_maildirs: set[Path] = set()  # created already: skip three stat calls
         self.disk = DiskSync()
+        self.mailboxes: dict[str, Path] = {}  # address -> its mailbox path (pathlib is slow)
         self.owner: tuple[int, int] | None = None
         if cfg.mail_owner and os.geteuid() == 0:
             import pwd
@@ -137,7 +138,12 @@ class Deliverer:
     def _prepare(self, job: Job, check_quota: bool = True) -> tuple[Path, bytes] | str:
         """The mailbox and the bytes to store, or the refusal reply."""
         try:
-            path = mailbox_path(self.root, job.mailbox.address)
+            path = self.mailboxes.get(job.mailbox.address)
+            if path is None:
+                if len(self.mailboxes) > 10_000:
+                    self.mailboxes.clear()
+                path = self.mailboxes[job.mailbox.address] = mailbox_path(
+                    self.root, job.mailbox.address)
         except UnsafeAddress as e:
             return f"550 5.1.3 {e}"
         message = stored_message(job.data, job.mail_from, job.rcpt)
@@ -156,11 +162,11 @@ class Deliverer:
 
     def _outcome(self, rcpt: str, item: maildir.Unsynced, size: int, error: OSError | None
                  ) -> str:
-        mailbox = item.final.parent.parent
+        mailbox = item.maildir
         if error is not None:
             return self._failed(rcpt, mailbox, error)
         self.known_maildirs.add(mailbox)
-        return self._delivered(rcpt, size, item.final.name)
+        return self._delivered(rcpt, size, os.path.basename(item.final))
 
     def _write_maildir(self, path: Path, message: bytes) -> maildir.Unsynced:
         known = path in self.known_maildirs

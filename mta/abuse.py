@@ -23,11 +23,16 @@ from store.models import Greylist
 
 
 def in_networks(ip: str, networks: Iterable[str]) -> bool:
+    return _in_networks(ip, tuple(networks))
+
+
+@lru_cache(maxsize=4096)  # asked at connect and at each MAIL/RCPT: clients come back
+def _in_networks(ip: str, networks: tuple[str, ...]) -> bool:
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
         return False
-    return any(addr in net for net in _parsed(tuple(networks)))
+    return any(addr in net for net in _parsed(networks))
 
 
 @lru_cache(maxsize=16)

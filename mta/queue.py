@@ -235,7 +235,7 @@ class QueueRunner:
                     continue
                 try:
                     # Inline: the file was written a moment ago and is in the page cache.
-                    self.items[qid] = self.spool.load(qid)
+                    self.items[qid] = self.spool.load(qid, fresh=True)
                 except (OSError, ValueError, TypeError, SpoolError) as e:
                     log.warning("%s: notice for a message that cannot be loaded: %s", qid, e)
                     continue

@@ -156,7 +156,7 @@ class SpooledMessage:
                 yield block
 
 
-def write_parts(path: Path, parts: MessageParts, reuse: Path | None = None) -> int:
+def write_parts(path: str, parts: MessageParts, reuse: str | None = None) -> int:
     """Create ``path`` from ``parts`` (files are copied in-kernel); return its open descriptor.
 
     ``reuse``: a recycled file to rename to ``path`` and overwrite instead of creating one (if
@@ -197,7 +197,7 @@ def write_parts(path: Path, parts: MessageParts, reuse: Path | None = None) -> i
     return fd
 
 
-def _reuse(old: Path, path: Path) -> int | None:
+def _reuse(old: str, path: str) -> int | None:
     """``old`` renamed to ``path`` and open for writing; None if it is gone (taken)."""
     try:
         os.rename(old, path)
@@ -215,18 +215,18 @@ class FreeFiles:
     """
 
     def __init__(self, directory: Path) -> None:
-        self.dir = ensure_dir(directory, 0o700)
+        self.dir = os.fspath(ensure_dir(directory, 0o700))
         self._names: list[str] = []
         self._count = 0  # files in the pool when last listed, plus those added since
 
-    def take(self) -> Path | None:
+    def take(self) -> str | None:
         if not self._names:  # an empty directory lists in a few microseconds
             self._names = os.listdir(self.dir)
             if not self._names:
                 return None
-        return self.dir / self._names.pop()
+        return f"{self.dir}/{self._names.pop()}"
 
-    def give(self, path: Path, size: int) -> bool:
+    def give(self, path: str, size: int) -> bool:
         """Move a delivered message file into the pool; False if it is full or the file big."""
         if size > RECYCLE_MAX:
             return False
@@ -234,7 +234,7 @@ class FreeFiles:
             self._count = len(os.listdir(self.dir))
             if self._count >= FREE_MAX:
                 return False
-        os.rename(path, self.dir / path.name)
+        os.rename(path, f"{self.dir}/{os.path.basename(path)}")
         self._count += 1
         return True
 
@@ -273,6 +273,7 @@ def _envelope_line(f: BinaryIO, limit: int = 1 << 24) -> bytes:
 class Spool:
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.dir = ensure_dir(directory, 0o700)
+        self._dir = os.fspath(self.dir)  # hot paths build names with strings, not pathlib
         self.free = FreeFiles(self.dir / FREE_DIR)
         self.disk = DiskSync()
         self._batcher: Batcher[tuple[Envelope, bytes | MessageParts], None] = \
@@ -298,7 +299,7 @@ class Spool:
             except OSError as e:
                 return [e]
         results: list[None | BaseException] = [None] * len(items)
-        written: list[tuple[int, int, Path]] = []  # (item index, open fd, temporary path)
+        written: list[tuple[int, int, str]] = []  # (item index, open fd, temporary path)
         in_thread: list[int] = []
         try:
             for i, (env, message) in enumerate(items):
@@ -326,21 +327,21 @@ class Spool:
             for _, fd, tmp in written:
                 os.close(fd)
                 with contextlib.suppress(OSError):
-                    tmp.unlink()
+                    os.unlink(tmp)
             raise
         renamed: list[int] = []
         for (i, fd, tmp), error in zip(written, synced, strict=True):
             os.close(fd)
             if error is None:
                 try:
-                    os.rename(tmp, self.msg_path(items[i][0].id))
+                    os.rename(tmp, self._msg(items[i][0].id))
                     renamed.append(i)
                     continue
                 except OSError as e:
                     error = e
             results[i] = error
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                os.unlink(tmp)
         if renamed:
             # One directory sync makes the whole batch durable.
             error = (await self.disk.run(1, fsync_dirs, [str(self.dir)]))[str(self.dir)]
@@ -349,6 +350,12 @@ class Spool:
                     self._discard(items[i][0].id)
                     results[i] = error
         return results
+
+    def _msg(self, qid: str) -> str:
+        return f"{self._dir}/{qid}.msg"
+
+    def _json(self, qid: str) -> str:
+        return f"{self._dir}/{qid}.json"
 
     def msg_path(self, qid: str) -> Path:
         return self.dir / f"{qid}.msg"
@@ -377,17 +384,17 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, self.msg_path(env.id))
+            os.rename(tmp, self._msg(env.id))
         except BaseException:
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                os.unlink(tmp)
             raise
 
-    def _write_unsynced(self, env: Envelope, message: bytes | MessageParts) -> tuple[int, Path]:
+    def _write_unsynced(self, env: Envelope, message: bytes | MessageParts) -> tuple[int, str]:
         """The temporary file of a new item, written, not yet synced: (open fd, its path)."""
         parts: MessageParts = [message] if isinstance(message, bytes) else message
         env.size = parts_size(parts)
-        tmp = self.dir / f".{env.id}.tmp"
+        tmp = f"{self._dir}/.{env.id}.tmp"
         return write_parts(tmp, [env.to_json() + b"\n", *parts], self.free.take()), tmp
 
     def _discard(self, qid: str) -> None:
@@ -404,7 +411,7 @@ class Spool:
         by a crash is garbage. No directory fsync (as Postfix): a crash may bring a delivered
         message back, which means a duplicate, never a loss, and it saves an fsync a message.
         """
-        path = self.msg_path(qid)
+        path = self._msg(qid)
         try:
             if size is None:
                 size = os.stat(path).st_size
@@ -414,17 +421,20 @@ class Spool:
         except FileNotFoundError:
             layout1 = True
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.json_path(qid))
+            os.unlink(self._json(qid))
         if layout1:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.eml_path(qid))
 
-    def load(self, qid: str) -> Envelope:
-        try:
-            return Envelope.from_json(self.json_path(qid).read_bytes())
-        except FileNotFoundError:
-            pass
-        with open(self.msg_path(qid), "rb") as f:
+    def load(self, qid: str, fresh: bool = False) -> Envelope:
+        """The item's envelope; ``fresh``: just committed, so no attempt wrote a ``.json``."""
+        if not fresh:
+            try:
+                with open(self._json(qid), "rb") as f:
+                    return Envelope.from_json(f.read())
+            except FileNotFoundError:
+                pass
+        with open(self._msg(qid), "rb") as f:
             return Envelope.from_json(_envelope_line(f))
 
     def ids(self) -> list[str]:
@@ -483,16 +493,16 @@ class Spool:
             items.append(env)
         return items
 
-    def _open_message_file(self, qid: str) -> tuple[int, Path] | None:
+    def _open_message_file(self, qid: str) -> tuple[int, str] | None:
         """The item's message file (layout 2, else 1), open for reading; None if gone."""
-        for path in (self.msg_path(qid), self.eml_path(qid)):
+        for path in (self._msg(qid), f"{self._dir}/{qid}.eml"):
             try:
                 return os.open(path, os.O_RDONLY), path
             except FileNotFoundError:
                 continue
         return None
 
-    def _open_locked(self, qid: str) -> tuple[int, Path] | None:
+    def _open_locked(self, qid: str) -> tuple[int, str] | None:
         """The item's message file, open and flocked without waiting; None if busy or gone."""
         got = self._open_message_file(qid)
         if got is None:
@@ -521,14 +531,14 @@ class Spool:
         fd, path = got
         try:
             st = os.fstat(fd)
-            layout2 = path.suffix == ".msg"
+            layout2 = path.endswith(".msg")
             if not self._still_committed(qid, path, st):
                 os.close(fd)  # removed (delivered or deleted) before we had the lock
                 return None
             if st.st_size > in_memory_max:
                 with open(fd, "rb", closefd=False) as f:
                     offset = len(_envelope_line(f)) + 1 if layout2 else 0
-                return fd, SpooledMessage(path, offset)
+                return fd, SpooledMessage(Path(path), offset)
             data = os.pread(fd, st.st_size, 0)
             while len(data) < st.st_size and (more := os.pread(fd, st.st_size - len(data),
                                                               len(data))):
@@ -543,7 +553,7 @@ class Spool:
             os.close(fd)
             raise
 
-    def _still_committed(self, qid: str, path: Path, st: os.stat_result) -> bool:
+    def _still_committed(self, qid: str, path: str, st: os.stat_result) -> bool:
         """Whether the locked file ``st`` (opened as ``path``) is still the item's.
 
         Between our open and our lock, another process may have removed the item, and its file
@@ -551,8 +561,8 @@ class Spool:
         """
         if st.st_nlink == 0:
             return False
-        if path.suffix != ".msg":  # layout 1: its envelope file is the commit point
-            return self.json_path(qid).exists()
+        if not path.endswith(".msg"):  # layout 1: the envelope file commits it
+            return os.path.exists(self._json(qid))
         try:
             now = os.stat(path)
         except FileNotFoundError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -58,6 +59,7 @@ DATA_ERRORS = {
 }
 
 
+@functools.lru_cache(maxsize=1024)  # replies repeat: a few dozen texts make most of them
 def with_enhanced_code(line: str) -> str:
     """Add the default enhanced status code to one reply line that has none."""
     code = line[:3]
@@ -293,7 +295,8 @@ class BaseSMTP(SMTP):
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str) and not self._in_greeting_reply:
-            status = "\r\n".join(with_enhanced_code(line) for line in status.split("\r\n"))
+            status = with_enhanced_code(status) if "\r\n" not in status else "\r\n".join(
+                with_enhanced_code(line) for line in status.split("\r\n"))
         data = (status if isinstance(status, bytes) else status.encode(
             "utf-8" if self.enable_SMTPUTF8 else "ascii")) + b"\r\n"
         if self._hold_all or (data[:3] in HOLDABLE and self._pipelined()):

@@ -153,7 +153,7 @@ def test_a_recycled_file_is_not_its_old_item_for_a_late_locker(tmp_path, monkeyp
     monkeypatch.setattr(spool, "_open_message_file", lambda qid: opened)
     with spool.locked(old.id) as present:
         assert not present
-    opened = (os.open(spool.msg_path(new.id), os.O_RDONLY), spool.msg_path(old.id))
+    opened = (os.open(spool.msg_path(new.id), os.O_RDONLY), str(spool.msg_path(old.id)))
     assert spool.checkout(old.id) is None
     monkeypatch.undo()
     assert read(new.id, spool) == MESSAGE
