@@ -196,6 +196,7 @@ class BaseSMTP(SMTP):
         self.require_starttls = tls_context and require_starttls  # as aiosmtpd (may be None)
         self._timeout_duration = timeout
         self._timeout_handle = None
+        self._deadline = 0.0
         self._tls_handshake_okay = True
         self._tls_protocol = None
         self._original_transport = None
@@ -285,6 +286,23 @@ class BaseSMTP(SMTP):
             self._flush_held()
             self._writer.write(reply.encode() + b"\r\n")
         self._close_transport()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd re-arms a timer at each command (and we at each DATA chunk): a heap push
+        and a cancel each time. This moves a deadline; the one timer re-arms itself when it
+        fires before it (RFC 5321 §4.5.3.2 times stay as they were)."""
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > self._deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(self._deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._on_timer)
+            return
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         # RFC 5321 §4.5.3.2: the server may close an idle session; say so with a 421.

@@ -426,6 +426,27 @@ def test_spool_leftovers_are_cleaned_and_committed_items_delivered(tmp_path):
         s.stop_all()
 
 
+def test_idle_session_gets_421_and_an_active_one_is_not_cut(tmp_path):
+    s = Stack(tmp_path, mta={"idle_timeout": 1.0})
+    s.setup_users(DOMAIN, "bob@example.com")
+    s.start("mta")
+    try:
+        busy, idle = Raw(s.mta_port), Raw(s.mta_port)
+        idle.cmd("EHLO idle.test")
+        t0 = time.monotonic()
+        for _ in range(6):  # 2.4 s of commands 0.4 s apart: each one moves the deadline
+            assert busy.cmd("NOOP").startswith("250")
+            time.sleep(0.4)
+        assert idle.reply().startswith("421 4.4.2")  # said before closing, not just gone
+        assert time.monotonic() - t0 < 15
+        with pytest.raises(ConnectionError):
+            idle.reply()
+        assert busy.cmd("EHLO busy.test").startswith("250")
+        busy.close()
+    finally:
+        s.stop_all()
+
+
 def test_spool_nearly_full_refuses_at_mail(tmp_path):
     s = Stack(tmp_path, mta={"min_free_space": 10**18})  # more than any disk has free
     s.setup_users(DOMAIN, "bob@example.com")
