@@ -194,3 +194,48 @@ def test_lhlo_only_and_shutdown_421(stack):
     assert c.cmd("LHLO x").startswith("250-mx.pochta.test")
     stack.stop("mda")
     assert c.reply().startswith("421 4.3.2")
+
+
+def test_bdat_pipelined_with_the_envelope_stores_the_message_as_sent(stack):
+    # CHUNKING (RFC 3030): no 354 to wait for and no dot-stuffing; one reply per accepted
+    # RCPT after BDAT LAST (RFC 2033 §4.2), the envelope's replies first.
+    stack.start("mda")
+    c = RawLMTP(stack.mda_listen)
+    assert "250-CHUNKING" in c.cmd("LHLO client.test").split("\n")
+    c.send_data(b"MAIL FROM:<sender@remote.test>\r\nRCPT TO:<bob@example.com>\r\n"
+                b"RCPT TO:<nobody@example.com>\r\nRCPT TO:<amy@example.com>\r\n"
+                + f"BDAT {len(MSG)} LAST\r\n".encode() + MSG)
+    replies = [c.reply() for _ in range(6)]
+    assert [r[:9] for r in replies[:4]] == ["250 2.0.0", "250 2.1.5", "550 5.1.1", "250 2.1.5"]
+    assert "bob@example.com" in replies[4] and "amy@example.com" in replies[5]
+    assert all(r.startswith("250 2.0.0") for r in replies[4:])
+    # Two chunks, the first ending inside a line: the same message, once.
+    half = len(MSG) // 2 + 3
+    assert c.cmd("MAIL FROM:<sender@remote.test>").startswith("250")
+    assert c.cmd("RCPT TO:<cy@example.com>").startswith("250")
+    c.send_data(f"BDAT {half}\r\n".encode() + MSG[:half])
+    assert c.reply().startswith(f"250 2.0.0 {half} octets")
+    c.send_data(f"BDAT {len(MSG) - half} LAST\r\n".encode() + MSG[half:])
+    assert c.reply().startswith("250 2.0.0")
+    c.close()
+    for rcpt in ("bob@example.com", "amy@example.com", "cy@example.com"):
+        [copy] = mail_files(stack.mailbox_root, rcpt)
+        assert copy.read_bytes() == expected_copy(rcpt)  # ".leading dot" kept as it was
+
+
+def test_bdat_refusals_consume_the_chunk_and_keep_the_session(stack):
+    stack.start("mda")
+    c = RawLMTP(stack.mda_listen)
+    c.cmd("LHLO client.test")
+    bare_lf = b"Subject: smuggled\r\n\r\nline\n.\r\nMAIL FROM:<evil@x.test>\r\n"
+    c.send_data(b"MAIL FROM:<sender@remote.test>\r\nRCPT TO:<bob@example.com>\r\n"
+                + f"BDAT {len(bare_lf)} LAST\r\n".encode() + bare_lf)
+    assert [c.reply()[:9] for _ in range(3)] == ["250 2.0.0", "250 2.1.5", "554 5.6.0"]
+    # No accepted recipient: the chunk is still read (not taken for commands), then 503.
+    c.send_data(f"BDAT {len(MSG)} LAST\r\n".encode() + MSG)
+    assert c.reply().startswith("503 5.5.1")
+    assert c.cmd("NOOP").startswith("250")
+    assert not mail_files(stack.mailbox_root, "bob@example.com")
+    assert c.cmd("BDAT lots").startswith("501 5.5.4")  # its size unknown: the session ends
+    with pytest.raises(ConnectionError):
+        c.reply()
