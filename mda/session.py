@@ -21,6 +21,7 @@ from aiosmtpd.smtp import Envelope, Session, syntax
 from mda.deliver import Deliverer, Job
 from store import addresses
 from store.batching import Batcher
+from store.dataread import line_longer_than
 from store.directory import Directory, DirectoryUnavailable, UserInfo, lookup
 from store.smtpserver import DATA_ERRORS, BaseSMTP
 
@@ -35,7 +36,7 @@ def content_error(content: bytes) -> str | None:
     crlf = content.count(b"\r\n")
     if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
         return "bare-eol"
-    if len(content) > MAX_LINE and max(map(len, content.split(b"\r\n"))) > MAX_LINE - 2:
+    if line_longer_than(content, MAX_LINE - 2):
         return "line"
     return None
 

@@ -32,6 +32,21 @@ SPILL_AT = 1 << 20  # messages larger than this go to a file as they arrive, not
 SinkFactory = Callable[[], tuple[BinaryIO, Path]]
 
 
+def line_longer_than(data: bytes, limit: int) -> bool:
+    """Whether a line of ``data`` has more than ``limit`` bytes before its line end.
+
+    One ``rfind`` per window of ``limit`` bytes, not one object per line: splitting 100 KB
+    into lines cost the MTA and the MDA some 150 us each per message.
+    """
+    i, n = 0, len(data)
+    while n - i > limit:
+        j = data.rfind(b"\n", i, i + limit + 2)  # the window holds a line of limit + CRLF
+        if j < 0:
+            return True
+        i = j + 1
+    return False
+
+
 @dataclass
 class DataResult:
     content: bytes  # the message, unless it spilled to ``path``
@@ -94,8 +109,7 @@ class DataDecoder:
         if segment.count(b"\n") != pairs or segment.count(b"\r") != pairs:
             self._fail("bare-eol")
             return
-        if len(segment) > self.max_line and \
-                max(map(len, segment.split(b"\r\n"))) > self.max_line - 1:  # -CRLF, +1 stuffed dot
+        if line_longer_than(segment, self.max_line - 1):  # -CRLF, +1 stuffed dot
             self._fail("line")
             return
         self._emit(segment.replace(b"\r\n.", b"\r\n")[2:] + b"\r\n")

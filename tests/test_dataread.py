@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from store.dataread import DataDecoder
+from store.dataread import DataDecoder, line_longer_than
 
 
 def decode(stream: bytes, max_size=None, split=None):
@@ -61,11 +61,24 @@ def test_size_limit():
     assert res.error == "size" and res.content == b""
 
 
+@pytest.mark.parametrize("where", ["first", "middle", "last", "unterminated"])
+def test_line_longer_than_at_the_exact_limit(where):
+    short = b"s" * 77 + b"\r\n"
+    for length, too_long in ((998, False), (999, True)):
+        line = b"L" * length
+        data = {"first": line + b"\r\n" + short * 40, "middle": short * 20 + line + b"\r\n" + short * 20,
+                "last": short * 40 + line + b"\r\n", "unterminated": short * 40 + line}[where]
+        assert line_longer_than(data, 998) is too_long, (where, length)
+    assert not line_longer_than(short * 1000, 998) and line_longer_than(b"x" * 5000, 998)
+
+
 def test_line_too_long_still_finds_the_end():
     res, rest = decode(b"a" * 5000 + b"\r\nok\r\n.\r\nQUIT\r\n", split=100)
     assert res.error == "line" and rest == b"QUIT\r\n"
     res, _ = decode(b"a" * 999 + b"\r\n.\r\n")
     assert res.error is None
+    res, _ = decode(b"ok\r\n" + b"a" * 1000 + b"\r\nok\r\n.\r\n")
+    assert res.error == "line"
 
 
 def test_large_message_spills_to_a_file(tmp_path):
