@@ -39,7 +39,7 @@ class DiskSync:
     """
 
     FAST = 0.002  # seconds per fsync (moving average) under which the loop does them
-    MAX_BLOCK = 0.010  # the longest the loop may be expected to block for one call
+    MAX_BLOCK = 0.003  # the longest the loop may be expected to block for one call: latency
 
     def __init__(self) -> None:
         self.average = 0.0005  # a guess (an SSD's); the first calls measure the disk
