@@ -366,6 +366,9 @@ def main() -> None:
     ap.add_argument("-c", "--concurrency", type=int, action="append")
     ap.add_argument("-s", "--size", type=int, action="append")
     ap.add_argument("--compare-postfix", action="store_true")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="runs per cell, systems alternating; prints the medians too "
+                         "(this machine kind's noise: the same run varies by up to 2x)")
     ap.add_argument("--client", choices=["auto", "own", "smtp-source"], default="auto",
                     help="load generator for throughput (auto: smtp-source when installed; "
                          "latency percentiles always come from our own client)")
@@ -379,6 +382,25 @@ def main() -> None:
         run_all(args)
     finally:
         shutil.rmtree(TRASH, ignore_errors=True)
+
+
+def print_result(r: Result, note: str) -> None:
+    print(f"{r.system:16} {r.concurrency:>4} {r.size:>7} {r.accept:>9.0f} {r.e2e:>7.0f} "
+          f"{r.p50:>7.1f} {r.p99:>7.1f} {r.lost:>4} {r.dup:>3}  {r.rss} / {r.cpu_per_1000}{note}",
+          flush=True)
+
+
+def median(results: list[Result]) -> Result:
+    """Each figure's median across runs; losses and duplicates add up; RSS and CPU are those
+    of the run with the median end-to-end rate."""
+    mid = sorted(results, key=lambda r: r.e2e)[len(results) // 2]
+    return Result(mid.system, mid.concurrency, mid.size,
+                  statistics.median(r.accept for r in results),
+                  statistics.median(r.e2e for r in results),
+                  statistics.median(r.p50 for r in results),
+                  statistics.median(r.p99 for r in results),
+                  mid.rss, mid.cpu_per_1000,
+                  sum(r.lost for r in results), sum(r.dup for r in results))
 
 
 def run_all(args: argparse.Namespace) -> None:
@@ -397,12 +419,16 @@ def run_all(args: argparse.Namespace) -> None:
     by_key: dict[tuple[int, int], dict[str, Result]] = {}
     for size in sizes:
         for conc in concurrencies:
-            for cls in systems:
-                r = run_one(cls, args.messages, conc, size, args.smtp_source)
-                by_key.setdefault((conc, size), {})[r.system] = r
-                print(f"{r.system:16} {conc:>4} {size:>7} {r.accept:>9.0f} {r.e2e:>7.0f} "
-                      f"{r.p50:>7.1f} {r.p99:>7.1f} {r.lost:>4} {r.dup:>3}  {r.rss} / "
-                      f"{r.cpu_per_1000}", flush=True)
+            runs: dict[str, list[Result]] = {}
+            for _ in range(args.runs):  # alternating systems: the machine's drift hits both
+                for cls in systems:
+                    r = run_one(cls, args.messages, conc, size, args.smtp_source)
+                    runs.setdefault(r.system, []).append(r)
+                    print_result(r, "" if args.runs == 1 else " (run)")
+            for name, results in runs.items():
+                by_key.setdefault((conc, size), {})[name] = r = median(results)
+                if args.runs > 1:
+                    print_result(r, f" (median of {args.runs})")
             pair = by_key[(conc, size)]
             if len(pair) == 2:
                 a, b = pair["pochta"], pair["postfix+dovecot"]
