@@ -78,14 +78,15 @@ class LMTPProtocol(BaseSMTP):
         held = sum(map(len, parts))
         too_big = bool(self.data_size_limit) and held + size > self.data_size_limit
         remaining = size
-        while remaining:  # the chunk is read whatever the reply: it is data, not commands
-            block = await self._reader.read(min(remaining, 1 << 16))
-            if not block:
-                raise ConnectionResetError("connection closed within a BDAT chunk")
-            remaining -= len(block)
-            self._reset_timeout()
-            if not too_big:
-                parts.append(block)
+        with self.reading_data():
+            while remaining:  # the chunk is read whatever the reply: data, not commands
+                block = await self._reader.read(min(remaining, 1 << 16))
+                if not block:
+                    raise ConnectionResetError("connection closed within a BDAT chunk")
+                remaining -= len(block)
+                self._reset_timeout()
+                if not too_big:
+                    parts.append(block)
         if not self.session or not self.session.host_name:
             error = "503 5.5.1 Error: send LHLO first"
         elif not envelope.rcpt_tos:  # (RCPT needs MAIL)
