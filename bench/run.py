@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/run.py                      # pochta alone, default matrix (< 3 min)
     .venv/bin/python bench/run.py --compare-postfix    # and Postfix + Dovecot in the same run
+    .venv/bin/python bench/run.py --compare-postfix --runs 3   # each cell 3 times: medians
     .venv/bin/python bench/run.py -c 10 -s 4096 -n 2000 --smtp-source
 
 For each (concurrency, size) it starts pochta from a temporary config (SQLite, spool and
