@@ -79,8 +79,8 @@ class Deliverer:
         worker thread that does nothing else (store/batching.py says why). Jobs that may be
         slow (a maildir to create, a quota to sum up) are done whole in the thread.
         """
-        if len(jobs) == 1 and not self.disk.inline(2):  # one trip to the thread beats two
-            return [await self.disk.run(2, self.deliver, jobs[0])]
+        if len(jobs) == 1 and not self.disk.inline(1):  # one trip to the thread beats two
+            return [await self.disk.run(1, 2, self.deliver, jobs[0])]
         replies: list[str] = [""] * len(jobs)
         written: list[tuple[int, maildir.Unsynced, int]] = []  # (job index, file, size)
         slow: list[tuple[int, Path, bytes]] = []
@@ -120,7 +120,7 @@ class Deliverer:
             if slow:
                 synced = await asyncio.to_thread(write_slow_and_sync)
             else:
-                synced = await self.disk.run(len(written), fsync_all,
+                synced = await self.disk.run(len(jobs), len(written), fsync_all,
                                              [item.fd for _, item, _ in written])
         except BaseException:
             for _, item, _ in written:
@@ -130,7 +130,8 @@ class Deliverer:
         errors, moved = maildir.move_into_new(items, synced)
         if moved:
             maildir.drop_unsynced(items, errors, moved,
-                                  await self.disk.run(len(moved), fsync_dirs, list(moved)))
+                                  await self.disk.run(len(jobs), len(moved), fsync_dirs,
+                                                      list(moved)))
         for (i, item, size), error in zip(written, errors, strict=True):
             replies[i] = self._outcome(jobs[i].rcpt, item, size, error)
         return replies

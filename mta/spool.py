@@ -292,9 +292,9 @@ class Spool:
         Messages up to ``INLINE_MAX`` are written from the loop (page cache); larger ones and
         those with parts in files (sendfile) are written in the thread.
         """
-        if len(items) == 1 and not self.disk.inline(2):  # one trip to the thread beats two
+        if len(items) == 1 and not self.disk.inline(1):  # one trip to the thread beats two
             try:
-                await self.disk.run(2, self.put, *items[0])
+                await self.disk.run(1, 2, self.put, *items[0])
                 return [None]
             except OSError as e:
                 return [e]
@@ -322,7 +322,8 @@ class Spool:
             if in_thread:
                 synced = await asyncio.to_thread(write_rest_and_sync)
             else:
-                synced = await self.disk.run(len(written), fsync_all, [fd for _, fd, _ in written])
+                synced = await self.disk.run(len(items), len(written), fsync_all,
+                                             [fd for _, fd, _ in written])
         except BaseException:
             for _, fd, tmp in written:
                 os.close(fd)
@@ -344,7 +345,7 @@ class Spool:
                 os.unlink(tmp)
         if renamed:
             # One directory sync makes the whole batch durable.
-            error = (await self.disk.run(1, fsync_dirs, [str(self.dir)]))[str(self.dir)]
+            error = (await self.disk.run(len(items), 1, fsync_dirs, [self._dir]))[self._dir]
             if error is not None:
                 for i in renamed:
                     self._discard(items[i][0].id)

@@ -48,7 +48,7 @@ def test_batcher_shares_one_thread_trip_between_concurrent_callers():
     assert sorted(i for b in batches for i in b) == list(range(20))
 
 
-def test_disk_sync_keeps_fast_fsyncs_on_the_loop_and_sends_slow_ones_to_a_thread():
+def test_disk_sync_keeps_a_lone_fast_fsync_on_the_loop_and_batches_and_slow_ones_off_it():
     import asyncio
     import threading
     import time
@@ -62,16 +62,16 @@ def test_disk_sync_keeps_fast_fsyncs_on_the_loop_and_sends_slow_ones_to_a_thread
     async def main() -> list[str]:
         disk = DiskSync()
         loop_thread = threading.current_thread().name
-        where = [await disk.run(1, fsync_like, 0.0001)]  # a fast disk: on the loop
+        where = [await disk.run(1, 1, fsync_like, 0.0001)]  # a lone message, a fast disk: loop
+        where.append(await disk.run(5, 5, fsync_like, 0.0001))  # a batch: the thread
         for _ in range(20):  # the disk turns slow (5 ms an fsync): the average follows
-            where.append(await disk.run(1, fsync_like, 0.005))
+            where.append(await disk.run(1, 1, fsync_like, 0.005))
         assert not disk.inline(1)
-        where.append(await disk.run(1, fsync_like, 0.0001))  # now in the thread
+        where.append(await disk.run(1, 1, fsync_like, 0.0001))  # now in the thread
         return [w == loop_thread for w in where]
 
     on_loop = asyncio.run(main())
-    assert on_loop[0] and not on_loop[-1]
-    assert DiskSync().inline(1) and not DiskSync().inline(10_000)  # a huge batch: the thread
+    assert on_loop[0] and not on_loop[1] and not on_loop[-1]
 
 
 def test_maildir_batch_delivers_each_copy_and_reports_each_failure(tmp_path):
