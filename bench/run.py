@@ -36,11 +36,12 @@ POSTFIX_MAILDIR = Path("/tmp/bench-postfix/mail/bench.test/user/new")
 # Where each case's files wait until the end of the run. Deleting thousands of files costs
 # whichever system runs next: without an ext4 journal (this machine kind's disk), every new inode
 # skips the group's inodes deleted in the last minutes, one buffer lookup each.
-TRASH = Path(tempfile.mkdtemp(prefix="pochta-bench-trash-"))
+TRASH = Path(tempfile.gettempdir()) / f"pochta-bench-trash-{os.getpid()}"
 
 
 def to_trash(path: Path) -> None:
     if path.exists():
+        TRASH.mkdir(exist_ok=True)
         path.rename(TRASH / f"{len(os.listdir(TRASH))}-{path.name}")
 
 
