@@ -128,6 +128,12 @@ class LMTPHandler:
         return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-CHUNKING",
                 responses[-1]]
 
+    async def handle_MAIL(self, server: LMTPProtocol, session: Session, envelope: LMTPEnvelope,
+                          address: str, mail_options: list[str]) -> str:
+        envelope.mail_from = address  # (a hook that answers must record it itself)
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Sender OK"  # RFC 3463: 2.1.0, not aiosmtpd's plain "250 OK"
+
     async def handle_RCPT(self, server: LMTPProtocol, session: Session, envelope: LMTPEnvelope,
                           address: str, rcpt_options: list[str]) -> str:
         try:

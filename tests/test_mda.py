@@ -206,7 +206,7 @@ def test_bdat_pipelined_with_the_envelope_stores_the_message_as_sent(stack):
                 b"RCPT TO:<nobody@example.com>\r\nRCPT TO:<amy@example.com>\r\n"
                 + f"BDAT {len(MSG)} LAST\r\n".encode() + MSG)
     replies = [c.reply() for _ in range(6)]
-    assert [r[:9] for r in replies[:4]] == ["250 2.0.0", "250 2.1.5", "550 5.1.1", "250 2.1.5"]
+    assert [r[:9] for r in replies[:4]] == ["250 2.1.0", "250 2.1.5", "550 5.1.1", "250 2.1.5"]
     assert "bob@example.com" in replies[4] and "amy@example.com" in replies[5]
     assert all(r.startswith("250 2.0.0") for r in replies[4:])
     # Two chunks, the first ending inside a line: the same message, once.
@@ -230,7 +230,7 @@ def test_bdat_refusals_consume_the_chunk_and_keep_the_session(stack):
     bare_lf = b"Subject: smuggled\r\n\r\nline\n.\r\nMAIL FROM:<evil@x.test>\r\n"
     c.send_data(b"MAIL FROM:<sender@remote.test>\r\nRCPT TO:<bob@example.com>\r\n"
                 + f"BDAT {len(bare_lf)} LAST\r\n".encode() + bare_lf)
-    assert [c.reply()[:9] for _ in range(3)] == ["250 2.0.0", "250 2.1.5", "554 5.6.0"]
+    assert [c.reply()[:9] for _ in range(3)] == ["250 2.1.0", "250 2.1.5", "554 5.6.0"]
     # No accepted recipient: the chunk is still read (not taken for commands), then 503.
     c.send_data(f"BDAT {len(MSG)} LAST\r\n".encode() + MSG)
     assert c.reply().startswith("503 5.5.1")
