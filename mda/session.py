@@ -21,24 +21,13 @@ from aiosmtpd.smtp import Envelope, Session, syntax
 from mda.deliver import Deliverer, Job
 from store import addresses
 from store.batching import Batcher
-from store.dataread import line_longer_than
+from store.dataread import MAX_LINE, line_error
 from store.directory import Directory, DirectoryUnavailable, UserInfo, lookup
 from store.smtpserver import DATA_ERRORS, BaseSMTP
 
 log = logging.getLogger("pochta.mda")
 
 BDAT_ARGS = re.compile(r"(\d{1,10})(?: +(LAST))?", re.IGNORECASE)
-MAX_LINE = 1000  # octets with CRLF (RFC 5321 §4.5.3.1.6), as for DATA
-
-
-def content_error(content: bytes) -> str | None:
-    """What is wrong with a BDAT message for a non-BINARYMIME transaction (as for DATA)."""
-    crlf = content.count(b"\r\n")
-    if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
-        return "bare-eol"
-    if line_longer_than(content, MAX_LINE - 2):
-        return "line"
-    return None
 
 
 class LMTPEnvelope(Envelope):
@@ -102,7 +91,7 @@ class LMTPProtocol(BaseSMTP):
             content = b"".join(parts)
             if not content.endswith(b"\r\n"):
                 content += b"\r\n"  # as after DATA: the CRLF before the dot is the message's
-            problem = content_error(content)
+            problem = line_error(content, MAX_LINE - 2)  # as after DATA (no BINARYMIME)
             if problem is None:
                 envelope.content = envelope.original_content = content
                 error = await self._call_handler_hook("DATA")

@@ -33,7 +33,6 @@ class Reply:
     text: str
     relay: str = ""  # who gave this reply, for the log ("mda", "mx.example.org[192.0.2.1]")
     dsn_passed: bool = False  # the host advertised DSN and got our NOTIFY/ORCPT
-    keywords: frozenset[str] = frozenset()  # first word of each line (EHLO/LHLO extensions)
 
     @property
     def line(self) -> str:
@@ -108,7 +107,7 @@ class LMTPClient:
                 lhlo = await self.read_reply()
             if lhlo.code != 250:
                 raise LMTPError(f"LHLO: {lhlo.line}")
-            self.chunking = "CHUNKING" in lhlo.keywords
+            self.chunking = "CHUNKING" in lhlo.text.upper().split()
         except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
             await self.close()
             raise LMTPError(f"cannot talk to the MDA at {self.address}: {e}") from e
@@ -131,8 +130,7 @@ class LMTPClient:
                 raise LMTPError(f"malformed reply {line!r}")
             lines.append(line[4:])
             if line[3:4] != "-":
-                return Reply(int(line[:3]), " ".join(lines),
-                             keywords=frozenset(t.split(" ", 1)[0].upper() for t in lines))
+                return Reply(int(line[:3]), " ".join(lines))
             if len(lines) > 100:
                 raise LMTPError("reply too long")
 

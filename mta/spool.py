@@ -352,21 +352,19 @@ class Spool:
                     results[i] = error
         return results
 
+    # Names as strings: pathlib on these paths was a fifth of the queue runner's CPU.
     def _msg(self, qid: str) -> str:
         return f"{self._dir}/{qid}.msg"
 
     def _json(self, qid: str) -> str:
         return f"{self._dir}/{qid}.json"
 
-    def msg_path(self, qid: str) -> Path:
-        return self.dir / f"{qid}.msg"
-
-    def json_path(self, qid: str) -> Path:
-        return self.dir / f"{qid}.json"
-
-    def eml_path(self, qid: str) -> Path:
+    def _eml(self, qid: str) -> str:
         """A layout-1 item's message file."""
-        return self.dir / f"{qid}.eml"
+        return f"{self._dir}/{qid}.eml"
+
+    def msg_path(self, qid: str) -> Path:
+        return Path(self._msg(qid))
 
     def put(self, env: Envelope, message: bytes | MessageParts) -> None:
         """Store a new message durably; when this returns, it survives a crash."""
@@ -400,10 +398,10 @@ class Spool:
 
     def _discard(self, qid: str) -> None:
         with contextlib.suppress(OSError):
-            self.msg_path(qid).unlink()
+            os.unlink(self._msg(qid))
 
     def update(self, env: Envelope) -> None:
-        atomic_write(self.json_path(env.id), env.to_json())
+        atomic_write(self._json(env.id), env.to_json())
 
     def remove(self, qid: str, size: int | None = None) -> None:
         """Remove an item (its lock held); ``size``: its message file's, if known.
@@ -425,7 +423,7 @@ class Spool:
             os.unlink(self._json(qid))
         if layout1:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.eml_path(qid))
+                os.unlink(self._eml(qid))
 
     def load(self, qid: str, fresh: bool = False) -> Envelope:
         """The item's envelope; ``fresh``: just committed, so no attempt wrote a ``.json``."""
@@ -489,14 +487,14 @@ class Spool:
                 # a message that was never acknowledged (its own name was not yet durable).
                 log.warning("%s: stale name of a recycled file (holds %s): removed", qid, env.id)
                 with contextlib.suppress(FileNotFoundError):
-                    self.msg_path(qid).unlink()
+                    os.unlink(self._msg(qid))
                 continue
             items.append(env)
         return items
 
     def _open_message_file(self, qid: str) -> tuple[int, str] | None:
         """The item's message file (layout 2, else 1), open for reading; None if gone."""
-        for path in (self._msg(qid), f"{self._dir}/{qid}.eml"):
+        for path in (self._msg(qid), self._eml(qid)):
             try:
                 return os.open(path, os.O_RDONLY), path
             except FileNotFoundError:
@@ -517,8 +515,8 @@ class Spool:
 
     def committed(self, qid: str) -> bool:
         """Still in the queue (not delivered, not deleted)."""
-        return self.msg_path(qid).exists() or (
-            self.json_path(qid).exists() and self.eml_path(qid).exists())
+        return os.path.exists(self._msg(qid)) or (
+            os.path.exists(self._json(qid)) and os.path.exists(self._eml(qid)))
 
     def checkout(self, qid: str, in_memory_max: int = 1 << 20
                  ) -> tuple[int, bytes | SpooledMessage] | None:

@@ -8,7 +8,7 @@ makes gives up the GIL and must win it back from a busy event loop, which costs 
 the call (measured: a batch of 23 spool writes took 38 ms at 50 sessions with the whole write
 in the thread). Opening, writing to the page cache and renaming are quick enough for the loop.
 
-And ``DiskSync`` keeps even the fsyncs on the loop while the disk is fast: see there.
+``DiskSync`` keeps a lone message's fsyncs on the loop while the disk is fast: see there.
 """
 
 from __future__ import annotations

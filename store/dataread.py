@@ -47,6 +47,17 @@ def line_longer_than(data: bytes, limit: int) -> bool:
     return False
 
 
+def line_error(data: bytes, longest: int) -> str | None:
+    """"bare-eol" if a CR or LF in ``data`` is not part of a CRLF, "line" if a line is over
+    ``longest`` bytes before its CRLF, else None (DATA and LMTP's BDAT check the same)."""
+    pairs = data.count(b"\r\n")
+    if data.count(b"\n") != pairs or data.count(b"\r") != pairs:
+        return "bare-eol"
+    if line_longer_than(data, longest):
+        return "line"
+    return None
+
+
 @dataclass
 class DataResult:
     content: bytes  # the message, unless it spilled to ``path``
@@ -105,12 +116,9 @@ class DataDecoder:
         if self.max_size and self.size > self.max_size:
             self._fail("size")
             return
-        pairs = segment.count(b"\r\n")
-        if segment.count(b"\n") != pairs or segment.count(b"\r") != pairs:
-            self._fail("bare-eol")
-            return
-        if line_longer_than(segment, self.max_line - 1):  # -CRLF, +1 stuffed dot
-            self._fail("line")
+        problem = line_error(segment, self.max_line - 1)  # -CRLF, +1 stuffed dot
+        if problem is not None:
+            self._fail(problem)
             return
         self._emit(segment.replace(b"\r\n.", b"\r\n")[2:] + b"\r\n")
 

@@ -318,13 +318,10 @@ class BaseSMTP(SMTP):
                 with_enhanced_code(line) for line in status.split("\r\n"))
         data = (status if isinstance(status, bytes) else status.encode(
             "utf-8" if self.enable_SMTPUTF8 else "ascii")) + b"\r\n"
+        self._held.append(data)
         if self._hold_all or (data[:3] in HOLDABLE and self._pipelined()):
-            self._held.append(data)
             return
-        if self._held:
-            data = b"".join(self._held) + data
-            self._held.clear()
-        self._writer.write(data)
+        self._flush_held()
         await self._writer.drain()
 
     def _pipelined(self) -> bool:
@@ -393,7 +390,7 @@ class BaseSMTP(SMTP):
         finally:
             self._in_greeting_reply = False
             self._hold_all = False
-        if self._held and self.transport is not None and not self.transport.is_closing():
+        if self.transport is not None and not self.transport.is_closing():
             self._flush_held()
             await self._writer.drain()
 
