@@ -17,7 +17,7 @@ from mda import maildir
 from mda.mbox import MboxWriter
 from mda.message import stored_message
 from mda.paths import UnsafeAddress, mailbox_path
-from store.batching import DiskSync, fsync_all, fsync_dirs
+from store.batching import DiskSync
 from store.config import MDAConfig
 from store.directory import UserInfo
 
@@ -43,7 +43,7 @@ class Deliverer:
         self.names = maildir.UniqueNames(hostname)
         self.mbox = MboxWriter()
         self.known_maildirs: set[Path] = set()  # created already: skip three stat calls
-        self.disk = DiskSync()
+        self.disk = DiskSync(os.fspath(self.root))
         self.mailboxes: dict[str, Path] = {}  # address -> its mailbox path (pathlib is slow)
         self.owner: tuple[int, int] | None = None
         if cfg.mail_owner and os.geteuid() == 0:
@@ -114,13 +114,13 @@ class Deliverer:
                     written.append((i, self._write_maildir(path, message), len(message)))
                 except OSError as e:
                     replies[i] = self._failed(jobs[i].rcpt, path, e)
-            return fsync_all([item.fd for _, item, _ in written])
+            return self.disk.fsync_all([item.fd for _, item, _ in written])
 
         try:
             if slow:
                 synced = await asyncio.to_thread(write_slow_and_sync)
             else:
-                synced = await self.disk.run(len(jobs), len(written), fsync_all,
+                synced = await self.disk.run(len(jobs), 0, self.disk.fsync_all,
                                              [item.fd for _, item, _ in written])
         except BaseException:
             for _, item, _ in written:
@@ -130,7 +130,7 @@ class Deliverer:
         errors, moved = maildir.move_into_new(items, synced)
         if moved:
             maildir.drop_unsynced(items, errors, moved,
-                                  await self.disk.run(len(jobs), len(moved), fsync_dirs,
+                                  await self.disk.run(len(jobs), len(moved), self.disk.fsync_dirs,
                                                       list(moved)))
         for (i, item, size), error in zip(written, errors, strict=True):
             replies[i] = self._outcome(jobs[i].rcpt, item, size, error)

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from store.batching import Batcher, DiskSync, fsync_all, fsync_dirs
+from store.batching import Batcher, DiskSync
 from store.fsio import atomic_write, ensure_dir, fsync_dir, wait_for_lock
 
 log = logging.getLogger("pochta.spool")
@@ -275,7 +275,7 @@ class Spool:
         self.dir = ensure_dir(directory, 0o700)
         self._dir = os.fspath(self.dir)  # hot paths build names with strings, not pathlib
         self.free = FreeFiles(self.dir / FREE_DIR)
-        self.disk = DiskSync()
+        self.disk = DiskSync(self._dir)
         self._batcher: Batcher[tuple[Envelope, bytes | MessageParts], None] = \
             Batcher(self._put_batch)
 
@@ -317,12 +317,12 @@ class Spool:
                         written.append((i, *self._write_unsynced(*items[i])))
                     except OSError as e:
                         results[i] = e
-                return fsync_all([fd for _, fd, _ in written])
+                return self.disk.fsync_all([fd for _, fd, _ in written])
 
             if in_thread:
                 synced = await asyncio.to_thread(write_rest_and_sync)
             else:
-                synced = await self.disk.run(len(items), len(written), fsync_all,
+                synced = await self.disk.run(len(items), 0, self.disk.fsync_all,
                                              [fd for _, fd, _ in written])
         except BaseException:
             for _, fd, tmp in written:
@@ -345,7 +345,8 @@ class Spool:
                 os.unlink(tmp)
         if renamed:
             # One directory sync makes the whole batch durable.
-            error = (await self.disk.run(len(items), 1, fsync_dirs, [self._dir]))[self._dir]
+            errors = await self.disk.run(len(items), 1, self.disk.fsync_dirs, [self._dir])
+            error = errors[self._dir]
             if error is not None:
                 for i in renamed:
                     self._discard(items[i][0].id)

@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, ParamSpec, TypeVar
 
-from store.fsio import fsync_dir
+from store.fsio import fsync_dir, syncfs, syncfs_available
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -28,8 +29,7 @@ T = TypeVar("T")
 
 
 class DiskSync:
-    """Runs a lone message's fsyncs on the event loop while they are quick, a batch's in a
-    worker thread.
+    """How a batch's files become durable, and where (event loop or worker thread).
 
     A trip to a worker thread and back costs more than a quick fsync: measured on this project's
     2-core VM, ``to_thread`` of a no-op takes 0.28 ms (two cross-CPU wake-ups and the GIL), an
@@ -38,12 +38,28 @@ class DiskSync:
     decides: a slow disk would stall the sessions). A batch means other sessions are busy: the
     loop goes on reading them while the thread syncs (50 sessions, 4 KB: p99 end-of-DATA 79 and
     67 ms against 93 and 83 ms with batches synced on the loop).
+
+    A batch's files on the file system of ``anchor`` (the spool, the mailbox root) are made
+    durable by one ``syncfs`` (and one fsync) instead of an fsync each: every fsync ends in a
+    cache flush of the disk, which is what the disk is slowest at (on this VM 20 new 4 KB files
+    took 4.5-4.9 ms by parallel fsyncs, 1.7 ms by one syncfs). syncfs also writes whatever else is dirty on
+    that file system, so it is used only while it measures faster than the fsyncs it replaces
+    (tried again every ``RETRY`` batches): a neighbour writing gigabytes makes us fall back.
     """
 
     FAST = 0.002  # seconds per fsync (moving average) under which the loop does them
+    PARALLEL = 8  # fsyncs of one batch in flight together when syncfs is not used
+    RETRY = 64  # batches between two tries of a syncfs that measured slower than fsyncs
+    SYNCFS_MIN = 3  # files: syncfs costs two flushes (see fsync_all)
 
-    def __init__(self) -> None:
-        self.average = 0.0005  # a guess (an SSD's); the first calls measure the disk
+    def __init__(self, anchor: str | None = None) -> None:
+        self.average = 0.0005  # per fsync: a guess (an SSD's); the first calls measure the disk
+        self.syncfs_average = 0.0  # per syncfs; 0 until measured
+        self._anchor = anchor if anchor is not None and syncfs_available() else None
+        self._anchor_fd: int | None = None
+        self._anchor_dev = -2
+        self._batches = 0
+        self._pool: ThreadPoolExecutor | None = None
 
     def inline(self, items: int) -> bool:
         return items == 1 and self.average < self.FAST
@@ -58,11 +74,76 @@ class DiskSync:
                 return fn(*args, **kwargs)
             finally:
                 if fsyncs:
-                    per = (time.perf_counter() - t0) / fsyncs
-                    self.average += (per - self.average) * 0.2
+                    self._measured_fsyncs(time.perf_counter() - t0, fsyncs)
         if self.inline(items):
             return timed()
         return await asyncio.to_thread(timed)
+
+    def _measured_fsyncs(self, seconds: float, count: int) -> None:
+        self.average += (seconds / count - self.average) * 0.2
+
+    def fsync_all(self, fds: Sequence[int]) -> list[OSError | None]:
+        """Make the files behind ``fds`` durable (in a worker thread); the error of each.
+
+        One syncfs for those on the anchor's file system while it pays; otherwise up to
+        ``PARALLEL`` fsyncs in flight (the disk merges the flushes of concurrent fsyncs: 20
+        new 4 KB files took 11.2 ms one after the other, 6-7 ms with 4-16 at once).
+        """
+        if len(fds) < self.SYNCFS_MIN:
+            return self._fsyncs(fds)
+        anchor = self._anchor_descriptor() if self._syncfs_pays(len(fds)) else None
+        if anchor is None:
+            return self._fsyncs(fds)
+        errors: list[OSError | None] = [None] * len(fds)
+        elsewhere = [i for i, fd in enumerate(fds) if _device(fd) != self._anchor_dev]
+        t0 = time.perf_counter()
+        try:
+            syncfs(anchor)
+            # On ext4 without a journal syncfs writes the inode tables after its cache flush
+            # (fs/sync.c, ext4_write_inode): an fsync, which always flushes, covers them.
+            os.fsync(anchor)
+        except OSError as e:  # which file failed is not known: none of them is durable
+            return [e] * len(fds)
+        self.syncfs_average += (time.perf_counter() - t0 - self.syncfs_average) * 0.2
+        for i, error in zip(elsewhere, self._fsyncs([fds[i] for i in elsewhere]), strict=True):
+            errors[i] = error
+        return errors
+
+    def _syncfs_pays(self, files: int) -> bool:
+        if self._anchor is None:
+            return False
+        self._batches += 1
+        return (self.syncfs_average < files * self.average
+                or self._batches % self.RETRY == 0)
+
+    def _anchor_descriptor(self) -> int | None:
+        if self._anchor_fd is None and self._anchor is not None:
+            try:
+                fd = os.open(self._anchor, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                return None  # not there (yet): fsyncs
+            self._anchor_dev = os.fstat(fd).st_dev
+            self._anchor_fd = fd
+        return self._anchor_fd
+
+    def _fsyncs(self, fds: Sequence[int]) -> list[OSError | None]:
+        t0 = time.perf_counter()
+        errors = (fsync_all(fds) if len(fds) < 2
+                  else list(self._executor().map(_fsync, fds)))
+        if fds:
+            self._measured_fsyncs(time.perf_counter() - t0, len(fds))
+        return errors
+
+    def fsync_dirs(self, dirs: Sequence[str]) -> dict[str, OSError | None]:
+        """``fsync_dirs`` with the directories fsynced in parallel (in a worker thread)."""
+        if len(dirs) < 2:
+            return fsync_dirs(dirs)
+        return dict(zip(dirs, self._executor().map(_fsync_dir, dirs), strict=True))
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:  # threads only for a process that sees batches
+            self._pool = ThreadPoolExecutor(self.PARALLEL, thread_name_prefix="fsync")
+        return self._pool
 
 
 class Batcher(Generic[Item, Result]):
@@ -102,25 +183,34 @@ class Batcher(Generic[Item, Result]):
                     future.set_result(result)
 
 
-def fsync_all(fds: list[int]) -> list[OSError | None]:
-    """fsync each descriptor (in a worker thread); the error of each, or None."""
-    errors: list[OSError | None] = []
-    for fd in fds:
-        try:
-            os.fsync(fd)
-            errors.append(None)
-        except OSError as e:
-            errors.append(e)
-    return errors
+def _device(fd: int) -> int:
+    try:
+        return os.fstat(fd).st_dev
+    except OSError:
+        return -1  # its fsync will say what is wrong
 
 
-def fsync_dirs(dirs: list[str]) -> dict[str, OSError | None]:
-    """fsync each directory once (in a worker thread); the error of each, or None."""
-    errors: dict[str, OSError | None] = {}
-    for d in dirs:
-        try:
-            fsync_dir(d)
-            errors[d] = None
-        except OSError as e:
-            errors[d] = e
-    return errors
+def _fsync(fd: int) -> OSError | None:
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        return e
+    return None
+
+
+def _fsync_dir(path: str) -> OSError | None:
+    try:
+        fsync_dir(path)
+    except OSError as e:
+        return e
+    return None
+
+
+def fsync_all(fds: Sequence[int]) -> list[OSError | None]:
+    """fsync each descriptor, one after the other; the error of each, or None."""
+    return [_fsync(fd) for fd in fds]
+
+
+def fsync_dirs(dirs: Sequence[str]) -> dict[str, OSError | None]:
+    """fsync each directory once, one after the other; the error of each, or None."""
+    return {d: _fsync_dir(d) for d in dirs}

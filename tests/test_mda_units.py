@@ -106,3 +106,41 @@ def test_maildir_batch_delivers_each_copy_and_reports_each_failure(tmp_path):
     replies = asyncio.run(d.deliver_batch([jobs[0], jobs[2]]))
     assert [r[:9] for r in replies] == ["250 2.0.0", "250 2.0.0"]
     assert len(list((tmp_path / "example.com" / "amy" / "new").iterdir())) == 2
+
+
+def test_disk_sync_makes_a_batch_durable_with_one_syncfs_while_that_pays(tmp_path):
+    import errno
+    import os
+
+    import pytest
+
+    from store.batching import DiskSync
+    from store.fsio import syncfs_available
+
+    if not syncfs_available():
+        pytest.skip("no syncfs here (Linux 5.8 or later)")
+
+    def batch(n: int) -> list[int]:
+        return [os.open(tmp_path / f"m{i}-{os.urandom(4).hex()}", os.O_WRONLY | os.O_CREAT)
+                for i in range(n)]
+
+    disk = DiskSync(str(tmp_path))
+    fds = batch(5)
+    gone = 999_999  # a descriptor that fails: only its own entry reports it
+    errors = disk.fsync_all(fds + [gone])
+    assert errors[:5] == [None] * 5 and errors[5].errno == errno.EBADF
+    assert disk.syncfs_average > 0  # the batch went by syncfs
+
+    # A neighbour keeps the file system busy: syncfs now measures slower than the fsyncs
+    # it would replace, so batches go by fsync, and syncfs is tried again now and then.
+    disk.syncfs_average = 10.0
+    used_syncfs = []
+    for _ in range(DiskSync.RETRY):
+        before = disk.syncfs_average
+        assert disk.fsync_all(batch(3)) == [None] * 3
+        used_syncfs.append(disk.syncfs_average != before)
+    assert used_syncfs.count(True) == 1
+
+    # Without an anchor (or on another file system) every file gets its own fsync.
+    plain = DiskSync()
+    assert plain.fsync_all(batch(4)) == [None] * 4 and plain.syncfs_average == 0
