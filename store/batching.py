@@ -41,10 +41,11 @@ class DiskSync:
 
     A batch's files on the file system of ``anchor`` (the spool, the mailbox root) are made
     durable by one ``syncfs`` (and one fsync) instead of an fsync each: every fsync ends in a
-    cache flush of the disk, which is what the disk is slowest at (on this VM 20 new 4 KB files
-    took 4.5-4.9 ms by parallel fsyncs, 1.7 ms by one syncfs). syncfs also writes whatever else is dirty on
-    that file system, so it is used only while it measures faster than the fsyncs it replaces
-    (tried again every ``RETRY`` batches): a neighbour writing gigabytes makes us fall back.
+    cache flush of the disk, which is what the disk is slowest at (on this VM, 20 new 4 KB
+    files: 4.5-4.9 ms by parallel fsyncs, 1.7 ms by one syncfs). syncfs also writes whatever
+    else is dirty on that file system, so it is used only while it measures faster than the
+    fsyncs it replaces (tried again every ``RETRY`` batches): a neighbour writing gigabytes
+    makes us fall back.
     """
 
     FAST = 0.002  # seconds per fsync (moving average) under which the loop does them
