@@ -8,8 +8,10 @@ precedes a 250 goes through here.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
+import functools
 import os
 import sys
 import time
@@ -17,17 +19,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def _load_syncfs() -> Callable[[int], int] | None:
+@functools.cache
+def _libc_syncfs() -> Callable[[int], int] | None:
     """libc's syncfs(2), where it reports write-back errors: Linux 5.8 and later (before,
-    it returned 0 whatever happened, so a failed write would pass for durable)."""
+    it returned 0 whatever happened, so a failed write would pass for durable). Looked up on
+    first use, not at import: most commands never sync a batch."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         major, minor = (int(x) for x in os.uname().release.split(".")[:2])
         if (major, minor) < (5, 8):
             return None
-        import ctypes
-
         fn = ctypes.CDLL(None, use_errno=True).syncfs
     except (ValueError, OSError, AttributeError):
         return None
@@ -36,22 +38,18 @@ def _load_syncfs() -> Callable[[int], int] | None:
     return fn  # type: ignore[no-any-return]
 
 
-_SYNCFS = _load_syncfs()
-
-
 def syncfs_available() -> bool:
-    return _SYNCFS is not None
+    return _libc_syncfs() is not None
 
 
 def syncfs(fd: int) -> None:
     """Write out and flush everything dirty on the file system that holds ``fd``: Linux
     promises for it what fsync of each file (and directory) of that file system promises,
     with one cache flush of the disk instead of one each (man 2 syncfs)."""
-    if _SYNCFS is None:
+    fn = _libc_syncfs()
+    if fn is None:
         raise OSError(errno.ENOSYS, "syncfs is not available")
-    if _SYNCFS(fd) != 0:
-        import ctypes
-
+    if fn(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
