@@ -33,7 +33,7 @@ class Job:
     mailbox: UserInfo
     rcpt: str
     mail_from: str
-    data: bytes
+    data: bytes  # the message with LF line endings (mda.message.to_lf)
 
 
 class Deliverer:

