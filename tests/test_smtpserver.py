@@ -72,3 +72,56 @@ def test_enhanced_codes_filled_in():
     assert with_enhanced_code("550 5.1.1 <x> no") == "550 5.1.1 <x> no"
     assert with_enhanced_code("354 End data") == "354 End data"
     assert with_enhanced_code("250-SIZE 100").startswith("250-2.0.0 ")
+
+
+def test_a_closed_session_is_freed_without_the_garbage_collector():
+    """A session must not be a reference cycle: the collections that find thousands of them
+    stall every open session (up to 90 ms in the MTA under load)."""
+    import gc
+    import weakref
+
+    from store.smtpserver import BaseSMTP
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):
+            return "250 2.0.0 OK"
+
+    async def main():
+        sessions: list[weakref.ref] = []
+        connections = Connections(10, 10)
+
+        def factory():
+            proto = BaseSMTP(Handler(), connections=connections, hostname="mx.test")
+            sessions.append(weakref.ref(proto))
+            return proto
+
+        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        for command in (b"QUIT\r\n", b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await reader.readline()
+            writer.write(command)
+            await writer.drain()
+            if command.startswith(b"EHLO"):
+                # mid-transaction: the client vanishes
+                await asyncio.wait_for(reader.readuntil(b"250 2.0.0 OK\r\n"), 5)
+            else:
+                await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            await writer.wait_closed()
+        for _ in range(50):  # the server side ends a few loop turns later
+            await asyncio.sleep(0.01)
+            if all(ref() is None for ref in sessions):
+                break
+        server.close()
+        await server.wait_closed()
+        return sessions
+
+    gc.collect()
+    gc.disable()
+    try:
+        sessions = asyncio.run(asyncio.wait_for(main(), 30))
+        assert len(sessions) == 2
+        assert [ref() for ref in sessions] == [None, None]
+    finally:
+        gc.enable()
