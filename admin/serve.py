@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import resource
@@ -59,13 +60,26 @@ async def _serve(cfg: Config, role: str, config_path: str | None) -> None:
     elif role == "mta":
         from mta.server import run_mta
 
+        freeze_imported_objects()
         await run_mta(cfg, stop, config_path)
         return
     elif role == "queue":
         from mta.server import run_queue as run
     else:
         from mta.server import run_msa as run
+    freeze_imported_objects()
     await run(cfg, stop)
+
+
+def freeze_imported_objects() -> None:
+    """Keep the garbage collector off what the imports made (gc.freeze).
+
+    A full collection walks every object in the process: with SQLAlchemy, aiosmtpd and
+    dnspython loaded that took 35-80 ms in the MTA, twice in a few seconds of 50 sessions, and
+    each one stalls every session. The modules, classes and functions never become garbage.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def run_loop(main: Coroutine[Any, Any, None], kind: str) -> None:
