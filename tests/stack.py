@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,7 +25,32 @@ def quiet_dns() -> FakeDNS:
     return _quiet_dns
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_handed_out: set[int] = set()  # never the same port twice in one test run
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port to listen on, below the ephemeral range: a port the kernel handed out as free
+    can be some outgoing connection's local port by the time the server binds it."""
+    low = _ephemeral_low()
+    if low > 12000:
+        for _ in range(50):
+            port = random.randrange(10000, low)
+            if port in _handed_out:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
