@@ -75,7 +75,7 @@ def freeze_imported_objects() -> None:
     """Keep the garbage collector off what the imports made (gc.freeze).
 
     A full collection walks every object in the process: with SQLAlchemy, aiosmtpd and
-    dnspython loaded that took 35-80 ms in the MTA, twice in a few seconds of 50 sessions, and
+    dnspython loaded that took 35-90 ms in the MTA, twice in a few seconds of 50 sessions, and
     each one stalls every session. The modules, classes and functions never become garbage.
     """
     gc.collect()
