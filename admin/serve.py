@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -60,9 +61,7 @@ async def _serve(cfg: Config, role: str, config_path: str | None) -> None:
     elif role == "mta":
         from mta.server import run_mta
 
-        freeze_imported_objects()
-        await run_mta(cfg, stop, config_path)
-        return
+        run = functools.partial(run_mta, config_path=config_path)
     elif role == "queue":
         from mta.server import run_queue as run
     else:

@@ -48,29 +48,22 @@ class Dovecot:
         (base / "run").mkdir(exist_ok=True)
         (base / "state").mkdir(exist_ok=True)
         self.conf = base / "dovecot.conf"
-        # A port free_port() found free can be taken before Dovecot binds it (an outgoing
-        # connection's local port comes from the same range): then Dovecot exits at once
-        # (status 89, "Address already in use") and a fresh pair of ports is tried.
-        for attempt in range(3):
-            self.imap_port = free_port()
-            self.pop3_port = free_port()
-            while self.pop3_port == self.imap_port:
-                self.pop3_port = free_port()
-            self.conf.write_text(conf_text + TEST_OVERRIDES.format(
-                base=base, imap=self.imap_port, pop3=self.pop3_port))
-            self.proc = subprocess.Popen([DOVECOT, "-F", "-c", str(self.conf)],
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            try:
-                wait_listening(f"127.0.0.1:{self.imap_port}", self.proc)
-                wait_listening(f"127.0.0.1:{self.pop3_port}", self.proc)
-                return
-            except RuntimeError:
-                if self.proc.poll() is None:
-                    raise  # still running but not listening: not a port race
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                if attempt == 2 or "in use" not in err + self.log():
-                    raise RuntimeError(f"dovecot did not start: {err.strip()} "
-                                       f"{self.log()[-2000:]}") from None
+        self.imap_port = free_port()
+        self.pop3_port = free_port()
+        self.conf.write_text(conf_text + TEST_OVERRIDES.format(
+            base=base, imap=self.imap_port, pop3=self.pop3_port))
+        self.proc = subprocess.Popen([DOVECOT, "-F", "-c", str(self.conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_listening(f"127.0.0.1:{self.imap_port}", self.proc)
+            wait_listening(f"127.0.0.1:{self.pop3_port}", self.proc)
+        except RuntimeError:
+            # Say why (e.g. "Address already in use", exit 89), not only that it exited.
+            if self.proc.poll() is None:
+                raise
+            err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+            raise RuntimeError(f"dovecot did not start: {err.strip()} {self.log()[-2000:]}"
+                               ) from None
 
     def log(self) -> str:
         p = self.base / "dovecot.log"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -25,6 +26,7 @@ def quiet_dns() -> FakeDNS:
     return _quiet_dns
 
 
+@functools.cache  # read once per run
 def _ephemeral_low() -> int:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -32,7 +34,8 @@ def _ephemeral_low() -> int:
         return 32768
 
 
-_handed_out: set[int] = set()  # never the same port twice in one test run
+_handed_out: set[int] = set()  # never the same port twice in one test run (two servers of
+# one test ask before either binds)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -51,9 +54,14 @@ def free_port(host: str = "127.0.0.1") -> int:
                     continue
             _handed_out.add(port)
             return port
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            break
+    _handed_out.add(port)
+    return port
 
 
 def wait_listening(addr: str, proc: subprocess.Popen | None = None, timeout: float = 20) -> None:
