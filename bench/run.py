@@ -286,6 +286,7 @@ def run_one(system_cls: type, n: int, concurrency: int, size: int, use_smtp_sour
         pids = system.pids()
         cpu0 = {r: proc_cpu(p) for r, p in pids.items()}
         t0 = time.perf_counter()
+        latencies: list[float]
         if use_smtp_source:
             accept_time, latencies, failures = smtp_source(system.port, n, concurrency, size), [], 0
         else:

@@ -35,6 +35,7 @@ class LMTPEnvelope(Envelope):
         super().__init__()
         self.mailboxes: list[UserInfo] = []  # parallel to rcpt_tos
         self.lf_content: bytes | None = None  # the message with LF endings, once known
+        self.chunks: list[bytes] = []  # BDAT chunks received so far
 
 
 class LMTPProtocol(BaseSMTP):
@@ -62,11 +63,11 @@ class LMTPProtocol(BaseSMTP):
             return
         size, last = int(m.group(1)), m.group(2) is not None
         envelope = self.envelope
-        assert envelope is not None
-        parts: list[bytes] = getattr(envelope, "chunks", [])
-        envelope.chunks = parts  # type: ignore[attr-defined]
+        assert isinstance(envelope, LMTPEnvelope)  # _create_envelope makes no other kind
+        parts = envelope.chunks
         held = sum(map(len, parts))
-        too_big = bool(self.data_size_limit) and held + size > self.data_size_limit
+        limit = self.data_size_limit  # None or 0: no limit
+        too_big = limit is not None and 0 < limit < held + size
         remaining = size
         with self.reading_data():
             while remaining:  # the chunk is read whatever the reply: data, not commands

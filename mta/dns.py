@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import dns.asyncresolver
 import dns.exception
 import dns.rdatatype
 import dns.resolver
+from dns.rdtypes.ANY.MX import MX
 
 from store.config import parse_address
 
@@ -75,7 +76,7 @@ class Resolver:
         return out
 
     async def route(self, domain: str) -> list[Host]:
-        mx = await self._query(domain, "MX")
+        mx = cast("list[MX] | None", await self._query(domain, "MX"))
         if mx is None:
             names = [domain]  # RFC 5321 §5.1: no MX -> the domain itself is the implicit MX
         else:

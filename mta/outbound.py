@@ -14,6 +14,7 @@ import asyncio
 import logging
 import ssl
 from collections import defaultdict
+from collections.abc import Callable
 
 import aiosmtplib
 
@@ -157,24 +158,24 @@ class Outbound:
                     smtp.close()
 
     async def _transaction(self, env: Envelope, smtp: aiosmtplib.SMTP, rcpts: list[Recipient],
-                           data: bytes, reply) -> dict[str, Reply]:  # type: ignore[no-untyped-def]
+                           data: bytes, reply: Callable[[int, str], Reply]) -> dict[str, Reply]:
         options: list[str] = []
         if needs_smtputf8(env, rcpts):
             if not smtp.supports_extension("smtputf8"):
-                r = reply(554, "5.6.7 the receiving host does not support SMTPUTF8")
-                return {x.address: r for x in rcpts}
+                refused = reply(554, "5.6.7 the receiving host does not support SMTPUTF8")
+                return {x.address: refused for x in rcpts}
             options.append("SMTPUTF8")
         if env.body == "8BITMIME" or not data.isascii():
             if smtp.supports_extension("8bitmime"):
                 options.append("BODY=8BITMIME")
             else:
-                r = reply(554, "5.6.3 the receiving host does not accept 8-bit messages")
-                return {x.address: r for x in rcpts}
+                refused = reply(554, "5.6.3 the receiving host does not accept 8-bit messages")
+                return {x.address: refused for x in rcpts}
         if smtp.supports_extension("size"):
             limit = smtp.esmtp_extensions.get("size", "")
             if limit.isdigit() and int(limit) and len(data) > int(limit):
-                r = reply(552, f"5.3.4 message size {len(data)} exceeds the host's limit {limit}")
-                return {x.address: r for x in rcpts}
+                refused = reply(552, f"5.3.4 message size {len(data)} exceeds the host's limit {limit}")
+                return {x.address: refused for x in rcpts}
             options.append(f"SIZE={len(data)}")
         encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
         dsn = smtp.supports_extension("dsn")

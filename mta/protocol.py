@@ -49,7 +49,7 @@ class StrictLineReader:
             # "NOOP\nQUIT\r\n" is one malformed line, not two commands: drop what was sent
             # with it up to its CRLF, if that is already here (a client waiting for our
             # answer to "EHLO x\n" alone gets it at once).
-            buffered = self._real._buffer  # type: ignore[attr-defined]
+            buffered = self._real._buffer
             end = buffered.find(b"\r\n")
             if end >= 0:
                 del buffered[: end + 2]
@@ -147,8 +147,9 @@ class SMTPProtocol(BaseSMTP):
         They are taken out of the line before aiosmtpd sees it (it refuses unknown parameters
         and upper-cases values, which would change ENVID).
         """
-        assert self.envelope is not None
-        if arg and not self.envelope.mail_from:
+        envelope = self.envelope
+        assert isinstance(envelope, SMTPEnvelope)  # _create_envelope makes no other kind
+        if arg and not envelope.mail_from:
             kept, ret, envid = [], None, None
             for i, word in enumerate(arg.split(" ")):
                 key, eq, value = word.partition("=")
@@ -164,7 +165,7 @@ class SMTPProtocol(BaseSMTP):
                         return
                 else:
                     kept.append(word)
-            self.envelope.dsn_ret, self.envelope.dsn_envid = ret, envid
+            envelope.dsn_ret, envelope.dsn_envid = ret, envid
             arg = " ".join(kept)
         await super().smtp_MAIL(arg)
 

@@ -375,7 +375,7 @@ class QueueRunner:
         except DirectoryUnavailable as e:
             return {r.address: Reply(451, f"4.3.0 directory unavailable: {e}") for r in rcpts}
         results: dict[str, Reply] = {}
-        jobs = []
+        jobs: list[Awaitable[dict[str, Reply]]] = []
         if local:
             jobs.append(self.local.deliver(env, local, data))
         if remote:

@@ -148,7 +148,8 @@ class DiskSync:
 
 
 class Batcher(Generic[Item, Result]):
-    def __init__(self, run_batch: Callable[[list[Item]], Awaitable[list[Result | BaseException]]],
+    def __init__(self,
+                 run_batch: Callable[[list[Item]], Awaitable[Sequence[Result | BaseException]]],
                  max_batch: int = 256) -> None:
         """``run_batch`` returns one result (or exception) per item, in order."""
         self.run_batch = run_batch

@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import CursorResult, Delete, delete, func, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -236,7 +236,7 @@ class Directory:
     def remove_user(self, address: str) -> None:
         addr = self._mailbox_arg(address)
         with self._write() as s:
-            if s.execute(delete(User).where(User.address == addr)).rowcount == 0:
+            if _deleted(s, delete(User).where(User.address == addr)) == 0:
                 raise DirectoryError(f"user {addr} does not exist")
 
     def add_alias(self, source: str, targets: list[str]) -> tuple[str, list[str]]:
@@ -281,7 +281,7 @@ class Directory:
             q = delete(Alias).where(Alias.source == src)
             if tgt is not None:
                 q = q.where(Alias.target == tgt)
-            if s.execute(q).rowcount == 0:
+            if _deleted(s, q) == 0:
                 what = f"{src} -> {tgt}" if tgt else src
                 raise DirectoryError(f"alias {what} does not exist")
 
@@ -371,7 +371,7 @@ class _Guard:
         except SQLAlchemyError as e:
             raise DirectoryUnavailable(_describe(e)) from e
 
-    def __exit__(self, et: object, ev: BaseException | None, tb: object) -> bool:
+    def __exit__(self, et: object, ev: BaseException | None, tb: object) -> None:
         try:
             self._cm.__exit__(et, ev, tb)  # type: ignore[arg-type]
         except IntegrityError as e:
@@ -382,7 +382,11 @@ class _Guard:
             raise DirectoryError(f"conflicting change: {_describe(ev)}") from ev
         if isinstance(ev, SQLAlchemyError):
             raise DirectoryUnavailable(_describe(ev)) from ev
-        return False
+
+
+def _deleted(s: Session, statement: Delete) -> int:
+    """How many rows a DELETE removed (``Session.execute`` is typed as a plain Result)."""
+    return cast("CursorResult[Any]", s.execute(statement)).rowcount
 
 
 def _describe(e: SQLAlchemyError) -> str:
@@ -443,7 +447,7 @@ async def lookup(directory: Directory, kind: str, key: str) -> Any:
     if isinstance(directory, CachedDirectory):
         hit, value = directory.peek(_CACHE_KIND[kind], key)
         if hit:
-            return list(value) if isinstance(value, list) else value  # type: ignore[call-overload]
+            return list(value) if isinstance(value, list) else value
     return await asyncio.to_thread(getattr(directory, kind), key)
 
 

@@ -217,9 +217,10 @@ class BaseSMTP(SMTP):
         self._auth_methods = {
             mech: _AuthMechAttr(getattr(self if builtin else handler, name), builtin)
             for mech, (name, builtin) in auth.items()} if auth else {}
-        self._handle_hooks = BoundOnUse(handler, hooks)
+        # aiosmtpd declares these tables as dicts; it only reads them (get, in, []).
+        self._handle_hooks = BoundOnUse(handler, hooks)  # type: ignore[assignment]
         self._ehlo_hook_ver = "new" if "EHLO" in hooks else None
-        self._smtp_methods = BoundOnUse(self, verbs)
+        self._smtp_methods = BoundOnUse(self, verbs)  # type: ignore[assignment]
         if command_call_limit is None:
             self._enforce_call_limit = False
         else:
@@ -293,7 +294,7 @@ class BaseSMTP(SMTP):
         """
         self._handler_coroutine = None
         self._client_connected_cb = None
-        self._smtp_methods = self._handle_hooks = EMPTY_TABLE
+        self._smtp_methods = self._handle_hooks = EMPTY_TABLE  # type: ignore[assignment]
         self._auth_methods = {}
         self._reader = self._writer = None  # type: ignore[assignment]
 
