@@ -3,14 +3,15 @@
     .venv/bin/python bench/run.py                      # pochta alone, default matrix (< 3 min)
     .venv/bin/python bench/run.py --compare-postfix    # and Postfix + Dovecot in the same run
     .venv/bin/python bench/run.py --compare-postfix --runs 3   # each cell 3 times: medians
-    .venv/bin/python bench/run.py -c 10 -s 4096 -n 2000 --smtp-source
+    .venv/bin/python bench/run.py -c 10 -s 4096 -n 2000 --client own
+    .venv/bin/python bench/run.py --memory            # 1000 idle sessions, one 50 MB message
 
 For each (concurrency, size) it starts pochta from a temporary config (SQLite, spool and
 maildir in a temp folder), sends N messages with unique Message-IDs through N connections
 (one message per connection, like smtp-source) and prints: acceptance msgs/s, end-to-end
 msgs/s (until every message is a file in new/), p50/p99 end-of-DATA latency, the peak RSS of
 each pochta process, CPU seconds per 1000 messages, and how many messages were lost or
-duplicated (both must be 0).
+duplicated (both must be 0). It ends with the targets of issue 7, each "met" or "MISSED".
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -363,6 +365,8 @@ def memory(idle: int, big_mb: int) -> None:
         peak = proc_peak_rss_mb(pid)
         print(f"one {big_mb} MB message: accepted in {accept:.2f} s; MTA peak RSS "
               f"{before:.1f} MB -> {peak:.1f} MB (+{peak - before:.1f} MB)")
+        for line in memory_verdicts(idle, with_idle, big_mb, peak - before):
+            print(line)
     finally:
         system.stop()
 
@@ -410,6 +414,61 @@ def median(results: list[Result]) -> Result:
                   sum(r.lost for r in results), sum(r.dup for r in results))
 
 
+def _kb(size: int) -> str:
+    return f"{size / 1024:g} KB"
+
+
+def target_verdicts(cells: dict[tuple[int, int], dict[str, Result]],
+                    pochta_runs: list[Result]) -> list[str]:
+    """The throughput and latency targets of issue 7, on the pochta/Postfix ratios of every
+    (sessions, size) cell that has both systems (medians under --runs), and losses.
+
+    Each line names the worst cell, so a "met" says by how much and a "MISSED" where.
+    """
+    def e2e(a: Result, b: Result) -> float:
+        return a.e2e / max(b.e2e, 1e-9)
+
+    def p99(a: Result, b: Result) -> float:
+        return a.p99 / max(b.p99, 1e-9)
+
+    checks: list[tuple[str, set[int], Callable[[Result, Result], float], float, bool]] = [
+        # (what, sessions it applies to, ratio, bound, whether the ratio must be at least it)
+        ("end to end >= 1.5x Postfix at 10 and 50 sessions", {10, 50}, e2e, 1.5, True),
+        ("end to end >= 1.0x Postfix with one session", {1}, e2e, 1.0, True),
+        ("p99 end-of-DATA at 50 sessions <= Postfix's", {50}, p99, 1.0, False),
+    ]
+    out = []
+    for what, sessions, ratio, bound, at_least in checks:
+        found = [(ratio(pair["pochta"], pair["postfix+dovecot"]), conc, size)
+                 for (conc, size), pair in sorted(cells.items())
+                 if conc in sessions and len(pair) == 2]
+        if not found:
+            continue
+        worst, conc, size = min(found) if at_least else max(found)
+        ok = worst >= bound if at_least else worst <= bound
+        out.append(f"target {'met' if ok else 'MISSED'}: {what} "
+                   f"(worst {worst:.2f}, {conc} x {_kb(size)})")
+    if pochta_runs:
+        lost = sum(r.lost for r in pochta_runs)
+        dup = sum(r.dup for r in pochta_runs)
+        out.append(f"target {'met' if lost == dup == 0 else 'MISSED'}: no message lost or "
+                   f"duplicated ({lost} lost, {dup} duplicated in {len(pochta_runs)} pochta runs)")
+    return out
+
+
+def memory_verdicts(idle: int, idle_rss_mb: float, big_mb: int, big_rise_mb: float) -> list[str]:
+    """The memory targets of issue 7: 1,000 idle sessions under 100 MB of MTA RSS, and a 50 MB
+    message raising its peak by under 10 MB (not judged for other counts and sizes)."""
+    out = []
+    if idle == 1000:
+        out.append(f"target {'met' if idle_rss_mb < 100 else 'MISSED'}: 1000 idle sessions "
+                   f"under 100 MB of MTA RSS ({idle_rss_mb:.1f} MB)")
+    if big_mb == 50:
+        out.append(f"target {'met' if big_rise_mb < 10 else 'MISSED'}: a 50 MB message raises "
+                   f"the MTA's peak RSS by under 10 MB (+{big_rise_mb:.1f} MB)")
+    return out
+
+
 def run_all(args: argparse.Namespace) -> None:
     if args.memory:
         memory(1000, 50)
@@ -424,6 +483,7 @@ def run_all(args: argparse.Namespace) -> None:
     print(f"{'system':16} {'conc':>4} {'size':>7} {'accept/s':>9} {'e2e/s':>7} {'p50 ms':>7} "
           f"{'p99 ms':>7} {'lost':>4} {'dup':>3}  peak RSS / CPU s per 1000 msgs", flush=True)
     by_key: dict[tuple[int, int], dict[str, Result]] = {}
+    pochta_runs: list[Result] = []
     for size in sizes:
         for conc in concurrencies:
             runs: dict[str, list[Result]] = {}
@@ -431,6 +491,8 @@ def run_all(args: argparse.Namespace) -> None:
                 for cls in systems:
                     r = run_one(cls, args.messages, conc, size, args.smtp_source)
                     runs.setdefault(r.system, []).append(r)
+                    if r.system == "pochta":
+                        pochta_runs.append(r)
                     print_result(r, "" if args.runs == 1 else " (run)")
             for name, results in runs.items():
                 by_key.setdefault((conc, size), {})[name] = r = median(results)
@@ -442,6 +504,8 @@ def run_all(args: argparse.Namespace) -> None:
                 print(f"{'ratio pochta/pf':16} {conc:>4} {size:>7} {a.accept / b.accept:>9.2f} "
                       f"{a.e2e / b.e2e:>7.2f} {a.p50 / max(b.p50, 1e-9):>7.2f} "
                       f"{a.p99 / max(b.p99, 1e-9):>7.2f}", flush=True)
+    for line in target_verdicts(by_key, pochta_runs):
+        print(line)
 
 
 if __name__ == "__main__":
