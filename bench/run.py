@@ -414,6 +414,15 @@ def median(results: list[Result]) -> Result:
                   sum(r.lost for r in results), sum(r.dup for r in results))
 
 
+def e2e_ratio(a: Result, b: Result) -> float:
+    """pochta's end-to-end rate over Postfix's (the ratio line and the targets)."""
+    return a.e2e / max(b.e2e, 1e-9)
+
+
+def p99_ratio(a: Result, b: Result) -> float:
+    return a.p99 / max(b.p99, 1e-9)
+
+
 def _kb(size: int) -> str:
     return f"{size / 1024:g} KB"
 
@@ -425,17 +434,11 @@ def target_verdicts(cells: dict[tuple[int, int], dict[str, Result]],
 
     Each line names the worst cell, so a "met" says by how much and a "MISSED" where.
     """
-    def e2e(a: Result, b: Result) -> float:
-        return a.e2e / max(b.e2e, 1e-9)
-
-    def p99(a: Result, b: Result) -> float:
-        return a.p99 / max(b.p99, 1e-9)
-
     checks: list[tuple[str, set[int], Callable[[Result, Result], float], float, bool]] = [
         # (what, sessions it applies to, ratio, bound, whether the ratio must be at least it)
-        ("end to end >= 1.5x Postfix at 10 and 50 sessions", {10, 50}, e2e, 1.5, True),
-        ("end to end >= 1.0x Postfix with one session", {1}, e2e, 1.0, True),
-        ("p99 end-of-DATA at 50 sessions <= Postfix's", {50}, p99, 1.0, False),
+        ("end to end >= 1.5x Postfix at 10 and 50 sessions", {10, 50}, e2e_ratio, 1.5, True),
+        ("end to end >= 1.0x Postfix with one session", {1}, e2e_ratio, 1.0, True),
+        ("p99 end-of-DATA at 50 sessions <= Postfix's", {50}, p99_ratio, 1.0, False),
     ]
     out = []
     for what, sessions, ratio, bound, at_least in checks:
@@ -502,8 +505,8 @@ def run_all(args: argparse.Namespace) -> None:
             if len(pair) == 2:
                 a, b = pair["pochta"], pair["postfix+dovecot"]
                 print(f"{'ratio pochta/pf':16} {conc:>4} {size:>7} {a.accept / b.accept:>9.2f} "
-                      f"{a.e2e / b.e2e:>7.2f} {a.p50 / max(b.p50, 1e-9):>7.2f} "
-                      f"{a.p99 / max(b.p99, 1e-9):>7.2f}", flush=True)
+                      f"{e2e_ratio(a, b):>7.2f} {a.p50 / max(b.p50, 1e-9):>7.2f} "
+                      f"{p99_ratio(a, b):>7.2f}", flush=True)
     for line in target_verdicts(by_key, pochta_runs):
         print(line)
 
