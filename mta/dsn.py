@@ -16,6 +16,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
 
+from mta.reply import LOCAL_DECISION, ascii_text, one_line
 from mta.spool import EXPIRED, Envelope, Recipient, Spool, SpooledMessage, new_id
 from store import addresses
 from store.directory import Directory
@@ -54,6 +55,41 @@ EXPLAIN = {
 }
 
 
+def expanded(r: Recipient) -> bool:
+    """Reached through an alias (or a catch-all), not as the address the sender gave."""
+    return addresses.strip_subaddress(r.original) != addresses.strip_subaddress(r.address)
+
+
+def _address_field(address: str) -> str:
+    """An address as a DSN field value: rfc822, or RFC 6533's utf-8 type with escapes."""
+    return f"rfc822; {address}" if address.isascii() else f"utf-8; {ascii_text(address)}"
+
+
+def recipient_fields(r: Recipient, action: str, now: float) -> list[str]:
+    """The per-recipient block (RFC 3464 §2.3). An alias's members stay private: the sender
+    hears of the address it gave (RFC 3461 §6.2.7.3), so NOTIFY=SUCCESS is no EXPN."""
+    fields = []
+    if r.orcpt:
+        fields.append(f"Original-Recipient: {ascii_text(r.orcpt)}")
+    if expanded(r):
+        final = r.original
+        if action in ("delivered", "relayed"):
+            action = "expanded"
+    else:
+        final = r.address
+        if not r.orcpt and r.original != r.address:
+            fields.append(f"Original-Recipient: {_address_field(r.original)}")
+    status = status_of(r) if action in ("failed", "delayed") else "2.0.0"
+    fields += [f"Final-Recipient: {_address_field(final)}", f"Action: {action}",
+               f"Status: {status}"]
+    if r.last_relay and r.last_relay not in ("mda", "dns", LOCAL_DECISION) and not expanded(r):
+        fields.append(f"Remote-MTA: dns; {ascii_text(r.last_relay.split('[')[0])}")
+    if r.last_reply:
+        fields.append(f"Diagnostic-Code: smtp; {ascii_text(r.last_reply)}")
+    fields.append(f"Last-Attempt-Date: {_date(now)}")
+    return fields
+
+
 def build_dsn(env: Envelope, reports: list[tuple[Recipient, str]], original: bytes,
               hostname: str, now: float | None = None, headers_only: bool = False) -> bytes:
     """A multipart/report for ``reports``: (recipient, action) with action one of
@@ -73,7 +109,8 @@ def build_dsn(env: Envelope, reports: list[tuple[Recipient, str]], original: byt
             continue
         human += [f"Your message {EXPLAIN[action]} for these recipients:", ""]
         for r in group:
-            why = "it stayed undeliverable too long" if r.status == EXPIRED else r.last_reply
+            why = "it stayed undeliverable too long" if r.status == EXPIRED else \
+                one_line(r.last_reply)
             human.append(f"<{r.original}>: {why}" if why else f"<{r.original}>")
         human.append("")
     per_message = [f"Reporting-MTA: dns; {hostname}", f"X-Pochta-Queue-ID: {env.id}",
@@ -83,19 +120,7 @@ def build_dsn(env: Envelope, reports: list[tuple[Recipient, str]], original: byt
         per_message.insert(0, f"Original-Envelope-Id: {envid}")
     blocks = ["\r\n".join(per_message)]
     for r, action in reports:
-        fields = []
-        if r.orcpt:
-            fields.append(f"Original-Recipient: {r.orcpt}")
-        elif r.original != r.address:
-            fields.append(f"Original-Recipient: rfc822; {r.original}")
-        fields += [f"Final-Recipient: rfc822; {r.address}", f"Action: {action}",
-                   f"Status: {status_of(r) if action in ('failed', 'delayed') else '2.0.0'}"]
-        if r.last_relay and r.last_relay not in ("mda", "dns"):
-            fields.append(f"Remote-MTA: dns; {r.last_relay.split('[')[0]}")
-        if r.last_reply:
-            fields.append(f"Diagnostic-Code: smtp; {r.last_reply}")
-        fields.append(f"Last-Attempt-Date: {_date(now)}")
-        blocks.append("\r\n".join(fields))
+        blocks.append("\r\n".join(recipient_fields(r, action, now)))
     if headers_only:
         end = original.find(b"\r\n\r\n")
         returned = original if end < 0 else original[: end + 2]
@@ -139,10 +164,15 @@ def wants(r: Recipient, kind: str) -> bool:
 def final_reports(env: Envelope) -> list[tuple[Recipient, str]]:
     """What the sender hears about once every recipient is final."""
     out: list[tuple[Recipient, str]] = []
+    expanded_reported: set[str] = set()
     for r in env.recipients:
         if r.status in ("failed", EXPIRED) and wants(r, "FAILURE"):
             out.append((r, "failed"))
         elif r.status == "sent" and wants(r, "SUCCESS") and not r.dsn_passed:
+            if expanded(r):  # one "expanded" report for the alias, whatever its members
+                if r.original in expanded_reported:
+                    continue
+                expanded_reported.add(r.original)
             out.append((r, "delivered" if r.last_relay == "mda" else "relayed"))
     return out
 
@@ -182,7 +212,8 @@ class Bouncer:
         dsn = Envelope(id=new_id(), created=now, mail_from="", size=len(data),
                        recipients=[Recipient(address=t, original=env.mail_from, next_attempt=now,
                                              notify=["NEVER"]) for t in targets],
-                       body="8BITMIME", client={"protocol": "local", "ip": "", "helo": ""},
+                       body="8BITMIME", smtputf8=not env.mail_from.isascii(),
+                       client={"protocol": "local", "ip": "", "helo": ""},
                        dsn={"ret": None, "envid": None})
         await asyncio.to_thread(self.spool.put, dsn, data)
         log.info("%s: sender notification (%s): %s", env.id,

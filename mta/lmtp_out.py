@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
+from mta.reply import Reply
 from mta.spool import SpooledMessage
 from store.config import parse_address
 
@@ -25,26 +25,6 @@ class LMTPError(Exception):
         # False: the message never went out in this transaction, so nothing was delivered and
         # it may be tried again at once (e.g. on a reused connection the MDA had closed).
         self.data_sent = data_sent
-
-
-@dataclass(frozen=True)
-class Reply:
-    code: int
-    text: str
-    relay: str = ""  # who gave this reply, for the log ("mda", "mx.example.org[192.0.2.1]")
-    dsn_passed: bool = False  # the host advertised DSN and got our NOTIFY/ORCPT
-
-    @property
-    def line(self) -> str:
-        return f"{self.code} {self.text}"
-
-    @property
-    def permanent(self) -> bool:
-        return self.code >= 500
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.code < 300
 
 
 def _stuff(block: bytes, at_line_start: bool) -> bytes:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import aiosmtplib
 
 from mta.dns import Host, Resolver, RouteError
-from mta.lmtp_out import Reply
+from mta.reply import LOCAL_DECISION, Reply
 from mta.spool import Envelope, Recipient
 from store import addresses
 from store.config import Config, parse_address
@@ -118,6 +118,10 @@ class Outbound:
         def reply(code: int, text: str) -> Reply:
             return Reply(code, text, relay)
 
+        def refuse(code: int, text: str) -> Reply:
+            # Our own decision about this host: no remote MTA said it (no Remote-MTA in a DSN).
+            return Reply(code, f"{text} ({relay})", LOCAL_DECISION)
+
         smtp = aiosmtplib.SMTP(hostname=host.ip, port=port, local_hostname=self.cfg.hostname,
                                timeout=60, start_tls=False, validate_certs=False)
         try:
@@ -136,13 +140,16 @@ class Outbound:
                     log.info("%s: %s: STARTTLS failed (%s); retrying without TLS", env.id, relay, e)
                     smtp.close()
                     return await self._session(env, host, port, rcpts, data, use_tls=False)
+                # RFC 3207 §4.2: what the server said before TLS is forgotten (aiosmtplib clears
+                # it); its extensions are those of a new EHLO over the encrypted channel.
+                await smtp.ehlo()
             d = self.cfg.delivery
             if self.smarthost and d.smarthost_user:
                 if smtp.get_transport_info("ssl_object") is None:
                     raise _Retry(reply(454, "4.7.0 smarthost offers no TLS; "
                                        "not sending credentials in the clear"))
                 await smtp.login(d.smarthost_user, d.smarthost_password)
-            return await self._transaction(env, smtp, rcpts, data, reply)
+            return await self._transaction(env, smtp, rcpts, data, reply, refuse)
         except aiosmtplib.SMTPResponseException as e:
             r = reply(e.code, e.message)
             if e.code >= 500:
@@ -158,23 +165,24 @@ class Outbound:
                     smtp.close()
 
     async def _transaction(self, env: Envelope, smtp: aiosmtplib.SMTP, rcpts: list[Recipient],
-                           data: bytes, reply: Callable[[int, str], Reply]) -> dict[str, Reply]:
+                           data: bytes, reply: Callable[[int, str], Reply],
+                           refuse: Callable[[int, str], Reply]) -> dict[str, Reply]:
         options: list[str] = []
         if needs_smtputf8(env, rcpts):
             if not smtp.supports_extension("smtputf8"):
-                refused = reply(554, "5.6.7 the receiving host does not support SMTPUTF8")
+                refused = refuse(554, "5.6.7 the receiving host does not support SMTPUTF8")
                 return {x.address: refused for x in rcpts}
             options.append("SMTPUTF8")
         if env.body == "8BITMIME" or not data.isascii():
             if smtp.supports_extension("8bitmime"):
                 options.append("BODY=8BITMIME")
             else:
-                refused = reply(554, "5.6.3 the receiving host does not accept 8-bit messages")
+                refused = refuse(554, "5.6.3 the receiving host does not accept 8-bit messages")
                 return {x.address: refused for x in rcpts}
         if smtp.supports_extension("size"):
             limit = smtp.esmtp_extensions.get("size", "")
             if limit.isdigit() and int(limit) and len(data) > int(limit):
-                refused = reply(552, f"5.3.4 message size {len(data)} exceeds the host's limit {limit}")
+                refused = refuse(552, f"5.3.4 message size {len(data)} exceeds the host's limit {limit}")
                 return {x.address: refused for x in rcpts}
             options.append(f"SIZE={len(data)}")
         encoding = "utf-8" if "SMTPUTF8" in options else "ascii"

@@ -29,7 +29,8 @@ from collections.abc import Awaitable, Callable
 
 from mta import policy
 from mta.dsn import Bouncer, wants
-from mta.lmtp_out import LMTPClient, LMTPError, Reply
+from mta.lmtp_out import LMTPClient, LMTPError
+from mta.reply import Reply
 from mta.spool import (
     EXPIRED,
     FAILED,
@@ -198,7 +199,7 @@ class QueueRunner:
 
     def _schedule(self, env: Envelope) -> None:
         """Queue ``env`` for its next attempt: now, or when its first pending recipient is due."""
-        due = min((r.next_attempt for r in env.pending), default=None)
+        due = env.due
         if due is None:
             return
         if due <= self.clock():
@@ -269,7 +270,7 @@ class QueueRunner:
                 env = self.items.get(qid)
                 if env is None or qid in self.busy:
                     continue
-                due = min((r.next_attempt for r in env.pending), default=None)
+                due = env.due
                 if due is None:
                     continue
                 if due > now:
@@ -319,9 +320,11 @@ class QueueRunner:
         try:
             retry_soon = not await self._deliver(env)
         except Exception:
+            # A fault of ours outside any one delivery (each courier's faults are already
+            # its recipients' 4xx): counted as a failed attempt, so the message still expires.
             log.exception("%s: delivery attempt failed", env.id)
-            for r in env.pending:
-                r.next_attempt = self.clock() + self.cfg.delivery.retry_initial
+            now = self.clock()
+            self._record(env, [r for r in env.pending if r.next_attempt <= now], {})
         finally:
             self.busy.discard(env.id)
             if env.id in self.items:
@@ -345,23 +348,44 @@ class QueueRunner:
                 return True
             return False
         fd, data = got
+        reported = False
         try:
             now = self.clock()
             due = [r for r in env.pending if r.next_attempt <= now]
             results = await self._route_and_send(env, due, data)
             delayed = self._record(env, due, results)
             if delayed:
-                await self.bouncer.notify(env, data, [(r, "delayed") for r in delayed])
+                await self._report_delays(env, data, delayed)
             if env.finished:
-                await self.bouncer.bounce(env, data)
+                reported = await self._report(env, data)
         finally:
-            if env.finished:
-                self.spool.checkin(env, fd)  # two unlinks, no fsync: not worth a thread
+            if reported:
+                self.spool.checkin(env, fd, True)  # two unlinks, no fsync: not worth a thread
             else:
-                await asyncio.to_thread(self.spool.checkin, env, fd)
-        if env.finished:
+                await asyncio.to_thread(self.spool.checkin, env, fd, False)
+        if reported:
             self.items.pop(env.id, None)
         return True
+
+    async def _report(self, env: Envelope, data: bytes | SpooledMessage) -> bool:
+        """The sender's final report (DSN) spooled durably; False (and a retry time in the
+        envelope) if it could not be: the message must not leave the queue before it."""
+        try:
+            await self.bouncer.bounce(env, data)
+            return True
+        except Exception as e:  # disk full, I/O error, the directory down, a bug
+            log.error("%s: cannot queue the sender's report, keeping the message: %r", env.id, e)
+            env.report_at = self.clock() + self.cfg.delivery.retry_initial
+            return False
+
+    async def _report_delays(self, env: Envelope, data: bytes | SpooledMessage,
+                             delayed: list[Recipient]) -> None:
+        try:
+            await self.bouncer.notify(env, data, [(r, "delayed") for r in delayed])
+        except Exception as e:
+            log.error("%s: cannot queue the delay report (tried again later): %r", env.id, e)
+            for r in delayed:
+                r.delay_notified = False
 
     async def _route_and_send(self, env: Envelope, rcpts: list[Recipient], data: bytes | SpooledMessage
                               ) -> dict[str, Reply]:
@@ -375,16 +399,29 @@ class QueueRunner:
         except DirectoryUnavailable as e:
             return {r.address: Reply(451, f"4.3.0 directory unavailable: {e}") for r in rcpts}
         results: dict[str, Reply] = {}
-        jobs: list[Awaitable[dict[str, Reply]]] = []
+        groups: list[tuple[list[Recipient], Awaitable[dict[str, Reply]]]] = []
         if local:
-            jobs.append(self.local.deliver(env, local, data))
+            groups.append((local, self.local.deliver(env, local, data)))
         if remote:
-            # aiosmtplib sends from memory: a large message is read in for remote delivery only.
-            whole = data if isinstance(data, bytes) else await asyncio.to_thread(data.read)
-            jobs.append(self.remote(env, remote, whole))
-        for part in await asyncio.gather(*jobs):
-            results.update(part)
+            groups.append((remote, self._remote(env, remote, data)))
+        outcomes = await asyncio.gather(*(job for _, job in groups), return_exceptions=True)
+        for (rcpts_of_group, _), outcome in zip(groups, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome  # cancellation: the runner is stopping
+                # A fault in one courier fails its own recipients for now, never the others'
+                # results: those were delivered and must be recorded as such.
+                log.error("%s: delivery fault: %r", env.id, outcome, exc_info=outcome)
+                outcome = {r.address: Reply(451, "4.3.0 local error in delivery, will retry")
+                           for r in rcpts_of_group}
+            results.update(outcome)
         return results
+
+    async def _remote(self, env: Envelope, rcpts: list[Recipient], data: bytes | SpooledMessage
+                      ) -> dict[str, Reply]:
+        # aiosmtplib sends from memory: a large message is read in for remote delivery only.
+        whole = data if isinstance(data, bytes) else await asyncio.to_thread(data.read)
+        return await self.remote(env, rcpts, whole)
 
     def _record(self, env: Envelope, rcpts: list[Recipient], results: dict[str, Reply]
                 ) -> list[Recipient]:

@@ -14,6 +14,7 @@ The envelope (schema version 1)::
     {"version": 1, "id": ..., "created": <unix time>, "mail_from": "a@b" or "",
      "smtputf8": bool, "body": "7BIT"|"8BITMIME", "size": int, "client": {"ip", "helo",
      "protocol", "auth"}, "dsn": {"ret": "FULL"|"HDRS"|null, "envid": str|null},
+     "report_at": <unix time, 0 unless a report is owed>,
      "recipients": [{"address": final target, "original": RCPT address as given,
                      "orcpt": str|null, "notify": [..]|null, "status": "pending"|"sent"|
                      "failed"|"expired", "attempts": int, "next_attempt": <unix time>,
@@ -102,10 +103,21 @@ class Envelope:
     client: dict[str, Any] = field(default_factory=dict)
     dsn: dict[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION
+    # Every recipient is final but the sender's report could not be spooled yet: try again
+    # then. The message stays in the queue until its report is durable.
+    report_at: float = 0.0
 
     @property
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.status == "pending"]
+
+    @property
+    def due(self) -> float | None:
+        """When the next attempt is due: a pending recipient's, or the owed report's."""
+        times = [r.next_attempt for r in self.recipients if r.status == PENDING]
+        if times:
+            return min(times)
+        return self.report_at if self.finished else None
 
     @property
     def finished(self) -> bool:
@@ -569,10 +581,12 @@ class Spool:
             return False
         return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
 
-    def checkin(self, env: Envelope, fd: int) -> None:
-        """Record an attempt's outcome (or remove a finished item) and release its lock."""
+    def checkin(self, env: Envelope, fd: int, done: bool | None = None) -> None:
+        """Record an attempt's outcome, or remove the item once ``done`` (default: every
+        recipient final; the runner says False while the sender's report is owed), and
+        release its lock."""
         try:
-            if env.finished:
+            if env.finished if done is None else done:
                 self.remove(env.id, os.fstat(fd).st_size)
             else:
                 self.update(env)

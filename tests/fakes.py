@@ -136,3 +136,87 @@ class SinkMX:
 
     def stop(self) -> None:
         self.controller.stop()
+
+
+class ScriptedMX:
+    """A raw SMTP peer whose replies are exact bytes: multi-line, non-UTF-8, silence.
+
+    ``replies[VERB]`` (EHLO, MAIL, RCPT, DATA for the reply after the final dot, or
+    ``greeting``) replaces the default reply; a verb in ``silent`` gets no reply at all (a
+    tarpit). Received messages are kept in ``messages`` (raw DATA, dot-stuffed as sent).
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.replies: dict[str, bytes] = {}
+        self.silent: set[str] = set()
+        self.messages: list[bytes] = []
+        self.connections = 0
+        self.sock = socket.create_server((host, port), reuse_port=False)
+        self.sock.settimeout(0.2)
+        self.running = True
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while self.running:
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.connections += 1
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _reply(self, conn: socket.socket, verb: str, default: bytes) -> bool:
+        if verb in self.silent:
+            return False
+        conn.sendall(self.replies.get(verb, default))
+        return True
+
+    def _session(self, conn: socket.socket) -> None:
+        conn.settimeout(120)
+        buf = b""
+        try:
+            if not self._reply(conn, "greeting", b"220 scripted.test ESMTP\r\n"):
+                while self.running and conn.recv(65536):
+                    pass
+                return
+            while self.running:
+                while b"\r\n" not in buf:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                line, _, buf = buf.partition(b"\r\n")
+                verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper().decode("ascii", "replace")
+                if verb == "EHLO":
+                    ok = self._reply(conn, verb, b"250-scripted.test\r\n250-8BITMIME\r\n"
+                                     b"250-SMTPUTF8\r\n250 DSN\r\n")
+                elif verb == "DATA":
+                    conn.sendall(b"354 go ahead\r\n")
+                    while b"\r\n.\r\n" not in buf:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            return
+                        buf += chunk
+                    data, _, buf = buf.partition(b"\r\n.\r\n")
+                    self.messages.append(data)
+                    ok = self._reply(conn, "DATA", b"250 2.0.0 stored\r\n")
+                elif verb == "QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    ok = self._reply(conn, verb, b"250 2.0.0 ok\r\n")
+                if not ok:  # silent from here on: read and drop until the peer gives up
+                    while self.running and conn.recv(65536):
+                        pass
+                    return
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.running = False
+        self.sock.close()
+        self.thread.join(2)

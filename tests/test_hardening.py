@@ -1,0 +1,156 @@
+"""Issue 16: paths where a 250'd message or its bounce was lost, repeated or forged, through
+the real processes and peers that misbehave on purpose."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+import ssl
+
+import pytest
+from fakes import FakeDNS, ScriptedMX, SinkMX
+from stack import Stack, free_port, mail_files
+from test_mta import wait_for
+
+PW = "correct horse"
+
+
+def client_tls() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """DNS, a scripted raw peer (bad.test), a TLS sink (tls.test), and pochta up."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    sink_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("mx.tls.test").configure_cert(sink_ctx)
+    dns_server = FakeDNS()
+    port = free_port("127.0.0.6")
+    scripted = ScriptedMX("127.0.0.6", port)
+    tls_sink = SinkMX("127.0.0.7", port, tls_context=sink_ctx)
+    z = dns_server.add
+    z("bad.test", "MX", "10 mx.bad.test.")
+    z("mx.bad.test", "A", "127.0.0.6")
+    z("tls.test", "MX", "10 mx.tls.test.")
+    z("mx.tls.test", "A", "127.0.0.7")
+    base = tmp_path_factory.mktemp("hardening")
+    s = Stack(base, delivery={"resolver": dns_server.address, "smtp_port": port,
+                              "retry_initial": 1, "retry_max": 2})
+    s.setup_users("example.com", "alice@example.com", "bob@example.com", password=PW)
+    s.pochta("alias", "add", "team@example.com", "bob@example.com", "far@tls.test")
+    s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.mta_port}", f"127.0.0.1:{s.msa_port}"])
+    yield s, scripted, tls_sink
+    s.stop_all()
+    scripted.stop()
+    tls_sink.stop()
+    dns_server.close()
+
+
+def submit(s: Stack, sender: str, rcpts: list[str], body: bytes, **options) -> dict:
+    with smtplib.SMTP("127.0.0.1", s.msa_port, timeout=20) as c:
+        c.starttls(context=client_tls())
+        c.login(sender, PW)
+        return c.sendmail(sender, rcpts, body, **options)
+
+
+def reports(s: Stack, address: str, marker: str) -> list[email.message.EmailMessage]:
+    out = []
+    for p in mail_files(s.mailbox_root, address):
+        msg = email.message_from_bytes(p.read_bytes(), policy=email.policy.default)
+        if msg.get_content_type() == "multipart/report" and marker in str(msg):
+            out.append(msg)
+    return out
+
+
+def status_fields(report: email.message.EmailMessage) -> list[dict[str, str]]:
+    part = next(p for p in report.walk() if p.get_content_type() == "message/delivery-status")
+    return [{k.lower(): str(v) for k, v in b.items()} for b in part.get_payload()[1:]]
+
+
+# -- item 13: a second EHLO after STARTTLS (RFC 3207 §4.2) ----------------------------------
+
+def test_8bit_smtputf8_and_dsn_pass_through_a_starttls_receiver(world):
+    s, _, sink = world
+    body = "From: alice@example.com\r\nSubject: eightbit-tls\r\n\r\nGrüße\r\n".encode()
+    submit(s, "alice@example.com", ["x@tls.test"], body, mail_options=["BODY=8BITMIME"],
+           rcpt_options=["NOTIFY=FAILURE"])
+    m = wait_for(lambda: next((m for m in sink.messages if b"eightbit-tls" in m.data), None))
+    assert m is not None, s.log("up")
+    assert m.tls and "BODY=8BITMIME" in m.mail_options
+    utf8 = b"From: alice@example.com\r\nSubject: utf8-tls\r\n\r\nhi\r\n"
+    submit(s, "alice@example.com", ["jörg@tls.test"], utf8, mail_options=["SMTPUTF8"])
+    m = wait_for(lambda: next((m for m in sink.messages if b"utf8-tls" in m.data), None))
+    assert m is not None, s.log("up")
+    assert m.rcpts == ["jörg@tls.test"] and "SMTPUTF8" in m.mail_options
+
+
+# -- item 1: bounces from any peer reply, and never lost -------------------------------------
+
+def test_a_multiline_non_utf8_refusal_bounces_with_a_clean_report(world):
+    s, scripted, _ = world
+    scripted.replies["RCPT"] = (b"550-5.1.1 first line \xff\xfe not UTF-8\r\n"
+                                b"550-second\tline \x1b[31m\r\n"
+                                b"550 5.1.1 " + b"x" * 2000 + b"\r\n")
+    try:
+        submit(s, "alice@example.com", ["gone@bad.test"],
+               b"From: alice@example.com\r\nSubject: multiline-bounce\r\n\r\nx\r\n")
+        assert wait_for(lambda: reports(s, "alice@example.com", "gone@bad.test")), s.log("up")
+    finally:
+        scripted.replies.pop("RCPT")
+    [report] = reports(s, "alice@example.com", "gone@bad.test")
+    [fields] = status_fields(report)
+    assert fields["action"] == "failed" and fields["status"] == "5.1.1"
+    diag = fields["diagnostic-code"]
+    assert diag.isascii() and "\n" not in diag and "\x1b" not in diag
+    assert "first line" in diag and "second line" in diag and len(diag) < 600
+    # One log line per event: the peer's lines joined, nothing of them on a line of its own.
+    assert "\n550" not in s.log("up") and "second line" in s.log("up")
+
+
+def test_the_original_stays_queued_until_its_bounce_is_spooled(tmp_path):
+    """Disk full when the bounce is due: the original is kept and the bounce comes later."""
+    import subprocess
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(spool)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    dns_server = FakeDNS()
+    port = free_port("127.0.0.8")
+    peer = ScriptedMX("127.0.0.8", port)
+    peer.replies["RCPT"] = b"451 4.3.0 not now\r\n"
+    dns_server.add("far.test", "MX", "10 mx.far.test.")
+    dns_server.add("mx.far.test", "A", "127.0.0.8")
+    # min_free_space 0: the spool is a 3 MB tmpfs, under the 100 MB default.
+    s = Stack(tmp_path / "data", top={"spool_dir": str(spool)}, mta={"min_free_space": 0},
+              delivery={"resolver": dns_server.address, "smtp_port": port,
+                        "retry_initial": 1, "retry_max": 1})
+    filler = spool / "filler"
+    try:
+        s.setup_users("example.com", "alice@example.com", password=PW)
+        s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.mta_port}", f"127.0.0.1:{s.msa_port}"])
+        submit(s, "alice@example.com", ["x@far.test"],
+               b"From: alice@example.com\r\nSubject: kept\r\n\r\nx\r\n")
+        assert wait_for(lambda: "not now" in s.log("up")), s.log("up")
+        with open(filler, "wb") as f, pytest.raises(OSError):  # the disk is full from here on
+            for _ in range(1000):
+                f.write(b"\0" * 65536)
+                f.flush()
+        peer.replies["RCPT"] = b"550 5.1.1 no such user\r\n"
+        assert wait_for(lambda: "cannot queue the sender's report" in s.log("up")), s.log("up")
+        queued = [p.name for p in spool.iterdir()]
+        assert [n for n in queued if n.endswith(".msg")], queued  # still queued
+        filler.unlink()
+        assert wait_for(lambda: reports(s, "alice@example.com", "x@far.test")), s.log("up")
+        assert wait_for(lambda: not [p for p in spool.iterdir() if p.name.endswith(".msg")])
+    finally:
+        s.stop_all()
+        peer.stop()
+        dns_server.close()
+        subprocess.run(["umount", "-l", str(spool)])
