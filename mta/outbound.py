@@ -79,8 +79,15 @@ class Outbound:
             by_domain[addresses.domain_of(r.address)].append(r)
         results: dict[str, Reply] = {}
         parts = await asyncio.gather(*(self._domain(env, d, rs, data)
-                                       for d, rs in by_domain.items()))
-        for part in parts:
+                                       for d, rs in by_domain.items()), return_exceptions=True)
+        for (domain, rs), part in zip(by_domain.items(), parts, strict=True):
+            if isinstance(part, BaseException):
+                if not isinstance(part, Exception):
+                    raise part  # cancelled: the runner is stopping
+                # A fault with one destination defers its recipients only.
+                log.error("%s: delivery to %s failed: %r", env.id, domain, part, exc_info=part)
+                part = {r.address: Reply(451, "4.3.0 local error in delivery, will retry")
+                        for r in rs}
             results.update(part)
         return results
 

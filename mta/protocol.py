@@ -28,8 +28,24 @@ CALL_LIMITS = {"NOOP": 100, "RSET": 500, "VRFY": 30, "EXPN": 30, "HELP": 30, "EH
                "HELO": 30, "STARTTLS": 5, "AUTH": 10, "*": 1_000_000}
 
 
-class BareLineFeed(Exception):
+class BadCommandLine(Exception):
+    """A command line refused before any verb sees it; ``reply`` says why."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+class BareLineFeed(BadCommandLine):
     """A command line that ended in LF without CR."""
+
+    def __init__(self) -> None:
+        super().__init__(replies.BARE_LF_COMMAND)
+
+
+# Inside a command line: no CR, LF or other control character but TAB (a bare CR in HELO
+# would end up in our Received and Authentication-Results headers).
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class StrictLineReader:
@@ -37,6 +53,8 @@ class StrictLineReader:
 
     aiosmtpd reads commands with ``readuntil()`` and strips any line ending; this proxy raises
     ``BareLineFeed`` instead, which the handler's ``handle_exception`` turns into a 500 reply.
+    A line holding a control character or bytes that are not UTF-8 is refused the same way
+    (``BadCommandLine``): no verb, header or spool file ever sees such an argument.
     Everything else (DATA reads, STARTTLS buffer handling) goes to the real reader.
     """
 
@@ -54,6 +72,14 @@ class StrictLineReader:
             if end >= 0:
                 del buffered[: end + 2]
             raise BareLineFeed()
+        body = line[:-2]
+        if _CONTROL.search(body):
+            raise BadCommandLine(replies.CONTROL_IN_COMMAND)
+        if not body.isascii():
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadCommandLine(replies.NOT_UTF8_COMMAND) from None
         return line
 
     def __getattr__(self, name: str) -> Any:
@@ -72,7 +98,17 @@ class SMTPEnvelope(Envelope):
 
 
 # The common case of a path: <dot-atom@domain> in ASCII, then parameters.
-_XTEXT = re.compile(r"^(?:[!-*,-<>-~]|\+[0-9A-F]{2})+$")  # RFC 3461 §4: xtext
+_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+\Z")  # RFC 3461 §4: xtext
+
+
+_ADDR_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+
+
+def valid_orcpt(value: str) -> bool:
+    """RFC 3461 §4.2: ``addr-type ";" xtext``, ASCII, at most 500 characters."""
+    addr_type, semi, address = value.partition(";")
+    return bool(semi and len(value) <= 500 and _ADDR_TYPE.fullmatch(addr_type)
+                and _XTEXT.match(address))
 
 
 class SMTPProtocol(BaseSMTP):
@@ -202,6 +238,9 @@ class SMTPProtocol(BaseSMTP):
         unknown = set(params) - {"NOTIFY", "ORCPT"}
         if unknown:
             await self.push(f"555 5.5.4 RCPT TO parameter {sorted(unknown)[0]} not supported")
+            return
+        if "ORCPT" in params and not valid_orcpt(params["ORCPT"]):
+            await self.push(replies.BAD_ORCPT)
             return
         status = await self._call_handler_hook("RCPT", address, raw, params)
         await self.push(status)

@@ -20,6 +20,9 @@ TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 
 # 5xx: permanent
 BARE_LF_COMMAND = "500 5.5.2 Command lines must end with CRLF"
+CONTROL_IN_COMMAND = "500 5.5.2 Control characters are not allowed in a command line"
+NOT_UTF8_COMMAND = "501 5.5.4 Command line is not valid UTF-8"
+BAD_ORCPT = "501 5.5.4 Malformed ORCPT parameter (RFC 3461 4.2: addr-type;xtext)"
 NOT_IMPLEMENTED = "502 5.5.1 Command not implemented"
 EXPN_DISABLED = "502 5.5.1 EXPN not available"
 ALREADY_TLS = "503 5.5.1 TLS already active"

@@ -12,6 +12,7 @@ End of DATA: the message is spooled and fsynced (in a thread) and only then answ
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import secrets
 import time
@@ -26,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from mta import policy, replies
 from mta.abuse import Greylister, PregreetMemory, RateLimiter, dnsbl_listed, in_networks
 from mta.authcheck import InboundChecks, strip_forged_results
-from mta.protocol import BareLineFeed, SMTPEnvelope, SMTPProtocol
+from mta.protocol import BadCommandLine, SMTPEnvelope, SMTPProtocol
 from mta.spool import Envelope, MessageParts, Recipient, Spool, new_id, read_header_section
 from store import addresses
 from store.config import Config
@@ -120,8 +121,8 @@ class SMTPHandler:
         return out
 
     async def handle_exception(self, error: Exception) -> str:
-        if isinstance(error, BareLineFeed):
-            return replies.BARE_LF_COMMAND
+        if isinstance(error, BadCommandLine):
+            return error.reply
         log.exception("session error: %r", error)
         return replies.LOCAL_ERROR
 
@@ -249,6 +250,10 @@ class SMTPHandler:
             await self.spool.commit(env, message)
         except OSError as e:
             log.error("%s: cannot spool message: %s", qid, e)
+            return replies.SPOOL_FULL if e.errno in (errno.ENOSPC, errno.EDQUOT) \
+                else replies.SPOOL_ERROR
+        except Exception:
+            log.exception("%s: cannot spool message", qid)
             return replies.SPOOL_ERROR
         log.info("%s: from=<%s> size=%d nrcpt=%d client=%s proto=%s", qid, env.mail_from,
                  env.size, len(env.recipients), server.peer_ip or "local", protocol)

@@ -308,7 +308,7 @@ class Spool:
             try:
                 await self.disk.run(1, 2, self.put, *items[0])
                 return [None]
-            except OSError as e:
+            except Exception as e:  # this item's fault only (see below)
                 return [e]
         results: list[None | BaseException] = [None] * len(items)
         written: list[tuple[int, int, str]] = []  # (item index, open fd, temporary path)
@@ -318,8 +318,8 @@ class Spool:
                 if isinstance(message, bytes) and len(message) <= INLINE_MAX:
                     try:
                         written.append((i, *self._write_unsynced(env, message)))
-                    except OSError as e:
-                        results[i] = e
+                    except Exception as e:  # one bad item (I/O, an envelope that does not
+                        results[i] = e  # serialise) fails alone, never its batch
                 else:
                     in_thread.append(i)
 
@@ -327,7 +327,7 @@ class Spool:
                 for i in in_thread:
                     try:
                         written.append((i, *self._write_unsynced(*items[i])))
-                    except OSError as e:
+                    except Exception as e:
                         results[i] = e
                 return self.disk.fsync_all([fd for _, fd, _ in written])
 
@@ -406,8 +406,9 @@ class Spool:
         """The temporary file of a new item, written, not yet synced: (open fd, its path)."""
         parts: MessageParts = [message] if isinstance(message, bytes) else message
         env.size = parts_size(parts)
+        head = env.to_json() + b"\n"  # before any file exists: it may fail (bad text)
         tmp = f"{self._dir}/.{env.id}.tmp"
-        return write_parts(tmp, [env.to_json() + b"\n", *parts], self.free.take()), tmp
+        return write_parts(tmp, [head, *parts], self.free.take()), tmp
 
     def _discard(self, qid: str) -> None:
         with contextlib.suppress(OSError):

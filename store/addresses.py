@@ -20,9 +20,9 @@ SUBADDRESS_SEPARATOR = "+"
 
 # Characters a mailbox name of ours may hold: dot-atom text minus those that mean something
 # to routing or file systems ('%', '!', '/', '@', quotes), plus any non-ASCII letter (RFC 6531).
-_LOCAL_OK = re.compile(r"^[a-z0-9._+=\-\u0080-\U0010ffff]+$")
+_LOCAL_OK = re.compile(r"[a-z0-9._+=\-\u0080-\U0010ffff]+\Z")
 # What a foreign address may hold in its local part (RFC 5322 atext, UTF-8 allowed).
-_ATEXT = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-\u0080-\U0010ffff]+$")
+_ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-\u0080-\U0010ffff]+\Z")
 
 
 class AddressError(ValueError):

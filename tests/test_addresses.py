@@ -47,3 +47,11 @@ def test_subaddress():
     assert strip_subaddress("bob+lists@example.com") == "bob@example.com"
     assert strip_subaddress("bob@example.com") == "bob@example.com"
     assert strip_subaddress("+x@example.com") == "+x@example.com"
+
+
+def test_a_line_break_is_never_part_of_an_address():
+    for bad in ["alice\n@example.com", "al\rice@example.com", "alice@exa\nmple.com"]:
+        with pytest.raises(AddressError):
+            normalize(bad)
+        with pytest.raises(AddressError):
+            normalize_mailbox(bad)

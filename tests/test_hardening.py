@@ -11,7 +11,7 @@ import ssl
 import pytest
 from fakes import FakeDNS, ScriptedMX, SinkMX
 from stack import Stack, free_port, mail_files
-from test_mta import wait_for
+from test_mta import Raw, wait_for
 
 PW = "correct horse"
 
@@ -154,3 +154,61 @@ def test_the_original_stays_queued_until_its_bounce_is_spooled(tmp_path):
         peer.stop()
         dns_server.close()
         subprocess.run(["umount", "-l", str(spool)])
+
+
+# -- item 2: parameters checked at the door; a courier's fault defers only its recipients ---
+
+def test_command_lines_with_bad_bytes_or_orcpt_are_refused_at_the_door(world):
+    s, *_ = world
+    r = Raw(s.mta_port)
+    r.send(b"EHLO caf\xe9.test\r\n")  # Latin-1, not UTF-8
+    assert r.reply().startswith("501 5.5.4")
+    r.send(b"EHLO a\rb.test\r\n")  # a bare CR inside the line
+    assert r.reply().startswith("500 5.5.2")
+    assert r.cmd("EHLO client.test").startswith("250")
+    assert r.cmd("MAIL FROM:<x@remote.test> SMTPUTF8").startswith("250")
+    assert r.cmd("RCPT TO:<bob@example.com> ORCPT=rfc822;jörg@example.com").startswith("501 5.5.4")
+    assert r.cmd("RCPT TO:<bob@example.com> ORCPT=rfc822").startswith("501 5.5.4")
+    r.send(b"RCPT TO:<bob@example.com> ORCPT=rfc822;\xff@x\r\n")
+    assert r.reply().startswith("501 5.5.4")
+    assert r.cmd("RCPT TO:<bob@example.com> ORCPT=rfc822;bob+2B1@example.com").startswith("250")
+    r.close()
+
+
+def test_a_fault_in_remote_delivery_never_redelivers_the_local_copies(tmp_path):
+    """An item queued by an earlier version with a non-ASCII ORCPT (aiosmtplib raises on it):
+    the local recipient gets one copy, the remote one is deferred, counted and expires."""
+    import time as _time
+
+    from mta.spool import Envelope, Recipient, Spool, new_id
+
+    dns_server = FakeDNS()
+    port = free_port("127.0.0.9")
+    peer = ScriptedMX("127.0.0.9", port)  # advertises DSN: ORCPT would be passed on
+    dns_server.add("far.test", "MX", "10 mx.far.test.")
+    dns_server.add("mx.far.test", "A", "127.0.0.9")
+    s = Stack(tmp_path, delivery={"resolver": dns_server.address, "smtp_port": port,
+                                  "retry_initial": 1, "retry_max": 1, "max_queue_lifetime": 4})
+    try:
+        s.setup_users("example.com", "alice@example.com", "bob@example.com", password=PW)
+        now = _time.time()
+        env = Envelope(id=new_id(), created=now, mail_from="alice@example.com", recipients=[
+            Recipient("bob@example.com", "bob@example.com", next_attempt=now),
+            Recipient("x@far.test", "x@far.test", orcpt="rfc822;jörg@far.test",
+                      next_attempt=now)])
+        Spool(tmp_path / "spool").put(env, b"From: alice@example.com\r\nSubject: old-item"
+                                      b"\r\n\r\nx\r\n")
+        s.start("up")
+        assert wait_for(lambda: reports(s, "alice@example.com", "x@far.test"), 30), s.log("up")
+        [report] = reports(s, "alice@example.com", "x@far.test")
+        [fields] = status_fields(report)
+        assert fields["action"] == "failed" and fields["status"] == "4.4.7"
+        copies = [p for p in mail_files(s.mailbox_root, "bob@example.com")
+                  if b"old-item" in p.read_bytes()]
+        assert len(copies) == 1, s.log("up")
+        attempts = [ln for ln in s.log("up").splitlines() if "to=<x@far.test>" in ln]
+        assert len(attempts) >= 2 and "status=expired" in attempts[-1]
+    finally:
+        s.stop_all()
+        peer.stop()
+        dns_server.close()

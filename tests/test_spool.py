@@ -168,3 +168,21 @@ def test_a_stale_name_of_a_recycled_file_is_dropped_at_recovery(tmp_path):
     stale.write_bytes(envelope("00000000000009abcdef").to_json() + b"\n" + MESSAGE)
     assert [e.id for e in spool.recover()] == ["00000000000001abcdef"]
     assert not stale.exists()
+
+
+def test_one_envelope_that_cannot_be_written_fails_alone_in_its_batch(tmp_path):
+    import asyncio
+
+    spool = Spool(tmp_path)
+    good = [envelope(f"0000000000000{i}abcdef") for i in range(3)]
+    bad = envelope("00000000000009abcdef")
+    bad.client = {"helo": "caf\udce9"}  # not encodable as UTF-8
+
+    async def commit_all():
+        return await asyncio.gather(*(spool.commit(e, MESSAGE) for e in [*good, bad]),
+                                    return_exceptions=True)
+
+    results = asyncio.run(commit_all())
+    assert results[:3] == [None, None, None]
+    assert isinstance(results[3], UnicodeEncodeError)
+    assert sorted(spool.ids()) == sorted(e.id for e in good)
