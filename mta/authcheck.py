@@ -74,14 +74,64 @@ def dmarc_result(from_domain: str, record: DMARCRecord | None, spf_result: str, 
     return "fail"
 
 
+_AR_NAME = re.compile(rb"(?im)^authentication-results[ \t]*:")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?\Z")
+_ADDRESS_LITERAL = re.compile(r"\[(?:[0-9.]{7,15}|IPv6:[0-9A-Fa-f:.]{2,45})\]\Z")
+
+
+def header_fields(head: bytes) -> list[bytes]:
+    """A header section split into fields, each with its continuation lines and CRLFs."""
+    fields: list[bytes] = []
+    for line in head.split(b"\r\n")[:-1] if head.endswith(b"\r\n") else head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line + b"\r\n"
+        else:
+            fields.append(line + b"\r\n")
+    return fields
+
+
+def authserv_id_of(value: bytes) -> bytes:
+    """The authserv-id an Authentication-Results value claims (RFC 8601 §2.2), lower case:
+    unfolded, comments dropped (nested ones too), up to the version or the first ";"."""
+    text = value.replace(b"\r\n", b"")
+    while True:  # innermost comments first: "(a (b) c)" goes in two passes
+        stripped = re.sub(rb"\((?:[^()\\]|\\.)*\)", b" ", text)
+        if stripped == text:
+            break
+        text = stripped
+    token = re.split(rb"[ \t;]", text.strip(b" \t"), maxsplit=1)[0]
+    return token.strip(b'"').rstrip(b".").lower()
+
+
 def strip_forged_results(message: bytes, authserv_id: str) -> bytes:
-    """Remove Authentication-Results fields (with continuation lines) naming our authserv-id."""
+    """Remove every Authentication-Results field that claims our authserv-id (RFC 8601 §5),
+    however it is folded, commented or versioned; other fields are kept byte for byte."""
     end = message.find(b"\r\n\r\n")
     head, body = (message, b"") if end < 0 else (message[: end + 2], message[end + 2:])
-    pattern = re.compile(rb"(?im)^authentication-results:[ \t]*(?:\([^)]*\)[ \t]*)?"
-                         + re.escape(authserv_id.encode()) + rb"[ \t]*(?:;|\r\n|$)"
-                         rb"(?:.*\r\n)?(?:[ \t].*\r\n)*")
-    return pattern.sub(b"", head) + body
+    if not _AR_NAME.search(head):
+        return message  # the common case: one scan of the header section
+    ours = authserv_id.encode().rstrip(b".").lower()
+    kept = []
+    for f in header_fields(head):
+        name, colon, value = f.partition(b":")
+        if colon and name.rstrip(b" \t").lower() == b"authentication-results" \
+                and authserv_id_of(value) == ours:
+            continue
+        kept.append(f)
+    return b"".join(kept) + body
+
+
+def pvalue(value: str | None) -> str | None:
+    """``value`` if it is safe as an RFC 8601 property value (a domain, an address literal
+    or local@domain), else None: a client's HELO or a signature's d= must never read as
+    results of ours (``x@y;dkim=pass`` is left unquoted by authres)."""
+    if not value:
+        return None
+    local, at, domain = value.rpartition("@")
+    if at and not (local and re.fullmatch(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+", local)):
+        return None
+    return value if _DOMAIN.match(domain) or _ADDRESS_LITERAL.match(domain) else None
 
 
 @dataclass
@@ -157,13 +207,14 @@ class InboundChecks:
         if self.spf_enabled:
             # RFC 7208 §2.3/2.4: the HELO identity is checked on its own; MAIL FROM's result
             # is the one DMARC uses (the HELO one when the sender is <>).
+            helo = pvalue(helo) or ""  # not a domain: no HELO identity to check or report
             helo_res = self._spf(ip, f"postmaster@{helo}", helo) if helo else "none"
             spf_res = self._spf(ip, mail_from, helo) if mail_from else helo_res
             temperror |= "temperror" in (spf_res, helo_res)
             results["spf"], results["spf_helo"] = spf_res, helo_res
             if mail_from:
                 ar.append(authres.SPFAuthenticationResult(result=spf_res,
-                                                          smtp_mailfrom=mail_from))
+                                                          smtp_mailfrom=pvalue(mail_from)))
             if helo:
                 ar.append(authres.SPFAuthenticationResult(result=helo_res, smtp_helo=helo))
         dkim_pass: list[str] = []
@@ -198,14 +249,14 @@ class InboundChecks:
                     if res == "pass":
                         results["dkim"] = "pass"
                     ar.append(authres.DKIMAuthenticationResult(
-                        result=res, header_d=dom or None,
-                        header_s=(sig.get(b"s") or b"").decode("ascii", "replace") or None))
+                        result=res, header_d=pvalue(dom),
+                        header_s=pvalue((sig.get(b"s") or b"").decode("ascii", "replace"))))
         reply = None
         if self.dmarc_enabled:
             head = BytesHeaderParser().parsebytes(message.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n")
             froms = [a for _, a in getaddresses([str(v) for v in head.get_all("From", [])]) if a]
             domains = {a.rpartition("@")[2].lower() for a in froms}
-            if len(domains) == 1:
+            if len(domains) == 1 and pvalue(next(iter(domains))):
                 from_domain = domains.pop()
                 record, dns_failed = self._dmarc_record(from_domain)
                 if dns_failed:

@@ -222,11 +222,12 @@ class SMTPHandler:
         checked = await self.check_message(session, content)
         if isinstance(checked, str):
             return checked
-        content = checked
+        # RFC 8601 §5: results claiming to be ours are forged, whoever sends them (a trusted
+        # host or a user may forward what a stranger wrote).
+        content = strip_forged_results(checked, self.cfg.hostname)
         checks = self.defences.checks
         if checks is not None and not self.trusted(server, session):
             sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
-            content = strip_forged_results(content, self.cfg.hostname)
             verdict = await asyncio.to_thread(checks.check, server.peer_ip,
                                               session.host_name or "", sender, content,
                                               spilled is None)

@@ -317,3 +317,51 @@ def test_pregreet_talker_disconnected_polite_client_remembered(tmp_path):
         assert b"250" not in data
     finally:
         s.stop_all()
+
+
+def test_a_helo_cannot_write_results_into_our_header(checked):
+    s, _ = checked
+    helo = "x@y;dkim=pass header.d=paypal.com;dmarc=pass header.from=paypal.com"
+    send(s, "a@spffail.test", b"From: a@spffail.test\r\nSubject: helo-forge\r\n\r\nx\r\n",
+         helo=helo)
+    got = last_with(s, b"helo-forge")
+    ar = ar_header(got)
+    assert "paypal" not in ar and "dkim=pass" not in ar, ar
+    assert "spf=fail" in ar
+
+
+@pytest.mark.parametrize("forged", [
+    b"Authentication-Results:\r\n mx.pochta.test; dkim=pass header.d=bank.test\r\n",
+    b"Authentication-Results: (comment (nested)) mx.pochta.test; dkim=pass header.d=bank.test\r\n",
+    b"Authentication-Results: MX.pochta.test 1; dkim=pass header.d=bank.test\r\n",
+    b"Authentication-Results : mx.pochta.test (c); dkim=pass header.d=bank.test\r\n",
+])
+def test_forged_results_folded_commented_or_versioned_are_removed(checked, forged):
+    s, _ = checked
+    marker = f"forged-{abs(hash(forged))}".encode()
+    send(s, "a@spffail.test", forged + b"From: a@spffail.test\r\nSubject: " + marker
+         + b"\r\n\r\nx\r\n")
+    got = last_with(s, marker)
+    assert b"bank.test" not in got
+
+
+def test_forged_results_are_removed_on_the_msa_and_from_trusted_networks(tmp_path):
+    s = Stack(tmp_path)  # default local_networks: 127.0.0.1 is trusted on port 25
+    s.setup_users("example.com", "bob@example.com", password=PW)
+    try:
+        s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.mta_port}", f"127.0.0.1:{s.msa_port}"])
+        forged = b"Authentication-Results: mx.pochta.test; dkim=pass header.d=bank.test\r\n"
+        with smtplib.SMTP("127.0.0.1", s.mta_port, timeout=20) as c:
+            c.sendmail("a@remote.test", ["bob@example.com"],
+                       forged + b"Subject: trusted-forge\r\n\r\nx\r\n")
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with smtplib.SMTP("127.0.0.1", s.msa_port, timeout=20) as c:
+            c.starttls(context=ctx)
+            c.login("bob@example.com", PW)
+            c.sendmail("bob@example.com", ["bob@example.com"], forged
+                       + b"From: bob@example.com\r\nSubject: msa-forge\r\n\r\nx\r\n")
+        got = wait_mail(s, "bob@example.com", 2)
+        assert all(b"bank.test" not in m for m in got), got
+    finally:
+        s.stop_all()

@@ -76,3 +76,21 @@ def test_received_and_protocol_names():
     assert h.startswith(b"Received: from bad?helo ([192.0.2.1])\r\n\tby mx.test (pochta) with "
                         b"ESMTPS id abc;")
     assert count_received(h + h + b"Subject: x\r\n\r\nReceived: in body\r\n") == 2
+
+
+def test_authserv_id_and_pvalue():
+    from mta.authcheck import authserv_id_of, pvalue, strip_forged_results
+
+    assert authserv_id_of(b" (a (b) c) MX.Example.org. 1; spf=pass") == b"mx.example.org"
+    assert authserv_id_of(b"\r\n\tmx.example.org;\r\n dkim=pass") == b"mx.example.org"
+    assert pvalue("mail.example.org") == "mail.example.org"
+    assert pvalue("a.b@example.org") == "a.b@example.org"
+    assert pvalue("[192.0.2.1]") == "[192.0.2.1]"
+    for bad in ["x@y;dkim=pass", "a b", "exa\rmple.org", "", "a;b", '"q"@x.org']:
+        assert pvalue(bad) is None, bad
+    msg = (b"Authentication-Results: other.org; spf=pass\r\n"
+           b"Authentication-Results:\r\n mx.example.org; dkim=pass\r\n\tfolded=1\r\n"
+           b"Subject: s\r\n\r\nAuthentication-Results: mx.example.org; body stays\r\n")
+    assert strip_forged_results(msg, "mx.example.org") == (
+        b"Authentication-Results: other.org; spf=pass\r\nSubject: s\r\n\r\n"
+        b"Authentication-Results: mx.example.org; body stays\r\n")
