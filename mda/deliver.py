@@ -83,21 +83,21 @@ class Deliverer:
             return [await self.disk.run(1, 2, self.deliver, jobs[0])]
         replies: list[str] = [""] * len(jobs)
         written: list[tuple[int, maildir.Unsynced, int]] = []  # (job index, file, size)
-        slow: list[tuple[int, Path, bytes]] = []
+        slow: list[tuple[int, Path]] = []
         for i, job in enumerate(jobs):
-            prepared = self._prepare(job, check_quota=False)
-            if isinstance(prepared, str):
-                replies[i] = prepared
+            path = self._mailbox(job)
+            if isinstance(path, str):
+                replies[i] = path
                 continue
-            path, message = prepared
             if job.mailbox.quota_bytes is not None or path not in self.known_maildirs:
-                slow.append((i, path, message))
+                slow.append((i, path))  # its copy is made in the thread, one at a time
                 continue
+            message = stored_message(job.data, job.mail_from, job.rcpt)
             try:
                 item = maildir.write_unsynced(path, message, self.names, self.owner)
             except FileNotFoundError:  # removed since (an admin deleted it): create it again
                 self.known_maildirs.discard(path)
-                slow.append((i, path, message))
+                slow.append((i, path))
                 continue
             except OSError as e:
                 replies[i] = self._failed(job.rcpt, path, e)
@@ -105,15 +105,21 @@ class Deliverer:
             written.append((i, item, len(message)))
 
         def write_slow_and_sync() -> list[OSError | None]:
-            for i, path, message in slow:
-                over = self._over_quota(jobs[i], path, len(message))
+            batch_bytes: dict[Path, int] = {}  # written to a mailbox by this batch so far
+            for i, path in slow:
+                job = jobs[i]
+                # One copy in memory at a time: a 50 MB message to 100 recipients is not 5 GB.
+                message = stored_message(job.data, job.mail_from, job.rcpt)
+                over = self._over_quota(job, path, len(message) + batch_bytes.get(path, 0))
                 if over:
                     replies[i] = over
                     continue
                 try:
                     written.append((i, self._write_maildir(path, message), len(message)))
                 except OSError as e:
-                    replies[i] = self._failed(jobs[i].rcpt, path, e)
+                    replies[i] = self._failed(job.rcpt, path, e)
+                    continue
+                batch_bytes[path] = batch_bytes.get(path, 0) + len(message)
             return self.disk.fsync_all([item.fd for _, item, _ in written])
 
         try:
@@ -136,8 +142,8 @@ class Deliverer:
             replies[i] = self._outcome(jobs[i].rcpt, item, size, error)
         return replies
 
-    def _prepare(self, job: Job, check_quota: bool = True) -> tuple[Path, bytes] | str:
-        """The mailbox and the bytes to store, or the refusal reply."""
+    def _mailbox(self, job: Job) -> Path | str:
+        """The job's mailbox path, or the refusal reply."""
         try:
             path = self.mailboxes.get(job.mailbox.address)
             if path is None:
@@ -147,16 +153,29 @@ class Deliverer:
                     self.root, job.mailbox.address)
         except UnsafeAddress as e:
             return f"550 5.1.3 {e}"
+        return path
+
+    def _prepare(self, job: Job) -> tuple[Path, bytes] | str:
+        """The mailbox and the bytes to store, or the refusal reply."""
+        path = self._mailbox(job)
+        if isinstance(path, str):
+            return path
         message = stored_message(job.data, job.mail_from, job.rcpt)
-        if check_quota:
-            over = self._over_quota(job, path, len(message))
-            if over:
-                return over
+        over = self._over_quota(job, path, len(message))
+        if over:
+            return over
         return path, message
 
     def _over_quota(self, job: Job, path: Path, size: int) -> str:
+        """A refusal if ``size`` more bytes would not fit (or the usage cannot be read)."""
         quota = job.mailbox.quota_bytes
-        if quota is not None and self.usage(path) + size > quota:
+        if quota is None:
+            return ""
+        try:
+            used = self.usage(path)
+        except OSError as e:  # e.g. permissions: a local problem, temporary
+            return self._failed(job.rcpt, path, e)
+        if used + size > quota:
             log.info("to=<%s> status=deferred (over quota %d)", job.rcpt, quota)
             return f"452 4.2.2 <{job.rcpt}> Mailbox full"
         return ""

@@ -8,6 +8,7 @@ import logging
 from mda.deliver import Deliverer
 from mda.session import LMTPHandler, LMTPProtocol
 from store.config import Config
+from store.dataread import delivery_size_limit
 from store.db import Database
 from store.directory import CachedDirectory
 from store.smtpserver import Connections, start_listeners
@@ -19,11 +20,13 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
     db = Database(cfg.database_url)
     handler = LMTPHandler(CachedDirectory(db, cfg.directory_cache_ttl), Deliverer(cfg.mda, cfg.hostname))
     connections = Connections(max_total=500, max_per_ip=0)
+    # What the MTA accepts, plus the headers added since: never accept, then bounce.
+    size_limit = delivery_size_limit(cfg.mta.max_message_size, cfg.mda.max_message_size)
 
     def factory() -> LMTPProtocol:
         return LMTPProtocol(
             handler, connections=connections, hostname=cfg.hostname, ident="LMTP",
-            data_size_limit=cfg.mda.max_message_size or None, enable_SMTPUTF8=True,
+            data_size_limit=size_limit, enable_SMTPUTF8=True,
             decode_data=False, timeout=cfg.mda.idle_timeout)
 
     servers = await start_listeners([cfg.mda.listen], factory, key="mda.listen")

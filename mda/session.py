@@ -21,12 +21,13 @@ from mda.deliver import Deliverer, Job
 from mda.message import to_lf
 from store import addresses
 from store.batching import Batcher
-from store.dataread import MAX_LINE, crlf_to_lf
+from store.dataread import MAX_TEXT_LINE, crlf_to_lf
 from store.directory import Directory, DirectoryUnavailable, UserInfo, lookup
 from store.smtpserver import DATA_ERRORS, BaseSMTP
 
 log = logging.getLogger("pochta.mda")
 
+LOCAL_ERROR = "451 4.3.0 Local error in delivery, try again later"
 BDAT_ARGS = re.compile(r"(\d{1,10})(?: +(LAST))?", re.IGNORECASE)
 
 
@@ -53,6 +54,12 @@ class LMTPProtocol(BaseSMTP):
 
     async def smtp_EHLO(self, arg: str) -> None:
         await self.push('500 5.5.1 Error: command "EHLO" not recognized, this is LMTP')
+
+    def data_refusal(self, reply: str) -> str:
+        # RFC 2033 §4.2: after the message, one reply per accepted recipient, even when the
+        # message itself is refused (the client waits for that many).
+        assert self.envelope is not None
+        return "\r\n".join([reply] * max(1, len(self.envelope.rcpt_tos)))
 
     @syntax("BDAT <size> [LAST]")
     async def smtp_BDAT(self, arg: str | None) -> None:
@@ -83,7 +90,7 @@ class LMTPProtocol(BaseSMTP):
         elif not envelope.rcpt_tos:  # (RCPT needs MAIL)
             error = "503 5.5.1 Need MAIL and an accepted RCPT first"
         elif too_big:
-            error = DATA_ERRORS["size"]
+            error = self.data_refusal(DATA_ERRORS["size"])
         else:
             error = None
         if error is None and not last:
@@ -94,14 +101,14 @@ class LMTPProtocol(BaseSMTP):
             if not content.endswith(b"\r\n"):
                 content += b"\r\n"  # as after DATA: the CRLF before the dot is the message's
             # Checked as after DATA (no BINARYMIME), and turned into a mailbox's LF form.
-            lf, problem = crlf_to_lf(content, MAX_LINE - 2)
+            lf, problem = crlf_to_lf(content, MAX_TEXT_LINE)
             if problem is None:
                 envelope.content = envelope.original_content = content
                 envelope.lf_content = lf
                 error = await self._call_handler_hook("DATA")
             else:
                 log.info("%s: BDAT refused (%s, %d octets)", self.peer_ip, problem, len(content))
-                error = DATA_ERRORS[problem]
+                error = self.data_refusal(DATA_ERRORS[problem])
         parts.clear()
         self._set_post_data_state()  # RFC 3030 §2: a failed BDAT ends the transaction
         await self.push(error)
@@ -147,6 +154,19 @@ class LMTPHandler:
 
     async def handle_DATA(self, server: LMTPProtocol, session: Session,
                           envelope: LMTPEnvelope) -> str:
+        try:
+            return await self._deliver(envelope)
+        except Exception:
+            # Never aiosmtpd's "500 Error: (PermissionError) <path>": every recipient would
+            # bounce for what is a local, temporary problem, and the reply would leak a path.
+            log.exception("delivery failed for %d recipient(s)", len(envelope.rcpt_tos))
+            return server.data_refusal(LOCAL_ERROR)
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("LMTP session error: %r", error)
+        return LOCAL_ERROR
+
+    async def _deliver(self, envelope: LMTPEnvelope) -> str:
         data = envelope.lf_content
         if data is None:  # after DATA, which checked it
             assert isinstance(envelope.content, bytes)

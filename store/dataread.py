@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,19 @@ from typing import BinaryIO
 
 END = b"\r\n.\r\n"
 MAX_LINE = 1000  # octets including CRLF, RFC 5321 §4.5.3.1.6
+MAX_TEXT_LINE = MAX_LINE - 2  # a message line's octets before its CRLF: MTA and MDA alike
 CHUNK = 1 << 16
+# Room for what we add to a message after accepting it (Received, Authentication-Results,
+# DKIM-Signature, Message-ID, Date, a DSN's framing): the MDA takes the MTA's largest message
+# plus this, so nothing the MTA accepted is refused on the way to the mailbox.
+PREPENDED_MAX = 64 << 10
+
+
+def delivery_size_limit(accepted_max: int, own_max: int = 0) -> int | None:
+    """The MDA's size limit, from the largest message the MTA accepts (0: no limit)."""
+    if not accepted_max:
+        return None
+    return max(accepted_max, own_max) + PREPENDED_MAX
 
 
 SPILL_AT = 1 << 20  # messages larger than this go to a file as they arrive, not into memory
@@ -79,7 +92,7 @@ def crlf_to_lf(data: bytes, longest: int) -> tuple[bytes, str | None]:
 @dataclass
 class DataResult:
     content: bytes  # the message, unless it spilled to ``path``
-    error: str | None  # "size", "line" or "bare-eol"; content is empty when set
+    error: str | None  # "size", "line", "bare-eol", "storage" or "io"; content empty if set
     size: int  # octets received, for the log
     path: Path | None = None  # the message spilled to this file (content is then b"")
 
@@ -134,26 +147,35 @@ class DataDecoder:
         if self.max_size and self.size > self.max_size:
             self._fail("size")
             return
-        problem = line_error(segment, self.max_line - 1)  # -CRLF, +1 stuffed dot
-        if problem is not None:
-            self._fail(problem)
+        pairs = segment.count(b"\r\n")
+        if segment.count(b"\n") != pairs or segment.count(b"\r") != pairs:
+            self._fail("bare-eol")
             return
-        self._emit(segment.replace(b"\r\n.", b"\r\n")[2:] + b"\r\n")
+        lines = segment.replace(b"\r\n.", b"\r\n")  # un-dot-stuffed, then measured: the
+        if line_longer_than(lines, self.max_line - 2):  # MDA stores (and checks) this form
+            self._fail("line")
+            return
+        self._emit(lines[2:] + b"\r\n")
 
     def _emit(self, data: bytes) -> None:
         if self.error:
             return
-        if self.sink is not None:
-            self.sink.write(data)
-            return
-        self.parts.append(data)
-        self.held += len(data)
-        if self.sink_factory is not None and self.held > self.spill_at:
-            # Large message: from here on it goes to disk, so a 50 MB message does not cost
-            # 50 MB of memory per session.
-            self.sink, self.sink_path = self.sink_factory()
-            self.sink.writelines(self.parts)
-            self.parts.clear()
+        try:
+            if self.sink is not None:
+                self.sink.write(data)
+                return
+            self.parts.append(data)
+            self.held += len(data)
+            if self.sink_factory is not None and self.held > self.spill_at:
+                # Large message: from here on it goes to disk, so a 50 MB message does not
+                # cost 50 MB of memory per session.
+                self.sink, self.sink_path = self.sink_factory()
+                self.sink.writelines(self.parts)
+                self.parts.clear()
+        except OSError as e:
+            # The message is refused, but read to its end: the rest of it is data, not
+            # commands.
+            self._fail(_write_error(e))
 
     def _fail(self, why: str) -> None:
         if self.error is None:
@@ -174,10 +196,19 @@ class DataDecoder:
 
     def result(self) -> DataResult:
         if self.sink is not None and self.sink_path is not None and not self.error:
-            self.sink.close()
-            return DataResult(b"", None, self.size, self.sink_path)
+            try:
+                self.sink.close()  # its buffer's last write may fail too
+            except OSError as e:
+                self.sink = None
+                self._fail(_write_error(e))
+            else:
+                return DataResult(b"", None, self.size, self.sink_path)
         content = b"" if self.error else b"".join(self.parts)
         return DataResult(content, self.error, self.size)
+
+
+def _write_error(e: OSError) -> str:
+    return "storage" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "io"
 
 
 async def read_data(reader: asyncio.StreamReader, max_size: int | None,

@@ -57,6 +57,8 @@ DATA_ERRORS = {
     "line": "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
     "bare-eol": "554 5.6.0 Message refused: bare CR or LF in message; lines must end with CRLF "
                 "(RFC 5321 2.3.8)",
+    "storage": "452 4.3.1 Insufficient system storage, try again later",
+    "io": "451 4.3.0 Local error in processing, try again later",
 }
 
 
@@ -377,8 +379,9 @@ class BaseSMTP(SMTP):
                                      getattr(self.event_handler, "data_sink", None))
         if result.error is not None:
             log.info("%s: DATA refused (%s, %d octets)", self.peer_ip, result.error, result.size)
+            refusal = self.data_refusal(DATA_ERRORS[result.error])  # (before the reset)
             self._set_post_data_state()
-            await self.push(DATA_ERRORS[result.error])
+            await self.push(refusal)
             return
         self.envelope.content = self.envelope.original_content = result.content
         self.envelope.spilled = result.path  # type: ignore[attr-defined]
@@ -390,6 +393,10 @@ class BaseSMTP(SMTP):
                     os.unlink(result.path)
         self._set_post_data_state()
         await self.push(status)
+
+    def data_refusal(self, reply: str) -> str:
+        """What a refused message is answered: one reply (LMTP: one per recipient)."""
+        return reply
 
     @contextlib.contextmanager
     def reading_data(self) -> Iterator[None]:

@@ -75,7 +75,11 @@ def test_line_longer_than_at_the_exact_limit(where):
 def test_line_too_long_still_finds_the_end():
     res, rest = decode(b"a" * 5000 + b"\r\nok\r\n.\r\nQUIT\r\n", split=100)
     assert res.error == "line" and rest == b"QUIT\r\n"
+    res, _ = decode(b"a" * 998 + b"\r\n.\r\n")  # what the MDA accepts, the MTA accepts
+    assert res.error is None
     res, _ = decode(b"a" * 999 + b"\r\n.\r\n")
+    assert res.error == "line"
+    res, _ = decode(b"..." + b"a" * 996 + b"\r\n.\r\n")  # dot-stuffed: 998 once unstuffed
     assert res.error is None
     res, _ = decode(b"ok\r\n" + b"a" * 1000 + b"\r\nok\r\n.\r\n")
     assert res.error == "line"
@@ -131,3 +135,29 @@ def test_crlf_to_lf_agrees_with_line_error():
         lf, problem = crlf_to_lf(data, 998)
         assert problem == line_error(data, 998), data
         assert lf == (data.replace(b"\r\n", b"\n") if problem is None else b""), data
+
+
+@pytest.mark.parametrize("errno_, expected", [(28, "storage"), (5, "io")])
+def test_a_spill_write_error_refuses_the_message_but_reads_it_to_its_end(tmp_path, errno_, expected):
+    """Disk full (or an I/O error) mid-DATA: the message is refused, and the rest of it is still
+    data, never read as commands."""
+    class Failing:
+        def write(self, data):
+            raise OSError(errno_, "no")
+
+        def writelines(self, parts):
+            raise OSError(errno_, "no")
+
+        def close(self):
+            pass
+
+    path = tmp_path / "spill"
+    d = DataDecoder(None, sink_factory=lambda: (Failing(), path), spill_at=1000)
+    stream = (b"a" * 500 + b"\r\n") * 6 + b"RCPT TO:<x@y>\r\n" + b".\r\nNOOP\r\n"
+    consumed = -1
+    for i in range(0, len(stream), 700):
+        used = d.feed(stream[i:i + 700])
+        if used >= 0:
+            consumed = i + used
+            break
+    assert d.result().error == expected and stream[consumed:] == b"NOOP\r\n"

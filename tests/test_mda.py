@@ -239,3 +239,51 @@ def test_bdat_refusals_consume_the_chunk_and_keep_the_session(stack):
     assert c.cmd("BDAT lots").startswith("501 5.5.4")  # its size unknown: the session ends
     with pytest.raises(ConnectionError):
         c.reply()
+
+
+def test_a_refused_message_gets_one_reply_per_recipient(stack):
+    """RFC 2033 §4.2: the client waits for one reply per accepted RCPT, refusals included."""
+    stack.start("mda")
+    for command in ("DATA", "BDAT"):
+        c = RawLMTP(stack.mda_listen)
+        c.cmd("LHLO client.test")
+        c.cmd("MAIL FROM:<sender@remote.test>")
+        assert c.cmd("RCPT TO:<bob@example.com>").startswith("250")
+        assert c.cmd("RCPT TO:<amy@example.com>").startswith("250")
+        long_line = b"Subject: long\r\n\r\n" + b"x" * 999 + b"\r\n"
+        if command == "DATA":
+            assert c.cmd("DATA").startswith("354")
+            c.send_data(long_line + b".\r\n")
+        else:
+            c.send_data(f"BDAT {len(long_line)} LAST\r\n".encode() + long_line)
+        assert [c.reply()[:9] for _ in range(2)] == ["500 5.5.2", "500 5.5.2"], command
+        assert c.cmd("NOOP").startswith("250")
+        c.close()
+
+
+def test_a_local_fault_outside_the_write_is_temporary_and_leaks_no_path(stack):
+    """The quota's usage cannot be read (here: new/ is a file): 451 for that recipient, the
+    other delivered, never aiosmtpd's '500 Error: (NotADirectoryError) /path'."""
+    stack.pochta("user", "add", "q@example.com", "--password-stdin", "--quota", "100000",
+                 stdin="pw\n")
+    box = stack.mailbox_root / "example.com" / "q"
+    for sub in ("cur", "tmp"):
+        (box / sub).mkdir(parents=True)
+    (box / "new").write_text("not a directory")
+    stack.start("mda")
+    _, data = lmtp_send(stack.mda_listen, "s@r.test", ["q@example.com", "bob@example.com"], MSG)
+    assert data[0].startswith("451 4.3.0") and "/" not in data[0], data
+    assert data[1].startswith("250 2.0.0")
+
+
+def test_quota_counts_the_copies_of_the_same_batch(stack):
+    stack.pochta("user", "add", "small@example.com", "--password-stdin", "--quota", "700",
+                 stdin="pw\n")
+    stack.start("mda")
+    msg = b"Subject: q\r\n\r\n" + b"z" * 150 + b"\r\n"
+    _, data = lmtp_send(stack.mda_listen, "s@r.test",
+                        [f"small+{i}@example.com" for i in range(6)], msg)
+    delivered = [d for d in data if d.startswith("250")]
+    assert 1 <= len(delivered) <= 3 and all(d.startswith(("250", "452 4.2.2")) for d in data)
+    stored = sum(p.stat().st_size for p in mail_files(stack.mailbox_root, "small@example.com"))
+    assert stored <= 700
