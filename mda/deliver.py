@@ -37,13 +37,13 @@ class Job:
 
 
 class Deliverer:
-    def __init__(self, cfg: MDAConfig, hostname: str) -> None:
+    def __init__(self, cfg: MDAConfig, hostname: str, use_syncfs: bool = True) -> None:
         self.root = Path(cfg.mailbox_root)
         self.format = cfg.format
         self.names = maildir.UniqueNames(hostname)
         self.mbox = MboxWriter()
         self.known_maildirs: set[Path] = set()  # created already: skip three stat calls
-        self.disk = DiskSync(os.fspath(self.root))
+        self.disk = DiskSync(os.fspath(self.root), use_syncfs)
         self.mailboxes: dict[str, Path] = {}  # address -> its mailbox path (pathlib is slow)
         self.owner: tuple[int, int] | None = None
         if cfg.mail_owner and os.geteuid() == 0:

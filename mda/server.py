@@ -18,7 +18,8 @@ log = logging.getLogger("pochta.mda")
 
 async def run(cfg: Config, stop: asyncio.Event) -> None:
     db = Database(cfg.database_url)
-    handler = LMTPHandler(CachedDirectory(db, cfg.directory_cache_ttl), Deliverer(cfg.mda, cfg.hostname))
+    deliverer = Deliverer(cfg.mda, cfg.hostname, use_syncfs=cfg.sync_method == "auto")
+    handler = LMTPHandler(CachedDirectory(db, cfg.directory_cache_ttl), deliverer)
     connections = Connections(max_total=500, max_per_ip=0)
     # What the MTA accepts, plus the headers added since: never accept, then bounce.
     size_limit = delivery_size_limit(cfg.mta.max_message_size, cfg.mda.max_message_size)

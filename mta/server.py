@@ -65,7 +65,7 @@ PARENT_PIPE = "POCHTA_QUEUE_PARENT_PIPE"  # set by serve mta: our stdin is a pip
 async def run_queue(cfg: Config, stop: asyncio.Event) -> None:
     db = Database(cfg.database_url)
     directory = CachedDirectory(db, cfg.directory_cache_ttl)
-    spool = Spool(cfg.spool_dir)
+    spool = Spool(cfg.spool_dir, cfg.sync_method == "auto")
     bouncer = Bouncer(cfg.hostname, spool, directory)
     runner = QueueRunner(cfg, spool, directory, LocalDelivery(cfg), Outbound(cfg).deliver,
                          bouncer)
@@ -128,7 +128,7 @@ async def supervise_queue(config_path: str | None, stop: asyncio.Event) -> None:
 async def run_mta(cfg: Config, stop: asyncio.Event, config_path: str | None = None) -> None:
     db = Database(cfg.database_url)
     directory = CachedDirectory(db, cfg.directory_cache_ttl)
-    spool = Spool(cfg.spool_dir)
+    spool = Spool(cfg.spool_dir, cfg.sync_method == "auto")
     notifier = Notifier(spool)
     c = cfg.checks
     defences = Defences(
@@ -167,7 +167,7 @@ async def run_msa(cfg: Config, stop: asyncio.Event) -> None:
 
     db = Database(cfg.database_url)
     directory = CachedDirectory(db, cfg.directory_cache_ttl)
-    spool = Spool(cfg.spool_dir)
+    spool = Spool(cfg.spool_dir, cfg.sync_method == "auto")
 
     notifier = Notifier(spool)
     handler = SubmissionHandler(

@@ -283,11 +283,11 @@ def _envelope_line(f: BinaryIO, limit: int = 1 << 24) -> bytes:
 
 
 class Spool:
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], use_syncfs: bool = True) -> None:
         self.dir = ensure_dir(directory, 0o700)
         self._dir = os.fspath(self.dir)  # hot paths build names with strings, not pathlib
         self.free = FreeFiles(self.dir / FREE_DIR)
-        self.disk = DiskSync(self._dir)
+        self.disk = DiskSync(self._dir, use_syncfs)
         self._batcher: Batcher[tuple[Envelope, bytes | MessageParts], None] = \
             Batcher(self._put_batch)
 

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, ParamSpec, TypeVar
 
-from store.fsio import fsync_dir, syncfs, syncfs_available
+from store.fsio import fsync_dir, syncfs, syncfs_flushes
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -40,7 +40,8 @@ class DiskSync:
     67 ms against 93 and 83 ms with batches synced on the loop).
 
     A batch's files on the file system of ``anchor`` (the spool, the mailbox root) are made
-    durable by one ``syncfs`` (and one fsync) instead of an fsync each: every fsync ends in a
+    durable by one ``syncfs`` (and one fsync) instead of an fsync each, where the file system
+    is one whose syncfs flushes: every fsync ends in a
     cache flush of the disk, which is what the disk is slowest at (on this VM, 20 new 4 KB
     files: 4.5-4.9 ms by parallel fsyncs, 1.7 ms by one syncfs). syncfs also writes whatever
     else is dirty on that file system, so it is used only while it measures faster than the
@@ -53,10 +54,13 @@ class DiskSync:
     RETRY = 64  # batches between two tries of a syncfs that measured slower than fsyncs
     SYNCFS_MIN = 3  # files: syncfs costs two flushes (see fsync_all)
 
-    def __init__(self, anchor: str | None = None) -> None:
+    def __init__(self, anchor: str | None = None, use_syncfs: bool = True) -> None:
+        """``anchor``: a directory on the file system whose batches may be synced by one syncfs
+        (only where that flushes: ext4, xfs, btrfs; see store.fsio.SYNCFS_FLUSHES), unless
+        ``use_syncfs`` is False (config ``sync_method = "fsync"``)."""
         self.average = 0.0005  # per fsync: a guess (an SSD's); the first calls measure the disk
         self.syncfs_average = 0.0  # per syncfs; 0 until measured
-        self._anchor = anchor if anchor is not None and syncfs_available() else None
+        self._anchor = anchor if use_syncfs else None
         self._anchor_fd: int | None = None
         self._anchor_dev = -2
         self._batches = 0
@@ -123,6 +127,10 @@ class DiskSync:
                 fd = os.open(self._anchor, os.O_RDONLY | os.O_DIRECTORY)
             except OSError:
                 return None  # not there (yet): fsyncs
+            if not syncfs_flushes(fd):
+                os.close(fd)
+                self._anchor = None  # for good: fsyncs on this file system
+                return None
             self._anchor_dev = os.fstat(fd).st_dev
             self._anchor_fd = fd
         return self._anchor_fd

@@ -150,3 +150,48 @@ def test_disk_sync_makes_a_batch_durable_with_one_syncfs_while_that_pays(tmp_pat
     assert plain.fsync_all(batch(4)) == [None] * 4 and plain.syncfs_average == 0
     for fd in opened:  # some 200 descriptors: not left to the rest of the run
         os.close(fd)
+
+
+def test_syncfs_only_where_it_flushes(tmp_path):
+    """On a file system whose syncfs may flush nothing (FUSE, 9p, NFS...; tmpfs stands in for
+    them here) a batch gets an fsync per file, as it does with sync_method = "fsync"."""
+    import os
+
+    import pytest
+
+    from store.batching import DiskSync
+    from store.fsio import SYNCFS_FLUSHES, filesystem_type, syncfs_available, syncfs_flushes
+
+    if not syncfs_available():
+        pytest.skip("no syncfs here (Linux 5.8 or later)")
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        on_disk = syncfs_flushes(fd)
+        assert on_disk == (filesystem_type(fd) in SYNCFS_FLUSHES)
+    finally:
+        os.close(fd)
+    shm = "/dev/shm"
+    if not os.path.isdir(shm):
+        pytest.skip("no tmpfs at /dev/shm")
+    fd = os.open(shm, os.O_RDONLY)
+    try:
+        assert filesystem_type(fd) == 0x01021994 and not syncfs_flushes(fd)  # TMPFS_MAGIC
+    finally:
+        os.close(fd)
+
+    def synced_by_syncfs(disk: DiskSync, where: str) -> bool:
+        fds = [os.open(f"{where}/f{i}", os.O_WRONLY | os.O_CREAT) for i in range(5)]
+        try:
+            assert disk.fsync_all(fds) == [None] * 5
+        finally:
+            for f in fds:
+                os.close(f)
+        return disk.syncfs_average > 0
+
+    d = tmp_path / "d"
+    d.mkdir()
+    assert synced_by_syncfs(DiskSync(str(d)), str(d)) == on_disk
+    assert not synced_by_syncfs(DiskSync(str(d), use_syncfs=False), str(d))
+    import tempfile
+    with tempfile.TemporaryDirectory(dir=shm) as t:
+        assert not synced_by_syncfs(DiskSync(t), t)
