@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections import defaultdict
 from collections.abc import Callable
@@ -59,17 +60,27 @@ class _Retry(Exception):
         self.reply = reply
 
 
+# Per-command time limits, RFC 5321 §4.5.3.2 (a slow receiver is not a dead one), and
+# Postfix's 30 s for the TCP connection (a host that drops SYNs; the next MX is tried).
+CONNECT_TIMEOUT = 30.0
+GREETING_TIMEOUT = 300.0  # §4.5.3.2.1; also EHLO, STARTTLS and AUTH
+MAIL_TIMEOUT = 300.0  # §4.5.3.2.2
+RCPT_TIMEOUT = 300.0  # §4.5.3.2.3
+DATA_TIMEOUT = 600.0  # §4.5.3.2.4-6: 2 min for the 354, 3 per block, 10 for the final reply
+
+
 class Outbound:
-    def __init__(self, cfg: Config, resolver: Resolver | None = None,
-                 per_domain: int = 4, total: int = 64) -> None:
+    """The remote courier. How many deliveries run at once, and to which destination, is the
+    queue runner's decision (mta/queue.py); ``total`` only caps the connections of one
+    message's many destinations."""
+
+    def __init__(self, cfg: Config, resolver: Resolver | None = None, total: int = 64) -> None:
         self.cfg = cfg
         self.resolver = resolver or Resolver(cfg.delivery.resolver)
         self.port = cfg.delivery.smtp_port
         self.smarthost = (parse_address(cfg.delivery.smarthost, "delivery.smarthost")
                           if cfg.delivery.smarthost else None)
         self.total = asyncio.Semaphore(total)
-        self.per_domain: defaultdict[str, asyncio.Semaphore] = defaultdict(
-            lambda: asyncio.Semaphore(per_domain))
         self.tls = _insecure_context()
 
     async def deliver(self, env: Envelope, rcpts: list[Recipient], data: bytes
@@ -93,7 +104,7 @@ class Outbound:
 
     async def _domain(self, env: Envelope, domain: str, rcpts: list[Recipient], data: bytes
                       ) -> dict[str, Reply]:
-        async with self.per_domain[domain], self.total:
+        async with self.total:
             if self.smarthost:
                 hosts = [Host(self.smarthost[0], self.smarthost[0])]
                 port = self.smarthost[1]
@@ -129,13 +140,18 @@ class Outbound:
             # Our own decision about this host: no remote MTA said it (no Remote-MTA in a DSN).
             return Reply(code, f"{text} ({relay})", LOCAL_DECISION)
 
-        smtp = aiosmtplib.SMTP(hostname=host.ip, port=port, local_hostname=self.cfg.hostname,
-                               timeout=60, start_tls=False, validate_certs=False)
+        try:
+            sock = await _connect(host.ip, port)
+        except (OSError, TimeoutError) as e:
+            raise _Retry(reply(451, f"4.4.1 cannot connect: {e or 'timed out'}")) from None
+        smtp = aiosmtplib.SMTP(sock=sock, local_hostname=self.cfg.hostname,
+                               timeout=GREETING_TIMEOUT, start_tls=False, validate_certs=False)
         try:
             try:
-                await smtp.connect()
+                await smtp.connect(timeout=GREETING_TIMEOUT)
             except (aiosmtplib.SMTPException, OSError) as e:
-                raise _Retry(reply(451, f"4.4.1 cannot connect: {e}")) from None
+                sock.close()
+                raise _Retry(reply(451, f"4.4.1 no greeting: {e}")) from None
             try:
                 await smtp.ehlo()
             except aiosmtplib.SMTPResponseException:
@@ -199,7 +215,8 @@ class Outbound:
                 options.append(f"RET={env.dsn['ret']}")
             if (env.dsn or {}).get("envid"):
                 options.append(f"ENVID={env.dsn['envid']}")
-        await smtp.mail(wire_address(env.mail_from), options=options, encoding=encoding)
+        await smtp.mail(wire_address(env.mail_from), options=options, encoding=encoding,
+                        timeout=MAIL_TIMEOUT)
         results: dict[str, Reply] = {}
         accepted: list[str] = []
         for r in rcpts:
@@ -211,14 +228,28 @@ class Outbound:
                     rcpt_options.append(f"ORCPT={r.orcpt}")
             try:
                 resp = await smtp.rcpt(wire_address(r.address), options=rcpt_options,
-                                       encoding=encoding)
+                                       encoding=encoding, timeout=RCPT_TIMEOUT)
                 accepted.append(r.address)
                 results[r.address] = reply(resp.code, resp.message)
             except aiosmtplib.SMTPRecipientRefused as e:
                 results[r.address] = reply(e.code, e.message)
         if not accepted:
             return results
-        resp = await smtp.data(data)
+        resp = await smtp.data(data, timeout=DATA_TIMEOUT)
         for a in accepted:
             results[a] = Reply(resp.code, resp.message, results[a].relay, dsn_passed=dsn)
         return results
+
+
+async def _connect(ip: str, port: int) -> socket.socket:
+    """A TCP connection to ``ip``, within ``CONNECT_TIMEOUT``."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (ip, port)),
+                               CONNECT_TIMEOUT)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

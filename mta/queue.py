@@ -24,7 +24,7 @@ import os
 import re
 import socket
 import time
-from collections import deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable
 
 from mta import policy
@@ -167,9 +167,18 @@ class LocalDelivery:
 
 
 class QueueRunner:
+    """The scheduler: which message is attempted when, and how many at once.
+
+    At most ``concurrency`` attempts run at once, and at most ``per_destination`` of them
+    deliver to one remote domain. A message whose due recipients all go to remote domains
+    that are at their limit waits without an attempt slot (``waiting``), and is taken again
+    when one of those deliveries ends: a slow or tarpitting destination holds its own slots
+    only, never local delivery or other domains.
+    """
+
     def __init__(self, cfg: Config, spool: Spool, directory: Directory, local: LocalDelivery,
                  remote: RemoteDeliver, bouncer: Bouncer, concurrency: int = 32,
-                 clock: Callable[[], float] = time.time) -> None:
+                 per_destination: int = 4, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.spool = spool
         self.directory = directory
@@ -189,6 +198,11 @@ class QueueRunner:
         self.fresh: set[str] = set()  # just written: in the page cache, read without a thread
         self.next_marker_check = 0.0
         self.notices: socket.socket | None = None
+        self.per_destination = per_destination
+        self.in_flight: Counter[str] = Counter()  # remote domain -> attempts delivering there
+        self.waiting: defaultdict[str, deque[str]] = defaultdict(deque)  # domain -> ids
+        self.parked: dict[str, str] = {}  # id -> the full domain it waits for
+        self.local_domains: set[str] = set()  # learnt from routing: no destination limit
 
     def add(self, env: Envelope) -> None:
         """A message this process just spooled (a DSN): deliver it now."""
@@ -198,8 +212,15 @@ class QueueRunner:
         self.wake.set()
 
     def _schedule(self, env: Envelope) -> None:
-        """Queue ``env`` for its next attempt: now, or when its first pending recipient is due."""
-        due = env.due
+        """Queue ``env`` for its next attempt: now, or when its first pending recipient is due
+        (a parked one's recipients for its full destination wait for that to have room)."""
+        parked = self.parked.get(env.id)
+        if parked is None:
+            due = env.due
+        else:
+            times = [r.next_attempt for r in env.pending
+                     if addresses.domain_of(r.address) != parked]
+            due = min(times) if times else None
         if due is None:
             return
         if due <= self.clock():
@@ -268,7 +289,7 @@ class QueueRunner:
             while self.ready and len(self.busy) < self.concurrency:
                 qid = self.ready.popleft()
                 env = self.items.get(qid)
-                if env is None or qid in self.busy:
+                if env is None or qid in self.busy or qid in self.parked:
                     continue
                 due = env.due
                 if due is None:
@@ -276,8 +297,11 @@ class QueueRunner:
                 if due > now:
                     heapq.heappush(self.timers, (due, qid))
                     continue
+                destinations = self._take_destinations(env, now)
+                if destinations is None:
+                    continue  # parked: its destinations are all busy
                 self.busy.add(qid)
-                task = asyncio.create_task(self._attempt(env))
+                task = asyncio.create_task(self._attempt(env, destinations))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
             # A finished attempt, a notice or a marker sets wake; else the earliest timer.
@@ -315,18 +339,65 @@ class QueueRunner:
                     r.next_attempt = min(r.next_attempt, now)
                 self._schedule(env)
 
-    async def _attempt(self, env: Envelope) -> None:
+    def _take_destinations(self, env: Envelope, now: float) -> tuple[set[str], set[str]] | None:
+        """The destination domains this attempt delivers to, their slots taken, and those it
+        must leave for later (at their limit); None if every due recipient's domain is full:
+        the message is then parked on one of them, without an attempt slot. Every domain not
+        known as ours counts, so that the first messages to a new domain do not all go
+        before routing has said it is remote."""
+        due = {addresses.domain_of(r.address) for r in env.pending if r.next_attempt <= now}
+        limited = due - self.local_domains
+        taken = {d for d in limited if self.in_flight[d] < self.per_destination}
+        blocked = limited - taken
+        if blocked and blocked == due:
+            self._park(env.id, min(blocked))
+            return None
+        for d in taken:
+            self.in_flight[d] += 1
+        return taken, blocked
+
+    def _park(self, qid: str, domain: str) -> None:
+        self.parked[qid] = domain
+        self.waiting[domain].append(qid)
+
+    def _release(self, taken: set[str]) -> None:
+        """The attempt's destination slots are free: messages waiting for them are due."""
+        for d in taken:
+            self.in_flight[d] -= 1
+            if self.in_flight[d] <= 0:
+                del self.in_flight[d]
+            room = self.per_destination - self.in_flight[d]
+            queue = self.waiting.get(d)
+            while queue and room > 0:
+                qid = queue.popleft()
+                if self.parked.get(qid) == d:  # else stale: taken, delivered or deleted
+                    del self.parked[qid]
+                    self.ready.append(qid)
+                    room -= 1
+            if queue is not None and not queue:
+                del self.waiting[d]
+
+    async def _attempt(self, env: Envelope, destinations: tuple[set[str], set[str]]) -> None:
+        taken, blocked = destinations
         retry_soon = False
         try:
-            retry_soon = not await self._deliver(env)
+            retry_soon = not await self._deliver(env, blocked)
         except Exception:
             # A fault of ours outside any one delivery (each courier's faults are already
             # its recipients' 4xx): counted as a failed attempt, so the message still expires.
             log.exception("%s: delivery attempt failed", env.id)
-            now = self.clock()
-            self._record(env, [r for r in env.pending if r.next_attempt <= now], {})
+            self._record(env, self._due(env, blocked), {})
         finally:
             self.busy.discard(env.id)
+            self._release(taken)
+            if env.id in self.items and not retry_soon:
+                # Recipients left for a destination that is still full wait for its room.
+                for d in sorted(blocked):
+                    if (self.in_flight[d] >= self.per_destination
+                            and any(addresses.domain_of(r.address) == d
+                                    for r in self._due(env, set()))):
+                        self._park(env.id, d)
+                        break
             if env.id in self.items:
                 if retry_soon:  # locked by the CLI for now
                     heapq.heappush(self.timers, (self.clock() + 1.0, env.id))
@@ -334,8 +405,15 @@ class QueueRunner:
                     self._schedule(env)
             self.wake.set()
 
-    async def _deliver(self, env: Envelope) -> bool:
-        """One attempt for the due recipients; False if the item was busy (try again soon)."""
+    def _due(self, env: Envelope, blocked: set[str]) -> list[Recipient]:
+        """The pending recipients due now, but those for the ``blocked`` domains."""
+        now = self.clock()
+        return [r for r in env.pending if r.next_attempt <= now
+                and (not blocked or addresses.domain_of(r.address) not in blocked)]
+
+    async def _deliver(self, env: Envelope, blocked: set[str]) -> bool:
+        """One attempt for the due recipients but those for ``blocked`` domains; False if the
+        item was busy (try again soon)."""
         if env.id in self.fresh:
             # Just written, so in the page cache: a few syscalls, cheaper than a thread trip.
             self.fresh.discard(env.id)
@@ -350,9 +428,8 @@ class QueueRunner:
         fd, data = got
         reported = False
         try:
-            now = self.clock()
-            due = [r for r in env.pending if r.next_attempt <= now]
-            results = await self._route_and_send(env, due, data)
+            due = self._due(env, blocked)
+            results = await self._route_and_send(env, due, data) if due else {}
             delayed = self._record(env, due, results)
             if delayed:
                 await self._report_delays(env, data, delayed)
@@ -396,6 +473,10 @@ class QueueRunner:
                 domain = addresses.domain_of(r.address)
                 ours = await lookup(self.directory, "is_local_domain", domain)
                 (local if ours else remote).append(r)
+                if ours:
+                    if len(self.local_domains) >= 10_000:
+                        self.local_domains.clear()
+                    self.local_domains.add(domain)
         except DirectoryUnavailable as e:
             return {r.address: Reply(451, f"4.3.0 directory unavailable: {e}") for r in rcpts}
         results: dict[str, Reply] = {}

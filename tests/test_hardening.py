@@ -212,3 +212,41 @@ def test_a_fault_in_remote_delivery_never_redelivers_the_local_copies(tmp_path):
         s.stop_all()
         peer.stop()
         dns_server.close()
+
+
+# -- item 4: a slow destination holds its own slots only -------------------------------------
+
+def test_a_tarpit_destination_stalls_neither_local_delivery_nor_other_domains(tmp_path):
+    """40 messages to a domain whose MX never greets: at most 4 connections to it, and a
+    message for a local mailbox and another domain, sent after them, is delivered at once."""
+    dns_server = FakeDNS()
+    port = free_port("127.0.0.11")
+    tarpit = ScriptedMX("127.0.0.11", port)
+    tarpit.silent.add("greeting")
+    sink = SinkMX("127.0.0.12", port)
+    dns_server.add("slow.test", "MX", "10 mx.slow.test.")
+    dns_server.add("mx.slow.test", "A", "127.0.0.11")
+    dns_server.add("fast.test", "MX", "10 mx.fast.test.")
+    dns_server.add("mx.fast.test", "A", "127.0.0.12")
+    s = Stack(tmp_path, delivery={"resolver": dns_server.address, "smtp_port": port})
+    try:
+        s.setup_users("example.com", "alice@example.com", "bob@example.com", password=PW)
+        s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.msa_port}"])
+        with smtplib.SMTP("127.0.0.1", s.msa_port, timeout=20) as c:
+            c.starttls(context=client_tls())
+            c.login("alice@example.com", PW)
+            for i in range(40):
+                c.sendmail("alice@example.com", [f"u{i}@slow.test"],
+                           f"From: alice@example.com\r\nSubject: slow {i}\r\n\r\nx\r\n")
+            c.sendmail("alice@example.com", ["bob@example.com", "far@fast.test"],
+                       b"From: alice@example.com\r\nSubject: sentinel\r\n\r\nx\r\n")
+        assert wait_for(lambda: any(b"sentinel" in p.read_bytes() for p in
+                                    mail_files(s.mailbox_root, "bob@example.com")), 20), \
+            s.log("up")
+        assert wait_for(lambda: any(b"sentinel" in m.data for m in sink.messages), 20)
+        assert 1 <= tarpit.connections <= 4
+    finally:
+        s.stop_all()
+        tarpit.stop()
+        sink.stop()
+        dns_server.close()
