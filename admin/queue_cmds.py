@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import typer
 
 from admin.cli import UserError, _ctx, queue_app, table
-from mta.spool import FLUSH, Spool, SpoolError
+from mta.spool import DAMAGED_DIR, FLUSH, Spool, SpoolError
 
 
 def _spool(ctx: typer.Context) -> Spool:
@@ -38,16 +38,21 @@ def queue_list(ctx: typer.Context) -> None:
     for qid in spool.ids():
         try:
             env = spool.load(qid)
-        except (OSError, ValueError, SpoolError):
-            continue
+        except (OSError, SpoolError):
+            continue  # delivered meanwhile, or damaged: the runner puts it aside
         pending = env.pending
         nxt = min((r.next_attempt for r in pending), default=0.0)
         due = "now" if nxt <= time.time() else _when(nxt)
         rows.append([qid, _when(env.created), str(env.size), f"<{env.mail_from}>",
                      ", ".join(r.address for r in pending) or "-", due,
                      (pending[0].last_reply[:60] if pending else "")])
+    damaged = spool.damaged()
+    for qid, size in damaged:
+        rows.append([qid, "-", str(size), "-", "-", "-",
+                     f"DAMAGED: unreadable, kept in {spool.dir / DAMAGED_DIR}"])
     table(["ID", "ARRIVED", "SIZE", "FROM", "PENDING", "NEXT", "LAST REPLY"], rows)
-    typer.echo(f"{len(rows)} message(s) in the queue")
+    typer.echo(f"{len(rows) - len(damaged)} message(s) in the queue"
+               + (f", {len(damaged)} damaged (see the log)" if damaged else ""))
 
 
 @queue_app.command("show")

@@ -258,8 +258,10 @@ class QueueRunner:
                 try:
                     # Inline: the file was written a moment ago and is in the page cache.
                     self.items[qid] = self.spool.load(qid, fresh=True)
-                except (OSError, ValueError, TypeError, SpoolError) as e:
-                    log.warning("%s: notice for a message that cannot be loaded: %s", qid, e)
+                except FileNotFoundError:
+                    continue  # deleted already
+                except (OSError, SpoolError) as e:
+                    self.spool.quarantine(qid, e)
                     continue
                 self.fresh.add(qid)
                 self.ready.append(qid)
@@ -326,8 +328,10 @@ class QueueRunner:
                 if qid not in self.items:
                     try:
                         env = await asyncio.to_thread(self.spool.load, qid)
-                    except (OSError, ValueError, SpoolError) as e:
-                        log.debug("%s: not loadable yet: %s", qid, e)
+                    except FileNotFoundError:
+                        continue  # delivered or deleted since the listing
+                    except (OSError, SpoolError) as e:
+                        await asyncio.to_thread(self.spool.quarantine, qid, e)
                         continue
                     self.items[qid] = env
                     self._schedule(env)

@@ -1,38 +1,24 @@
 """The spool: each accepted message in ``spool_dir``, durable before we say 250.
 
-On-disk layout 2 (what we write; layout 1 is still read, see below):
-
 - ``<id>.msg``: the envelope as one line of UTF-8 JSON and a LF, then the message exactly as it
   will be delivered (our Received header first), CRLF. Written as ``.<id>.tmp``, fsynced and
   renamed: the rename is the commit point, and one directory fsync makes a whole batch of
   renames durable. One file means one data fsync and, once delivered, one unlink per message.
 - ``<id>.json``: the envelope alone, written (temp, fsync, rename, directory fsync) only when
   an attempt leaves recipients pending; it supersedes the envelope line of ``<id>.msg``.
+- ``damaged/``: committed items that cannot be read (a message file emptied or torn by a
+  file system that lost written data): moved there once, with an error in the log, and listed
+  by ``pochta queue list``; never delivered, never deleted by us.
 
-The envelope (schema version 1)::
+The envelope (schema: mta/envelope.py) is what the queue runner needs to schedule and report.
 
-    {"version": 1, "id": ..., "created": <unix time>, "mail_from": "a@b" or "",
-     "smtputf8": bool, "body": "7BIT"|"8BITMIME", "size": int, "client": {"ip", "helo",
-     "protocol", "auth"}, "dsn": {"ret": "FULL"|"HDRS"|null, "envid": str|null},
-     "report_at": <unix time, 0 unless a report is owed>,
-     "recipients": [{"address": final target, "original": RCPT address as given,
-                     "orcpt": str|null, "notify": [..]|null, "status": "pending"|"sent"|
-                     "failed"|"expired", "attempts": int, "next_attempt": <unix time>,
-                     "last_reply": str, "last_relay": str, "delay_notified": bool,
-                     "dsn_passed": bool}]}
+Uncommitted leftovers of a crash (``.tmp`` files, a ``.json`` whose message is gone) are
+removed once idle for an hour. Only the queue runner changes a committed item, under an flock
+on its message file, which ``pochta queue`` takes too.
 
-Layout 1 (spools of earlier versions): ``<id>.eml`` holds the message alone and ``<id>.json``
-the envelope; the ``.json`` was the commit point. Such items are delivered as they are.
-
-Delivered message files are recycled, not deleted: ``free/`` keeps up to ``FREE_MAX`` of them
-(each at most ``RECYCLE_MAX`` bytes) and a new item is written into one of them (renamed to its
-temporary name, overwritten, truncated, fsynced). Creating and deleting an inode per message
-costs more kernel time than writing the message: on ext4 without a journal every new inode
-scans the group's recently deleted ones (a quarter of the MTA's CPU in the benchmark).
-
-Uncommitted leftovers of a crash (``.tmp`` files, a layout-1 ``.eml`` without ``.json``, a
-``.json`` whose message is gone) are removed once idle for an hour. Only the queue runner
-changes a committed item, under an flock on its message file, which ``pochta queue`` takes too.
+Delivered message files are deleted, not kept for reuse: reusing an inode lets a crash bring a
+delivered message's name back on another sender's bytes; the cost of a new inode per message
+is high only on ext4 without a journal, which is not what users run.
 """
 
 from __future__ import annotations
@@ -60,9 +46,7 @@ PENDING, SENT, FAILED, EXPIRED = "pending", "sent", "failed", "expired"
 FINAL = {SENT, FAILED, EXPIRED}
 GARBAGE_AGE = 3600.0  # seconds an uncommitted spool file must be idle before it is garbage
 INLINE_MAX = 1 << 20  # messages up to this size are written from the event loop (page cache)
-FREE_DIR = "free"  # delivered message files kept for reuse
-FREE_MAX = 256  # at most this many of them ...
-RECYCLE_MAX = 256 << 10  # ... of at most this size: 64 MiB of disk at worst
+DAMAGED_DIR = "damaged"  # committed items that cannot be read: kept aside for the admin
 KICK = "kick"  # marker file: another process asks the runner to rescan
 FLUSH = "flush"  # marker file: make every deferred recipient due now
 
@@ -130,11 +114,14 @@ class Envelope:
 
     @classmethod
     def from_json(cls, data: bytes) -> Envelope:
-        raw = json.loads(data)
-        if raw.get("version") != FORMAT_VERSION:
-            raise SpoolError(f"unknown spool format version {raw.get('version')!r}")
-        raw["recipients"] = [Recipient(**r) for r in raw["recipients"]]
-        return cls(**raw)
+        try:
+            raw = json.loads(data)
+            if raw.get("version") != FORMAT_VERSION:
+                raise SpoolError(f"unknown spool format version {raw.get('version')!r}")
+            raw["recipients"] = [Recipient(**r) for r in raw["recipients"]]
+            return cls(**raw)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise SpoolError(f"not an envelope: {e!r}") from None
 
 
 def read_header_section(path: Path, limit: int = 1 << 20, offset: int = 0) -> bytes:
@@ -168,16 +155,13 @@ class SpooledMessage:
                 yield block
 
 
-def write_parts(path: str, parts: MessageParts, reuse: str | None = None) -> int:
+def write_parts(path: str, parts: MessageParts) -> int:
     """Create ``path`` from ``parts`` (files are copied in-kernel); return its open descriptor.
 
-    ``reuse``: a recycled file to rename to ``path`` and overwrite instead of creating one (if
-    another process took it first, a new file is created). The caller fsyncs and closes the
-    descriptor: a batch writes every file before its first fsync.
+    The caller fsyncs and closes the descriptor: a batch writes every file before its first
+    fsync.
     """
-    fd = _reuse(reuse, path) if reuse is not None else None
-    if fd is None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         i = 0
         while i < len(parts):
@@ -199,56 +183,12 @@ def write_parts(path: str, parts: MessageParts, reuse: str | None = None) -> int
                     offset += n
                     remaining -= n
             i += 1
-        if reuse is not None:  # a recycled file may be longer than this message
-            os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
     return fd
-
-
-def _reuse(old: str, path: str) -> int | None:
-    """``old`` renamed to ``path`` and open for writing; None if it is gone (taken)."""
-    try:
-        os.rename(old, path)
-        return os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return None
-
-
-class FreeFiles:
-    """The pool of delivered message files in ``free/``, shared by every process of a spool.
-
-    Writers (MTA, MSA) take a name from their last listing and rename it: if another writer
-    renamed it first, they create a file instead. The runner adds files while the pool looks
-    smaller than ``FREE_MAX``; it lists the directory again only when its count says full.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = os.fspath(ensure_dir(directory, 0o700))
-        self._names: list[str] = []
-        self._count = 0  # files in the pool when last listed, plus those added since
-
-    def take(self) -> str | None:
-        if not self._names:  # an empty directory lists in a few microseconds
-            self._names = os.listdir(self.dir)
-            if not self._names:
-                return None
-        return f"{self.dir}/{self._names.pop()}"
-
-    def give(self, path: str, size: int) -> bool:
-        """Move a delivered message file into the pool; False if it is full or the file big."""
-        if size > RECYCLE_MAX:
-            return False
-        if self._count >= FREE_MAX:
-            self._count = len(os.listdir(self.dir))
-            if self._count >= FREE_MAX:
-                return False
-        os.rename(path, f"{self.dir}/{os.path.basename(path)}")
-        self._count += 1
-        return True
 
 
 def _writev_all(fd: int, buffers: list[bytes]) -> None:
@@ -286,7 +226,6 @@ class Spool:
     def __init__(self, directory: str | os.PathLike[str], use_syncfs: bool = True) -> None:
         self.dir = ensure_dir(directory, 0o700)
         self._dir = os.fspath(self.dir)  # hot paths build names with strings, not pathlib
-        self.free = FreeFiles(self.dir / FREE_DIR)
         self.disk = DiskSync(self._dir, use_syncfs)
         self._batcher: Batcher[tuple[Envelope, bytes | MessageParts], None] = \
             Batcher(self._put_batch)
@@ -372,13 +311,6 @@ class Spool:
     def _json(self, qid: str) -> str:
         return f"{self._dir}/{qid}.json"
 
-    def _eml(self, qid: str) -> str:
-        """A layout-1 item's message file."""
-        return f"{self._dir}/{qid}.eml"
-
-    def msg_path(self, qid: str) -> Path:
-        return Path(self._msg(qid))
-
     def put(self, env: Envelope, message: bytes | MessageParts) -> None:
         """Store a new message durably; when this returns, it survives a crash."""
         self._write(env, message)
@@ -408,7 +340,7 @@ class Spool:
         env.size = parts_size(parts)
         head = env.to_json() + b"\n"  # before any file exists: it may fail (bad text)
         tmp = f"{self._dir}/.{env.id}.tmp"
-        return write_parts(tmp, [head, *parts], self.free.take()), tmp
+        return write_parts(tmp, [head, *parts]), tmp
 
     def _discard(self, qid: str) -> None:
         with contextlib.suppress(OSError):
@@ -417,27 +349,17 @@ class Spool:
     def update(self, env: Envelope) -> None:
         atomic_write(self._json(env.id), env.to_json())
 
-    def remove(self, qid: str, size: int | None = None) -> None:
-        """Remove an item (its lock held); ``size``: its message file's, if known.
+    def remove(self, qid: str) -> None:
+        """Remove an item (its lock held).
 
         The message file first: once it is gone, nothing is delivered again, and a .json left
         by a crash is garbage. No directory fsync (as Postfix): a crash may bring a delivered
-        message back, which means a duplicate, never a loss, and it saves an fsync a message.
+        message back, which means a duplicate, never a loss.
         """
-        path = self._msg(qid)
-        try:
-            if size is None:
-                size = os.stat(path).st_size
-            if not self.free.give(path, size):
-                os.unlink(path)
-            layout1 = False
-        except FileNotFoundError:
-            layout1 = True
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._msg(qid))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._json(qid))
-        if layout1:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._eml(qid))
 
     def load(self, qid: str, fresh: bool = False) -> Envelope:
         """The item's envelope; ``fresh``: just committed, so no attempt wrote a ``.json``."""
@@ -448,14 +370,14 @@ class Spool:
             except FileNotFoundError:
                 pass
         with open(self._msg(qid), "rb") as f:
-            return Envelope.from_json(_envelope_line(f))
+            env = Envelope.from_json(_envelope_line(f))
+        if env.id != qid:
+            raise SpoolError(f"the file holds message {env.id}")
+        return env
 
     def ids(self) -> list[str]:
-        names = [p.name for p in self.dir.iterdir() if not p.name.startswith(".")]
-        msgs = {n[:-4] for n in names if n.endswith(".msg")}
-        layout1 = {n[:-5] for n in names if n.endswith(".json")} - msgs
-        layout1 = {q for q in layout1 if f"{q}.eml" in names}
-        return sorted(msgs | layout1)
+        return sorted(name[:-4] for name in os.listdir(self._dir)
+                      if name.endswith(".msg") and not name.startswith("."))
 
     def collect_garbage(self, min_age: float = GARBAGE_AGE) -> int:
         """Remove uncommitted leftovers of a crash (see the module's docstring).
@@ -464,22 +386,21 @@ class Spool:
         receiving a large message write these files right now, and a transfer in progress
         touches its file at least every idle timeout.
         """
-        names = {p.name for p in self.dir.iterdir()}
+        names = set(os.listdir(self._dir))
         cutoff = time.time() - min_age
         removed = 0
         for name in names:
             stem = name.rpartition(".")[0]
             uncommitted = (name.startswith(".") and name.endswith(".tmp")) or (
-                name.endswith(".eml") and f"{stem}.json" not in names) or (
                 name.endswith(".json") and not name.startswith(".")
-                and f"{stem}.msg" not in names and f"{stem}.eml" not in names)
+                and f"{stem}.msg" not in names)
             if not uncommitted:
                 continue
-            path = self.dir / name
+            path = f"{self._dir}/{name}"
             try:
-                if path.stat().st_mtime > cutoff:
+                if os.stat(path).st_mtime > cutoff:
                     continue
-                path.unlink()
+                os.unlink(path)
                 removed += 1
                 log.info("removed uncommitted spool file %s", name)
             except FileNotFoundError:
@@ -487,33 +408,51 @@ class Spool:
         return removed
 
     def recover(self) -> list[Envelope]:
-        """Every committed message; removes uncommitted leftovers of a crash."""
+        """Every committed message; removes uncommitted leftovers of a crash and puts the
+        damaged items aside."""
         self.collect_garbage()
         items = []
         for qid in self.ids():
             try:
-                env = self.load(qid)
+                items.append(self.load(qid))
             except (OSError, ValueError, TypeError, SpoolError) as e:
-                log.error("%s: unreadable envelope left in place: %s", qid, e)
-                continue
-            if env.id != qid:
-                # A delivered item's old name that a crash kept, on a file since recycled for
-                # a message that was never acknowledged (its own name was not yet durable).
-                log.warning("%s: stale name of a recycled file (holds %s): removed", qid, env.id)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._msg(qid))
-                continue
-            items.append(env)
+                self.quarantine(qid, e)
         return items
 
+    def quarantine(self, qid: str, why: BaseException) -> None:
+        """Put a committed item that cannot be read into ``damaged/``, once, loudly: it was
+        accepted, so it is neither delivered as garbage nor silently dropped."""
+        damaged = ensure_dir(self.dir / DAMAGED_DIR, 0o700)
+        moved = []
+        for path in (self._msg(qid), self._json(qid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(path, f"{damaged}/{os.path.basename(path)}")
+                moved.append(os.path.basename(path))
+        if moved:
+            fsync_dir(self.dir)
+            log.error("%s: damaged queue item (%s) moved to %s/: %s", qid,
+                      ", ".join(moved), damaged, why)
+
+    def damaged(self) -> list[tuple[str, int]]:
+        """Items in ``damaged/``: (id, size of its message file)."""
+        try:
+            names = os.listdir(self.dir / DAMAGED_DIR)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in sorted(names):
+            if name.endswith(".msg"):
+                with contextlib.suppress(FileNotFoundError):
+                    out.append((name[:-4], os.stat(self.dir / DAMAGED_DIR / name).st_size))
+        return out
+
     def _open_message_file(self, qid: str) -> tuple[int, str] | None:
-        """The item's message file (layout 2, else 1), open for reading; None if gone."""
-        for path in (self._msg(qid), self._eml(qid)):
-            try:
-                return os.open(path, os.O_RDONLY), path
-            except FileNotFoundError:
-                continue
-        return None
+        """The item's message file, open for reading; None if gone."""
+        path = self._msg(qid)
+        try:
+            return os.open(path, os.O_RDONLY), path
+        except FileNotFoundError:
+            return None
 
     def _open_locked(self, qid: str) -> tuple[int, str] | None:
         """The item's message file, open and flocked without waiting; None if busy or gone."""
@@ -529,8 +468,7 @@ class Spool:
 
     def committed(self, qid: str) -> bool:
         """Still in the queue (not delivered, not deleted)."""
-        return os.path.exists(self._msg(qid)) or (
-            os.path.exists(self._json(qid)) and os.path.exists(self._eml(qid)))
+        return os.path.exists(self._msg(qid))
 
     def checkout(self, qid: str, in_memory_max: int = 1 << 20
                  ) -> tuple[int, bytes | SpooledMessage] | None:
@@ -544,24 +482,21 @@ class Spool:
         fd, path = got
         try:
             st = os.fstat(fd)
-            layout2 = path.endswith(".msg")
             if not self._still_committed(qid, path, st):
                 os.close(fd)  # removed (delivered or deleted) before we had the lock
                 return None
             if st.st_size > in_memory_max:
                 with open(fd, "rb", closefd=False) as f:
-                    offset = len(_envelope_line(f)) + 1 if layout2 else 0
+                    offset = len(_envelope_line(f)) + 1
                 return fd, SpooledMessage(Path(path), offset)
             data = os.pread(fd, st.st_size, 0)
             while len(data) < st.st_size and (more := os.pread(fd, st.st_size - len(data),
                                                               len(data))):
                 data += more
-            if layout2:
-                end = data.find(b"\n")
-                if end < 0:
-                    raise SpoolError("message file has no envelope line")
-                data = data[end + 1:]
-            return fd, data
+            end = data.find(b"\n")
+            if end < 0:
+                raise SpoolError("message file has no envelope line")
+            return fd, data[end + 1:]
         except BaseException:
             os.close(fd)
             raise
@@ -569,13 +504,11 @@ class Spool:
     def _still_committed(self, qid: str, path: str, st: os.stat_result) -> bool:
         """Whether the locked file ``st`` (opened as ``path``) is still the item's.
 
-        Between our open and our lock, another process may have removed the item, and its file
-        may even hold another message by now (recycled): the name must still lead to it.
+        Between our open and our lock, another process may have removed the item: the name
+        must still lead to the file we locked.
         """
         if st.st_nlink == 0:
             return False
-        if not path.endswith(".msg"):  # layout 1: the envelope file commits it
-            return os.path.exists(self._json(qid))
         try:
             now = os.stat(path)
         except FileNotFoundError:
@@ -588,7 +521,7 @@ class Spool:
         release its lock."""
         try:
             if env.finished if done is None else done:
-                self.remove(env.id, os.fstat(fd).st_size)
+                self.remove(env.id)
             else:
                 self.update(env)
         finally:

@@ -6,8 +6,7 @@ import time
 
 import pytest
 
-import mta.spool
-from mta.spool import FREE_DIR, RECYCLE_MAX, Envelope, Recipient, Spool, SpooledMessage, SpoolError
+from mta.spool import DAMAGED_DIR, Envelope, Recipient, Spool, SpooledMessage
 
 MESSAGE = b"Subject: hi\r\n\r\nbody\r\n"
 
@@ -18,8 +17,8 @@ def envelope(qid: str = "00000000000001abcdef") -> Envelope:
 
 
 def items(spool_dir) -> list[str]:
-    """The spool's files, without the pool of recycled ones."""
-    return sorted(p.name for p in spool_dir.iterdir() if p.name != FREE_DIR)
+    """The spool's files."""
+    return sorted(p.name for p in spool_dir.iterdir())
 
 
 def read(qid: str, spool: Spool, in_memory_max: int = 1 << 20) -> bytes | SpooledMessage:
@@ -33,7 +32,7 @@ def read(qid: str, spool: Spool, in_memory_max: int = 1 << 20) -> bytes | Spoole
 def test_a_committed_message_is_one_file_envelope_line_then_message(tmp_path):
     spool = Spool(tmp_path)
     spool.put(envelope(), MESSAGE)
-    [f] = [p for p in tmp_path.iterdir() if p.name != FREE_DIR]
+    [f] = list(tmp_path.iterdir())
     assert f.name == "00000000000001abcdef.msg"
     line, _, message = f.read_bytes().partition(b"\n")
     assert message == MESSAGE
@@ -86,23 +85,31 @@ def test_crash_leftovers_are_garbage_only_when_idle(tmp_path):
     assert items(tmp_path) == ["00000000000001abcdef.msg"]
 
 
-def test_a_message_file_without_envelope_line_is_an_error_not_a_crash(tmp_path):
+@pytest.mark.parametrize("content", [b"", b"no newline at all", b'{"version": 1}\n',
+                                     b"\x00" * 4096])
+def test_a_damaged_item_is_put_aside_once_and_listed(tmp_path, caplog, content):
+    """A committed file emptied or torn by a file system that lost data: an error in the log,
+    moved to damaged/ (never delivered, never silently removed), listed for the admin."""
     spool = Spool(tmp_path)
-    (tmp_path / "00000000000001abcdef.msg").write_bytes(b"no newline at all")
-    assert spool.recover() == []  # logged and left in place for the admin
-    with pytest.raises(SpoolError):
-        spool.load("00000000000001abcdef")
+    spool.put(envelope("00000000000002abcdef"), MESSAGE)
+    (tmp_path / "00000000000001abcdef.msg").write_bytes(content)
+    with caplog.at_level("ERROR", logger="pochta.spool"):
+        assert [e.id for e in spool.recover()] == ["00000000000002abcdef"]
+    assert "00000000000001abcdef: damaged queue item" in caplog.text
+    assert spool.ids() == ["00000000000002abcdef"]
+    assert spool.damaged() == [("00000000000001abcdef", len(content))]
+    assert (tmp_path / DAMAGED_DIR / "00000000000001abcdef.msg").read_bytes() == content
+    caplog.clear()
+    spool.recover()
+    assert "damaged" not in caplog.text  # said once, not at every start
 
 
-def test_a_layout_1_item_is_read_delivered_and_removed(tmp_path):
+def test_a_file_under_another_items_name_is_damaged_not_delivered(tmp_path):
     spool = Spool(tmp_path)
-    env = envelope()
-    (tmp_path / f"{env.id}.eml").write_bytes(MESSAGE)
-    (tmp_path / f"{env.id}.json").write_bytes(env.to_json())
-    assert spool.ids() == [env.id] and spool.committed(env.id)
-    assert read(env.id, spool) == MESSAGE
-    spool.remove(env.id)
-    assert items(tmp_path) == [] and spool.checkout(env.id) is None
+    (tmp_path / "00000000000000abcdef.msg").write_bytes(
+        envelope("00000000000009abcdef").to_json() + b"\n" + MESSAGE)
+    assert spool.recover() == [] and spool.damaged() == [("00000000000000abcdef", 
+        len(envelope("00000000000009abcdef").to_json()) + 1 + len(MESSAGE))]
 
 
 def delivered(spool: Spool, env: Envelope) -> None:
@@ -113,61 +120,29 @@ def delivered(spool: Spool, env: Envelope) -> None:
     spool.checkin(env, got[0])
 
 
-def test_a_delivered_file_is_recycled_for_the_next_message_cut_to_its_length(tmp_path):
+def test_a_delivered_item_leaves_no_file(tmp_path):
     spool = Spool(tmp_path)
-    first = envelope("00000000000001abcdef")
-    spool.put(first, MESSAGE + b"a much longer body than the next one\r\n" * 50)
-    inode = os.stat(spool.msg_path(first.id)).st_ino
-    delivered(spool, first)
-    assert spool.ids() == [] and len(os.listdir(tmp_path / FREE_DIR)) == 1
-    second = envelope("00000000000002abcdef")
-    spool.put(second, MESSAGE)
-    assert os.stat(spool.msg_path(second.id)).st_ino == inode  # no new inode
-    assert os.listdir(tmp_path / FREE_DIR) == []
-    assert read(second.id, spool) == MESSAGE  # nothing of the longer message is left
-    assert spool.load(second.id).id == second.id
+    env = envelope()
+    spool.put(env, MESSAGE)
+    got = spool.checkout(env.id)
+    assert got is not None
+    env.recipients[0].attempts = 1
+    spool.checkin(env, got[0], done=False)  # an attempt left it pending: a .json too
+    assert items(tmp_path) == [f"{env.id}.json", f"{env.id}.msg"]
+    delivered(spool, env)
+    assert items(tmp_path) == [] and spool.checkout(env.id) is None
 
 
-def test_the_pool_is_bounded_and_large_files_are_deleted(tmp_path, monkeypatch):
-    monkeypatch.setattr(mta.spool, "FREE_MAX", 2)
+def test_a_removed_item_is_not_its_old_self_for_a_late_locker(tmp_path, monkeypatch):
     spool = Spool(tmp_path)
-    envs = [envelope(f"0000000000000{i}abcdef") for i in range(1, 5)]
-    for env in envs[:3]:
-        spool.put(env, MESSAGE)
-    spool.put(envs[3], b"Subject: big\r\n\r\n" + b"x" * RECYCLE_MAX)
-    for env in envs:
-        delivered(spool, env)
-    assert spool.ids() == []
-    kept = os.listdir(tmp_path / FREE_DIR)
-    assert len(kept) == 2 and envs[3].id + ".msg" not in kept
-
-
-def test_a_recycled_file_is_not_its_old_item_for_a_late_locker(tmp_path, monkeypatch):
-    spool = Spool(tmp_path)
-    old, new = envelope("00000000000001abcdef"), envelope("00000000000002abcdef")
+    old = envelope("00000000000001abcdef")
     spool.put(old, b"Subject: old\r\n\r\n")
     opened = spool._open_message_file(old.id)  # e.g. `pochta queue delete`, about to lock
     delivered(spool, old)  # the runner wins the lock and delivers it
-    spool.put(new, MESSAGE)  # the file now holds another message under another name
-    assert opened is not None and os.fstat(opened[0]).st_nlink == 1
+    assert opened is not None and os.fstat(opened[0]).st_nlink == 0
     monkeypatch.setattr(spool, "_open_message_file", lambda qid: opened)
     with spool.locked(old.id) as present:
         assert not present
-    opened = (os.open(spool.msg_path(new.id), os.O_RDONLY), str(spool.msg_path(old.id)))
-    assert spool.checkout(old.id) is None
-    monkeypatch.undo()
-    assert read(new.id, spool) == MESSAGE
-
-
-def test_a_stale_name_of_a_recycled_file_is_dropped_at_recovery(tmp_path):
-    # Without a journal, a crash can keep a delivered item's name on a file rewritten since
-    # for a message whose own name was not durable yet (so never acknowledged).
-    spool = Spool(tmp_path)
-    spool.put(envelope("00000000000001abcdef"), MESSAGE)
-    stale = spool.msg_path("00000000000000abcdef")
-    stale.write_bytes(envelope("00000000000009abcdef").to_json() + b"\n" + MESSAGE)
-    assert [e.id for e in spool.recover()] == ["00000000000001abcdef"]
-    assert not stale.exists()
 
 
 def test_one_envelope_that_cannot_be_written_fails_alone_in_its_batch(tmp_path):
