@@ -168,9 +168,12 @@ class Pochta:
     event_loop = "asyncio"
     keep = False  # set when a run lost or duplicated mail: its logs are the evidence
 
-    def __init__(self) -> None:
+    def __init__(self, mta_limits: str = "") -> None:
+        """``mta_limits``: [mta] lines that change a default (the memory test's 1000 idle
+        sessions need max_connections above 200); the throughput runs use the defaults."""
         self.dir = Path(tempfile.mkdtemp(prefix="pochta-bench-"))
         self.port = free_port()
+        self.mta_limits = mta_limits
         cfg = self.dir / "pochta.toml"
         cfg.write_text(f"""
 hostname = "mx.bench.test"
@@ -179,9 +182,7 @@ log_level = "warning"
 event_loop = "{self.event_loop}"
 [mta]
 listen = ["127.0.0.1:{self.port}"]
-max_connections = 2000
-max_connections_per_ip = 2000
-max_message_size = 60000000
+{self.mta_limits}
 [msa]
 listen = []
 listen_tls = []
@@ -338,7 +339,9 @@ def memory(idle: int, big_mb: int) -> None:
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    system = Pochta()
+    changed = f"max_connections = {idle + 100}"
+    print(f"config changed from the defaults: [mta] {changed} (default 200: {idle} idle sessions)")
+    system = Pochta(changed)
     try:
         pid = system.pids()["mta"]
         base = proc_rss_mb(pid)

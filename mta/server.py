@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from mta.abuse import Greylister, PregreetMemory, RateLimiter, make_async_resolver
+from mta.abuse import Greylister, PregreetMemory, RateLimiter, in_networks, make_async_resolver
 from mta.authcheck import InboundChecks
 from mta.dkimsign import Signer
 from mta.dsn import Bouncer
@@ -143,7 +143,8 @@ async def run_mta(cfg: Config, stop: asyncio.Event, config_path: str | None = No
                                     60.0 * cfg.limits.window_scale))
     handler = SMTPHandler(cfg, Mode("mta", submission=False, vrfy=cfg.mta.vrfy, expn=cfg.mta.expn),
                           directory, spool, kick=notifier.notify, defences=defences)
-    connections = Connections(cfg.mta.max_connections, cfg.mta.max_connections_per_ip)
+    connections = Connections(cfg.mta.max_connections, cfg.mta.max_connections_per_ip,
+                              exempt=lambda ip: in_networks(ip, cfg.checks.local_networks))
     tls = server_context(cfg)
     queue_stop = asyncio.Event()
     queue = asyncio.create_task(supervise_queue(config_path, queue_stop))
@@ -176,7 +177,8 @@ async def run_msa(cfg: Config, stop: asyncio.Event) -> None:
         defences=Defences(connection_rate=RateLimiter(cfg.limits.connections_per_ip_per_minute,
                                                       60.0 * cfg.limits.window_scale)),
         signer=Signer(cfg.dkim.keys_dir) if cfg.dkim.sign else None)
-    connections = Connections(cfg.mta.max_connections, cfg.mta.max_connections_per_ip)
+    connections = Connections(cfg.mta.max_connections, cfg.mta.max_connections_per_ip,
+                              exempt=lambda ip: in_networks(ip, cfg.checks.local_networks))
     tls = server_context(cfg)
     servers = await start_listeners(
         cfg.msa.listen, protocol_factory(cfg, handler, connections, tls, require_auth=True),

@@ -28,7 +28,7 @@ class MTAConfig:
     max_message_size: int = 52428800
     max_recipients: int = 100
     max_connections: int = 200
-    max_connections_per_ip: int = 20
+    max_connections_per_ip: int = 50  # as Postfix; local_networks are not limited
     idle_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: at least 5 minutes
     max_errors: int = 10
     min_free_space: int = 104857600  # bytes free in spool_dir before MAIL gets 452 4.3.1

@@ -75,9 +75,13 @@ def with_enhanced_code(line: str) -> str:
 class Connections:
     """Open sessions of one server process: limits on entry, a 421 to each at shutdown."""
 
-    def __init__(self, max_total: int, max_per_ip: int) -> None:
+    def __init__(self, max_total: int, max_per_ip: int,
+                 exempt: Callable[[str], bool] | None = None) -> None:
+        """``exempt(ip)``: clients without a per-address limit (trusted networks, as Postfix
+        exempts $mynetworks: a local application may open many sessions)."""
         self.max_total = max_total
         self.max_per_ip = max_per_ip
+        self.exempt = exempt
         self.open: set[BaseSMTP] = set()
         self.per_ip: Counter[str] = Counter()
         self.closing = False
@@ -89,7 +93,8 @@ class Connections:
         ip = proto.peer_ip
         if self.max_total and len(self.open) >= self.max_total:
             return "421 4.7.0 Too many connections, try again later"
-        if self.max_per_ip and ip and self.per_ip[ip] >= self.max_per_ip:
+        if (self.max_per_ip and ip and self.per_ip[ip] >= self.max_per_ip
+                and not (self.exempt is not None and self.exempt(ip))):
             return "421 4.7.0 Too many connections from your address, try again later"
         self.open.add(proto)
         if ip:

@@ -38,8 +38,9 @@ def wait_mail(stack: Stack, address: str, n: int, timeout: float = 20) -> list[b
 class Raw:
     """A raw SMTP client: exact bytes out, reply lines in."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
-        self.sock = socket.create_connection((host, port), timeout=15)
+    def __init__(self, port: int, host: str = "127.0.0.1", source: str | None = None) -> None:
+        self.sock = socket.create_connection((host, port), timeout=15,
+                                             source_address=(source, 0) if source else None)
         self.buf = b""
         self.greeting = self.reply()
 
@@ -70,7 +71,8 @@ class Raw:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     s = Stack(tmp_path_factory.mktemp("mta"), mta={"max_recipients": 5, "max_message_size": 2000000,
-                                                  "max_connections_per_ip": 8})
+                                                  "max_connections_per_ip": 8},
+              checks={"local_networks": ["127.0.0.1/32"], "pregreet": False})  # 127.0.0.2: a stranger
     s.setup_users(DOMAIN, "bob@example.com", "amy@example.com", "ünï@example.com",
                   "postmaster@example.com")
     s.pochta("domain", "add", "catchall.test")
@@ -338,14 +340,19 @@ def test_too_many_errors_closes(stack):
 
 
 def test_connection_limit_per_ip(stack):
-    conns = [Raw(stack.mta_port) for _ in range(8)]
+    """8 sessions per address (here; 50 by default), but none for a trusted network: a local
+    application may open as many as it needs (Postfix exempts mynetworks too)."""
+    stranger = "127.0.0.2"
+    conns = [Raw(stack.mta_port, source=stranger) for _ in range(8)]
     try:
-        extra = Raw(stack.mta_port)
+        extra = Raw(stack.mta_port, source=stranger)
         assert extra.greeting.startswith("421 4.7.0")
+        conns += [Raw(stack.mta_port) for _ in range(12)]  # trusted 127.0.0.1
+        assert all(c.greeting.startswith("220") for c in conns)
     finally:
         for c in conns:
             c.close()
-    assert wait_for(lambda: Raw(stack.mta_port).greeting.startswith("220"), 5)
+    assert wait_for(lambda: Raw(stack.mta_port, source=stranger).greeting.startswith("220"), 5)
 
 
 def test_mda_down_mail_waits_then_arrives(tmp_path):
@@ -400,28 +407,33 @@ def test_spool_leftovers_are_cleaned_and_committed_items_delivered(tmp_path):
     env = Envelope(id="00000000000001abcdef", created=time.time(), mail_from="s@remote.test",
                    recipients=[Recipient("bob@example.com", "bob@example.com")])
     spool.put(env, b"Subject: pre-existing\r\n\r\nx\r\n")
-    # A message an earlier version spooled (layout 1: .eml + .json) is delivered too.
+    # A second item that an attempt left pending: its .json supersedes the envelope line.
     env.id = "00000000000004abcdef"
-    (tmp_path / "spool" / f"{env.id}.eml").write_bytes(b"Subject: layout-1\r\n\r\ny\r\n")
-    (tmp_path / "spool" / f"{env.id}.json").write_bytes(env.to_json())
+    spool.put(env, b"Subject: retried\r\n\r\ny\r\n")
+    env.recipients[0].attempts = 1
+    spool.update(env)
     spool_dir = tmp_path / "spool"
-    leftovers = [spool_dir / "00000000000002abcdef.eml",  # layout 1, never committed
-                 spool_dir / ".00000000000005abcdef.tmp",  # layout 2, never renamed
+    leftovers = [spool_dir / ".00000000000005abcdef.tmp",  # never renamed
                  spool_dir / "00000000000006abcdef.json"]  # its message removed, then a crash
     for leftover in leftovers:
         leftover.write_bytes(b"Subject: uncommitted\r\n")
         os.utime(leftover, (time.time() - 7200, time.time() - 7200))  # a crash 2 hours ago
     in_flight = spool_dir / ".00000000000003abcdef.tmp"  # e.g. the MSA writing now
     in_flight.write_bytes(b"Subject: being written\r\n")
+    (spool_dir / "00000000000007abcdef.msg").write_bytes(b"")  # committed, then its data lost
     s.start("up")
     try:
         got = wait_mail(s, "bob@example.com", 2)
         assert sorted(b"pre-existing" in m for m in got) == [False, True]
-        assert any(b"layout-1" in m for m in got)
+        assert any(b"retried" in m for m in got)
         assert wait_for(lambda: not any(p.exists() for p in leftovers), 10)
         assert in_flight.exists()  # young: maybe still being written by another process
         assert wait_for(lambda: sorted(p.name for p in spool_dir.iterdir()) == [
-            in_flight.name, "free"], 10)  # both delivered messages left the spool
+            in_flight.name, "damaged"], 10)  # both delivered messages left the spool
+        listing = s.pochta("queue", "list").stdout
+        assert "00000000000007abcdef" in listing and "DAMAGED" in listing, listing
+        assert "0 message(s) in the queue, 1 damaged" in listing
+        assert s.log("up").count("00000000000007abcdef: damaged queue item") == 1
     finally:
         s.stop_all()
 
