@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -34,6 +35,17 @@ class Job:
     rcpt: str
     mail_from: str
     data: bytes  # the message with LF line endings (mda.message.to_lf)
+    key: str = ""  # delivery_key: the same for every attempt of this copy ("": none given)
+    retry: bool = False  # an earlier attempt may have stored this copy: look for it first
+
+
+def delivery_key(queue_id: str, rcpt: str) -> str:
+    """What names one (message, recipient) copy in a maildir file name, for every attempt:
+    the MTA's queue id and a digest of the recipient (``bob+1`` and ``bob+2`` are two copies
+    in one mailbox). Empty without a queue id."""
+    if not queue_id:
+        return ""
+    return f"{queue_id}-{hashlib.blake2s(rcpt.encode(), digest_size=4).hexdigest()}"
 
 
 class Deliverer:
@@ -58,6 +70,11 @@ class Deliverer:
         if isinstance(prepared, str):
             return prepared
         path, message = prepared
+        # mbox copies carry no name: a retried one may be stored twice (at least once).
+        if self.format == "maildir" and job.retry and job.key:
+            found = maildir.find_copy(path, job.key)
+            if found:
+                return self._already(job.rcpt, found)
         if self.format == "mbox":
             try:
                 self.mbox.deliver(path, message, job.mail_from, self.owner)
@@ -65,7 +82,7 @@ class Deliverer:
                 return self._failed(job.rcpt, path, e)
             return self._delivered(job.rcpt, len(message), str(path))
         try:
-            item = self._write_maildir(path, message)
+            item = self._write_maildir(path, message, job.key)
         except OSError as e:
             return self._failed(job.rcpt, path, e)
         [error] = maildir.commit([item])
@@ -89,12 +106,13 @@ class Deliverer:
             if isinstance(path, str):
                 replies[i] = path
                 continue
-            if job.mailbox.quota_bytes is not None or path not in self.known_maildirs:
+            if (job.mailbox.quota_bytes is not None or path not in self.known_maildirs
+                    or job.retry):
                 slow.append((i, path))  # its copy is made in the thread, one at a time
                 continue
             message = stored_message(job.data, job.mail_from, job.rcpt)
             try:
-                item = maildir.write_unsynced(path, message, self.names, self.owner)
+                item = maildir.write_unsynced(path, message, self.names, self.owner, job.key)
             except FileNotFoundError:  # removed since (an admin deleted it): create it again
                 self.known_maildirs.discard(path)
                 slow.append((i, path))
@@ -108,6 +126,15 @@ class Deliverer:
             batch_bytes: dict[Path, int] = {}  # written to a mailbox by this batch so far
             for i, path in slow:
                 job = jobs[i]
+                if job.retry and job.key:
+                    try:
+                        found = maildir.find_copy(path, job.key)
+                    except OSError as e:
+                        replies[i] = self._failed(job.rcpt, path, e)
+                        continue
+                    if found:
+                        replies[i] = self._already(job.rcpt, found)
+                        continue
                 # One copy in memory at a time: a 50 MB message to 100 recipients is not 5 GB.
                 message = stored_message(job.data, job.mail_from, job.rcpt)
                 over = self._over_quota(job, path, len(message) + batch_bytes.get(path, 0))
@@ -115,7 +142,8 @@ class Deliverer:
                     replies[i] = over
                     continue
                 try:
-                    written.append((i, self._write_maildir(path, message), len(message)))
+                    written.append((i, self._write_maildir(path, message, job.key),
+                                    len(message)))
                 except OSError as e:
                     replies[i] = self._failed(job.rcpt, path, e)
                     continue
@@ -188,24 +216,29 @@ class Deliverer:
         self.known_maildirs.add(mailbox)
         return self._delivered(rcpt, size, os.path.basename(item.final))
 
-    def _write_maildir(self, path: Path, message: bytes) -> maildir.Unsynced:
+    def _write_maildir(self, path: Path, message: bytes, key: str = "") -> maildir.Unsynced:
         known = path in self.known_maildirs
         if not known:
             maildir.ensure_maildir(path, self.owner)
         try:
-            return maildir.write_unsynced(path, message, self.names, self.owner)
+            return maildir.write_unsynced(path, message, self.names, self.owner, key)
         except FileNotFoundError:
             if not known:
                 raise
             # Removed since an earlier delivery (an admin deleted the mailbox): create it again.
             self.known_maildirs.discard(path)
             maildir.ensure_maildir(path, self.owner)
-            return maildir.write_unsynced(path, message, self.names, self.owner)
+            return maildir.write_unsynced(path, message, self.names, self.owner, key)
 
     @staticmethod
     def _delivered(rcpt: str, size: int, where: str) -> str:
         log.info("to=<%s> size=%d status=sent (%s)", rcpt, size, where)
         return f"250 2.0.0 <{rcpt}> Delivered"
+
+    @staticmethod
+    def _already(rcpt: str, where: str) -> str:
+        log.info("to=<%s> status=sent (already delivered by an earlier attempt: %s)", rcpt, where)
+        return f"250 2.0.0 <{rcpt}> Delivered (already)"
 
     @staticmethod
     def _failed(rcpt: str, path: Path, e: OSError) -> str:

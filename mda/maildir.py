@@ -29,11 +29,33 @@ class UniqueNames:
         self.host = raw.replace("/", r"\057").replace(":", r"\072")
         self._counter = itertools.count(1)
 
-    def next(self, size: int, now: float | None = None) -> str:
+    def next(self, size: int, now: float | None = None, key: str = "") -> str:
+        """``key`` (a delivery key: hex digits and '-') is put in the unique part, where
+        ``find_copy`` finds it again."""
         t = time.time() if now is None else now
         sec = int(t)
         usec = int((t - sec) * 1_000_000)
-        return f"{sec}.M{usec}P{os.getpid()}Q{next(self._counter)}.{self.host},S={size}"
+        tag = f"_{key}" if key else ""
+        return f"{sec}.M{usec}P{os.getpid()}Q{next(self._counter)}{tag}.{self.host},S={size}"
+
+
+def find_copy(path: Path, key: str) -> str | None:
+    """The file in new/ or cur/ (where a reader moves it, renamed with flags) whose name holds
+    ``key``, made durable where it is; None if there is none. A listing of both folders: only
+    for a delivery that may have been made before (XRETRY), never on the usual path."""
+    needle = f"_{key}."
+    for sub in ("new", "cur"):
+        folder = os.path.join(path, sub)
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if needle in name:
+                # The earlier attempt may have died before its fsync of new/.
+                fsync_dirs([folder])
+                return f"{sub}/{name}"
+    return None
 
 
 def ensure_maildir(path: Path, owner: tuple[int, int] | None = None) -> None:
@@ -52,9 +74,9 @@ class Unsynced:
 
 
 def write_unsynced(path: Path, message: bytes, names: UniqueNames,
-                   owner: tuple[int, int] | None = None) -> Unsynced:
+                   owner: tuple[int, int] | None = None, key: str = "") -> Unsynced:
     """Write ``message`` into the tmp/ of the maildir at ``path`` (which must exist)."""
-    name = names.next(len(message))
+    name = names.next(len(message), key=key)
     base = os.fspath(path)
     tmp = f"{base}/tmp/{name}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -17,7 +17,7 @@ import re
 
 from aiosmtpd.smtp import Envelope, Session, syntax
 
-from mda.deliver import Deliverer, Job
+from mda.deliver import Deliverer, Job, delivery_key
 from mda.message import to_lf
 from store import addresses
 from store.batching import Batcher
@@ -31,12 +31,17 @@ LOCAL_ERROR = "451 4.3.0 Local error in delivery, try again later"
 BDAT_ARGS = re.compile(r"(\d{1,10})(?: +(LAST))?", re.IGNORECASE)
 
 
+QUEUE_ID = re.compile(r"[0-9a-f]{20}")
+
+
 class LMTPEnvelope(Envelope):
     def __init__(self) -> None:
         super().__init__()
         self.mailboxes: list[UserInfo] = []  # parallel to rcpt_tos
         self.lf_content: bytes | None = None  # the message with LF endings, once known
         self.chunks: list[bytes] = []  # BDAT chunks received so far
+        self.queue_id = ""  # XQUEUEID: the MTA's id of the message
+        self.retry = False  # XRETRY: copies of an earlier attempt may exist
 
 
 class LMTPProtocol(BaseSMTP):
@@ -54,6 +59,32 @@ class LMTPProtocol(BaseSMTP):
 
     async def smtp_EHLO(self, arg: str) -> None:
         await self.push('500 5.5.1 Error: command "EHLO" not recognized, this is LMTP')
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """aiosmtpd's MAIL, plus our extension for exactly-once delivery (advertised in LHLO):
+        ``XQUEUEID=<id>`` names each copy after the queue id and its recipient, and
+        ``XRETRY`` says an earlier attempt may have made some of those copies already.
+
+        They are taken out of the line before aiosmtpd sees it (it refuses unknown
+        parameters)."""
+        envelope = self.envelope
+        assert isinstance(envelope, LMTPEnvelope)  # _create_envelope makes no other kind
+        if arg and not envelope.mail_from:
+            kept = []
+            for i, word in enumerate(arg.split(" ")):
+                key, eq, value = word.partition("=")
+                if i and eq and key.upper() == "XQUEUEID":
+                    if not QUEUE_ID.fullmatch(value):
+                        await self.push("501 5.5.4 Malformed XQUEUEID")
+                        return
+                    envelope.queue_id = value
+                elif i and not eq and key.upper() == "XRETRY":
+                    envelope.retry = True
+                else:
+                    kept.append(word)
+            arg = " ".join(kept)
+        await super().smtp_MAIL(arg)
 
     def data_refusal(self, reply: str) -> str:
         # RFC 2033 §4.2: after the message, one reply per accepted recipient, even when the
@@ -126,7 +157,7 @@ class LMTPHandler:
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-CHUNKING",
-                responses[-1]]
+                "250-XQUEUEID", responses[-1]]
 
     async def handle_MAIL(self, server: LMTPProtocol, session: Session, envelope: LMTPEnvelope,
                           address: str, mail_options: list[str]) -> str:
@@ -172,7 +203,8 @@ class LMTPHandler:
             assert isinstance(envelope.content, bytes)
             data = to_lf(envelope.content)
         mail_from = envelope.mail_from or "<>"
-        jobs = [Job(mb, rcpt, mail_from, data)
+        jobs = [Job(mb, rcpt, mail_from, data, delivery_key(envelope.queue_id, rcpt),
+                    envelope.retry)
                 for mb, rcpt in zip(envelope.mailboxes, envelope.rcpt_tos, strict=True)]
         if self.deliverer.format == "maildir":
             replies = await asyncio.gather(*(self.maildir_batches.submit(j) for j in jobs))

@@ -69,6 +69,7 @@ class LMTPClient:
         self.writer: asyncio.StreamWriter | None = None
         self.data_sent = False  # the current transaction sent the message
         self.chunking = False  # the server offers BDAT
+        self.queue_ids = False  # the server offers XQUEUEID (ours: see mda/session.py)
 
     async def connect(self, local_name: str) -> None:
         try:
@@ -87,7 +88,9 @@ class LMTPClient:
                 lhlo = await self.read_reply()
             if lhlo.code != 250:
                 raise LMTPError(f"LHLO: {lhlo.line}")
-            self.chunking = "CHUNKING" in lhlo.text.upper().split()
+            keywords = lhlo.text.upper().split()
+            self.chunking = "CHUNKING" in keywords
+            self.queue_ids = "XQUEUEID" in keywords
         except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
             await self.close()
             raise LMTPError(f"cannot talk to the MDA at {self.address}: {e}") from e
@@ -115,14 +118,22 @@ class LMTPClient:
                 raise LMTPError("reply too long")
 
     async def deliver(self, mail_from: str, rcpts: list[str], data: bytes | SpooledMessage,
-                      smtputf8: bool = False) -> dict[str, Reply]:
-        """One transaction; the reply for each recipient (RCPT refusal or its DATA reply)."""
+                      smtputf8: bool = False, queue_id: str = "", retry: bool = False
+                      ) -> dict[str, Reply]:
+        """One transaction; the reply for each recipient (RCPT refusal or its DATA reply).
+
+        ``queue_id``: the message's id, sent (as ``XQUEUEID``) to an MDA that offers it, which
+        names each copy after it and the recipient; ``retry``: this message may have been
+        delivered already (an earlier attempt's outcome is unknown): the MDA then looks for
+        those copies and answers 250 for them without making another (exactly once).
+        """
         if not self.connected:
             raise LMTPError("not connected", data_sent=False)
         self.data_sent = False
         try:
             async with asyncio.timeout(self.timeout):
-                return await self._transaction(mail_from, rcpts, data, smtputf8)
+                return await self._transaction(mail_from, rcpts, data, smtputf8, queue_id,
+                                               retry)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, UnicodeError) as e:
             await self.close()
             raise LMTPError(f"LMTP session with {self.address} failed: {e!r}",
@@ -132,9 +143,11 @@ class LMTPClient:
             raise
 
     async def _transaction(self, mail_from: str, rcpts: list[str], data: bytes | SpooledMessage,
-                           smtputf8: bool) -> dict[str, Reply]:
+                           smtputf8: bool, queue_id: str, retry: bool) -> dict[str, Reply]:
         assert self.writer is not None
         params = " SMTPUTF8" if smtputf8 else ""
+        if queue_id and self.queue_ids:
+            params += f" XQUEUEID={queue_id}" + (" XRETRY" if retry else "")
         sender = "" if mail_from in ("", "<>") else mail_from
         # One write for the whole pipelined group: one segment, one wake-up of the MDA.
         bdat = self.chunking and isinstance(data, bytes)

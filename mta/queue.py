@@ -135,8 +135,10 @@ class LocalDelivery:
         self.max_idle = max_idle
         self.idle: list[LMTPClient] = []
 
-    async def deliver(self, env: Envelope, rcpts: list[Recipient], data: bytes | SpooledMessage
-                      ) -> dict[str, Reply]:
+    async def deliver(self, env: Envelope, rcpts: list[Recipient], data: bytes | SpooledMessage,
+                      retry: bool = False) -> dict[str, Reply]:
+        """``retry``: an earlier attempt may have delivered some of ``rcpts`` without our
+        knowing (see LMTPClient.deliver)."""
         addrs = list(dict.fromkeys(r.address for r in rcpts))
         while True:
             client = self.idle.pop() if self.idle else None
@@ -145,7 +147,8 @@ class LocalDelivery:
                 if client is None or not reused:
                     client = LMTPClient(self.address, self.timeout)
                     await client.connect(self.hostname)
-                results = await client.deliver(env.mail_from, addrs, data, env.smtputf8)
+                results = await client.deliver(env.mail_from, addrs, data, env.smtputf8,
+                                               queue_id=env.id, retry=retry)
                 break
             except LMTPError as e:
                 if reused and not e.data_sent:
@@ -196,6 +199,9 @@ class QueueRunner:
         self.wake = asyncio.Event()
         self.concurrency = concurrency
         self.fresh: set[str] = set()  # just written: in the page cache, read without a thread
+        # Found in the spool rather than announced: an earlier runner may have delivered some
+        # recipients and died before recording it (the MDA then checks for those copies).
+        self.recovered: set[str] = set()
         self.next_marker_check = 0.0
         self.notices: socket.socket | None = None
         self.per_destination = per_destination
@@ -272,6 +278,7 @@ class QueueRunner:
         for env in await asyncio.to_thread(self.spool.recover):
             if env.id not in self.items:  # a notice may have brought it in already
                 self.items[env.id] = env
+                self.recovered.add(env.id)
                 self._schedule(env)
         if self.items:
             log.info("recovered %d message(s) from the spool", len(self.items))
@@ -334,6 +341,7 @@ class QueueRunner:
                         await asyncio.to_thread(self.spool.quarantine, qid, e)
                         continue
                     self.items[qid] = env
+                    self.recovered.add(qid)
                     self._schedule(env)
         if flushed:
             log.info("flush: every deferred recipient is due now")
@@ -427,6 +435,7 @@ class QueueRunner:
         if got is None:
             if not self.spool.committed(env.id):
                 self.items.pop(env.id, None)  # deleted by `pochta queue delete`
+                self.recovered.discard(env.id)
                 return True
             return False
         fd, data = got
@@ -446,6 +455,7 @@ class QueueRunner:
                 await asyncio.to_thread(self.spool.checkin, env, fd, False)
         if reported:
             self.items.pop(env.id, None)
+            self.recovered.discard(env.id)
         return True
 
     async def _report(self, env: Envelope, data: bytes | SpooledMessage) -> bool:
@@ -486,7 +496,8 @@ class QueueRunner:
         results: dict[str, Reply] = {}
         groups: list[tuple[list[Recipient], Awaitable[dict[str, Reply]]]] = []
         if local:
-            groups.append((local, self.local.deliver(env, local, data)))
+            retry = env.id in self.recovered or any(r.attempts for r in local)
+            groups.append((local, self.local.deliver(env, local, data, retry)))
         if remote:
             groups.append((remote, self._remote(env, remote, data)))
         outcomes = await asyncio.gather(*(job for _, job in groups), return_exceptions=True)

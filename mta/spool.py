@@ -354,7 +354,8 @@ class Spool:
 
         The message file first: once it is gone, nothing is delivered again, and a .json left
         by a crash is garbage. No directory fsync (as Postfix): a crash may bring a delivered
-        message back, which means a duplicate, never a loss.
+        message back; it is then retried, and the MDA recognises the maildir copies it already
+        made (mta/lmtp_out.py, XRETRY). A remote host or an mbox may get it twice, never none.
         """
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._msg(qid))

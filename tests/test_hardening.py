@@ -7,6 +7,7 @@ import email
 import email.policy
 import smtplib
 import ssl
+import time
 
 import pytest
 from fakes import FakeDNS, ScriptedMX, SinkMX
@@ -250,3 +251,46 @@ def test_a_tarpit_destination_stalls_neither_local_delivery_nor_other_domains(tm
         tarpit.stop()
         sink.stop()
         dns_server.close()
+
+
+# -- exactly once: a delivery made just before a crash is not made again ---------------------
+
+def test_a_copy_delivered_just_before_a_crash_is_not_delivered_again(tmp_path):
+    """The runner died after the MDA stored bob's copy and before it recorded that: after the
+    restart the message is found in the spool and retried; the MDA recognises bob's copy
+    (same queue id and recipient) and makes amy's only."""
+    from lmtp_raw import RawLMTP
+    from test_mta import send
+
+    from mta.spool import Envelope, Recipient, Spool, new_id
+
+    s = Stack(tmp_path)
+    try:
+        s.setup_users("example.com", "bob@example.com", "amy@example.com", password=PW)
+        qid = new_id()
+        body = b"From: alice@remote.test\r\nSubject: once\r\n\r\nx\r\n"
+        s.start("mda")
+        c = RawLMTP(s.mda_listen)  # the attempt of the runner that then died
+        c.cmd("LHLO mx.pochta.test")
+        assert c.cmd(f"MAIL FROM:<alice@remote.test> XQUEUEID={qid}").startswith("250")
+        assert c.cmd("RCPT TO:<bob@example.com>").startswith("250")
+        c.send_data(f"BDAT {len(body)} LAST\r\n".encode() + body)
+        assert c.reply().startswith("250 2.0.0")
+        c.close()
+        s.stop("mda")
+        now = time.time()
+        Spool(tmp_path / "spool").put(Envelope(qid, now, "alice@remote.test", [
+            Recipient("bob@example.com", "bob@example.com", next_attempt=now),
+            Recipient("amy@example.com", "amy@example.com", next_attempt=now)]), body)
+        s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.mta_port}"])
+        send(s, "x@remote.test", ["bob@example.com"], b"Subject: sentinel\r\n\r\ny\r\n")
+        assert wait_for(lambda: any(b"sentinel" in p.read_bytes() for p in
+                                    mail_files(s.mailbox_root, "bob@example.com")), 20)
+        assert wait_for(lambda: Spool(tmp_path / "spool").ids() == [], 10)
+        copies = {a: [p for p in mail_files(s.mailbox_root, a) if b"Subject: once" in p.read_bytes()]
+                  for a in ("bob@example.com", "amy@example.com")}
+        assert {a: len(c) for a, c in copies.items()} == {"bob@example.com": 1,
+                                                          "amy@example.com": 1}, s.log("up")
+        assert "already delivered" in s.log("up")
+    finally:
+        s.stop_all()

@@ -14,12 +14,12 @@ MSG = (b"From: Sender <sender@remote.test>\r\nTo: bob@example.com\r\nSubject: ca
        b"Message-ID: <m1@remote.test>\r\n\r\nBody line one\r\n.leading dot\r\n8-bit: \xff\xfe\r\n")
 
 
-def lmtp_send(addr, mail_from, rcpts, data):
+def lmtp_send(addr, mail_from, rcpts, data, mail_params=""):
     """One transaction; (RCPT replies, DATA replies) read from the socket ourselves."""
     c = RawLMTP(addr)
     assert c.greeting.startswith("220 ")
     assert c.cmd("LHLO client.test").startswith("250")
-    assert c.cmd(f"MAIL FROM:<{mail_from}>").startswith("250")
+    assert c.cmd(f"MAIL FROM:<{mail_from}>{mail_params}").startswith("250")
     rcpt_replies = [c.cmd(f"RCPT TO:<{r}>") for r in rcpts]
     accepted = sum(r.startswith("250") for r in rcpt_replies)
     data_replies = []
@@ -287,3 +287,36 @@ def test_quota_counts_the_copies_of_the_same_batch(stack):
     assert 1 <= len(delivered) <= 3 and all(d.startswith(("250", "452 4.2.2")) for d in data)
     stored = sum(p.stat().st_size for p in mail_files(stack.mailbox_root, "small@example.com"))
     assert stored <= 700
+
+
+def test_a_retried_delivery_finds_its_copy_and_makes_no_second(stack):
+    """Exactly once: XQUEUEID names each copy after the queue id and recipient; with XRETRY
+    (an attempt whose outcome the MTA never learnt) the MDA answers 250 for a copy it already
+    has, in new/ or already moved to cur/ by a reader, and makes one only for the others."""
+    stack.start("mda")
+    qid = "0661308f8adc01348612"
+    c = RawLMTP(stack.mda_listen)
+    assert "XQUEUEID" in c.cmd("LHLO client.test")
+    assert c.cmd("MAIL FROM:<s@r.test> XQUEUEID=not-an-id").startswith("501 5.5.4")
+    c.close()
+    _, data = lmtp_send(stack.mda_listen, "s@r.test", ["bob@example.com"], MSG,
+                        f" XQUEUEID={qid}")
+    assert data[0].startswith("250 2.0.0")
+    [first] = mail_files(stack.mailbox_root, "bob@example.com")
+    assert f"_{qid}-" in first.name
+    rcpts = ["bob@example.com", "bob+2@example.com", "amy@example.com"]
+    _, data = lmtp_send(stack.mda_listen, "s@r.test", rcpts, MSG, f" XQUEUEID={qid} XRETRY")
+    assert [d[:9] for d in data] == ["250 2.0.0"] * 3
+    assert ["already" in d for d in data] == [True, False, False]
+    assert len(mail_files(stack.mailbox_root, "bob@example.com")) == 2  # bob's and bob+2's
+    # A reader (Dovecot) moved bob's copy to cur/ with flags: still found.
+    first.rename(first.parent.parent / "cur" / (first.name + ":2,S"))
+    _, data = lmtp_send(stack.mda_listen, "s@r.test", rcpts, MSG, f" XQUEUEID={qid} XRETRY")
+    assert ["already" in d for d in data] == [True, True, True], data
+    bob = stack.mailbox_root / "example.com" / "bob"
+    assert len(list((bob / "new").iterdir())) + len(list((bob / "cur").iterdir())) == 2
+    assert len(mail_files(stack.mailbox_root, "amy@example.com")) == 1
+    # Without XRETRY nothing is looked up (a first attempt): a copy is made.
+    _, data = lmtp_send(stack.mda_listen, "s@r.test", ["amy@example.com"], MSG,
+                        f" XQUEUEID={qid}")
+    assert "already" not in data[0] and len(mail_files(stack.mailbox_root, "amy@example.com")) == 2
