@@ -378,7 +378,9 @@ class QueueRunner:
             self.in_flight[d] -= 1
             if self.in_flight[d] <= 0:
                 del self.in_flight[d]
-            room = self.per_destination - self.in_flight[d]
+            # A domain that routing found to be ours has no limit: all its waiters go.
+            room = (len(self.waiting.get(d, ())) if d in self.local_domains
+                    else self.per_destination - self.in_flight[d])
             queue = self.waiting.get(d)
             while queue and room > 0:
                 qid = queue.popleft()

@@ -253,6 +253,29 @@ def test_a_tarpit_destination_stalls_neither_local_delivery_nor_other_domains(tm
         dns_server.close()
 
 
+def test_many_messages_found_at_start_for_a_local_domain_are_all_delivered(tmp_path):
+    """At start the runner does not know yet that example.com is ours: the first attempts
+    are limited as for any destination, and once routing says local, every message parked
+    behind them goes (none waits for a slot nobody will free)."""
+    from mta.spool import Envelope, Recipient, Spool, new_id
+
+    s = Stack(tmp_path)
+    try:
+        s.setup_users("example.com", "bob@example.com", password=PW)
+        spool = Spool(tmp_path / "spool")
+        now = time.time()
+        for i in range(60):
+            spool.put(Envelope(new_id(), now, "a@remote.test", [
+                Recipient("bob@example.com", "bob@example.com", next_attempt=now)]),
+                f"Subject: found {i}\r\n\r\nx\r\n".encode())
+        s.start("up", listen=[s.mda_listen])
+        assert wait_for(lambda: len(mail_files(s.mailbox_root, "bob@example.com")) >= 60, 30), \
+            s.log("up")
+        assert wait_for(lambda: spool.ids() == [], 10)
+    finally:
+        s.stop_all()
+
+
 # -- exactly once: a delivery made just before a crash is not made again ---------------------
 
 def test_a_copy_delivered_just_before_a_crash_is_not_delivered_again(tmp_path):
