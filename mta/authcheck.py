@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 
 import authres
@@ -26,6 +25,7 @@ import spf
 from publicsuffixlist import PublicSuffixList
 
 from mta.dns import configured
+from mta.policy import header_fields, header_section
 
 log = logging.getLogger("pochta.auth")
 
@@ -80,7 +80,7 @@ _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?\Z")
 _ADDRESS_LITERAL = re.compile(r"\[(?:[0-9.]{7,15}|IPv6:[0-9A-Fa-f:.]{2,45})\]\Z")
 
 
-def header_fields(head: bytes) -> list[bytes]:
+def raw_fields(head: bytes) -> list[bytes]:
     """A header section split into fields, each with its continuation lines and CRLFs."""
     fields: list[bytes] = []
     for line in head.split(b"\r\n")[:-1] if head.endswith(b"\r\n") else head.split(b"\r\n"):
@@ -113,7 +113,7 @@ def strip_forged_results(message: bytes, authserv_id: str) -> bytes:
         return message  # the common case: one scan of the header section
     ours = authserv_id.encode().rstrip(b".").lower()
     kept = []
-    for f in header_fields(head):
+    for f in raw_fields(head):
         name, colon, value = f.partition(b":")
         if colon and name.rstrip(b" \t").lower() == b"authentication-results" \
                 and authserv_id_of(value) == ours:
@@ -253,8 +253,9 @@ class InboundChecks:
                         header_s=pvalue((sig.get(b"s") or b"").decode("ascii", "replace"))))
         reply = None
         if self.dmarc_enabled:
-            head = BytesHeaderParser().parsebytes(message.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n")
-            froms = [a for _, a in getaddresses([str(v) for v in head.get_all("From", [])]) if a]
+            # Fields as readers see them: "From : x" is a From too (mta/policy.py).
+            froms = [a for name, value in header_fields(header_section(message))
+                     if name == "from" for _, a in getaddresses([value]) if a]
             domains = {a.rpartition("@")[2].lower() for a in froms}
             if len(domains) == 1 and pvalue(next(iter(domains))):
                 from_domain = domains.pop()

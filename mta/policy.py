@@ -72,8 +72,31 @@ def header_section(message: bytes) -> bytes:
     return message if end < 0 else message[: end + 2]
 
 
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
+
+
+def header_fields(head: bytes) -> list[tuple[str, str]]:
+    """(lower-case name, unfolded value) of each field of a header section.
+
+    A name may be followed by white space before its colon (``From : x``, RFC 5322 §4.5.3's
+    obsolete syntax, which mail readers still display as a From): it counts as that field.
+    Bytes that are not UTF-8 are replaced; UTF-8 (RFC 6532) is kept.
+    """
+    fields: list[tuple[str, str]] = []
+    for line in head.decode("utf-8", "replace").split("\r\n"):
+        if line[:1] in (" ", "\t"):
+            if fields:
+                fields[-1] = (fields[-1][0], fields[-1][1] + line)
+            continue
+        name, colon, value = line.partition(":")
+        name = name.rstrip(" \t")
+        if colon and _FIELD_NAME.fullmatch(name):
+            fields.append((name.lower(), value))
+    return fields
+
+
 def count_received(message: bytes) -> int:
-    return len(re.findall(rb"(?im)^received:", header_section(message)))
+    return sum(name == "received" for name, _ in header_fields(header_section(message)))
 
 
 def retry_delay(attempts: int, initial: float, maximum: float, rng: random.Random | None = None

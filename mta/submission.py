@@ -15,9 +15,8 @@ import base64
 import binascii
 import logging
 import time
-from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from email.parser import BytesHeaderParser
 from email.utils import formatdate, getaddresses, make_msgid
 from typing import Any
 
@@ -26,7 +25,7 @@ from aiosmtpd.smtp import MISSING, AuthResult, Session
 from mta import replies
 from mta.abuse import RateLimiter
 from mta.dkimsign import Signer
-from mta.policy import header_section
+from mta.policy import header_fields, header_section
 from mta.protocol import SMTPEnvelope, SMTPProtocol
 from mta.session import SMTPHandler
 from store import addresses
@@ -37,6 +36,7 @@ log = logging.getLogger("pochta.msa")
 AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
 SENDER_NOT_OWNED = "553 5.7.1 <{addr}> Sender address not owned by user {login}"
 FROM_NOT_OWNED = "553 5.7.1 From: header address <{addr}> not owned by user {login}"
+FROM_UNREADABLE = "553 5.7.1 From: header without a readable address"
 MAX_BRAKE = 8.0  # seconds
 
 
@@ -46,31 +46,56 @@ class Login:
 
 
 class Brake:
-    """Failure counts per client IP and per account; the delay doubles with each failure."""
+    """Failure counts per client IP and per account; the delay doubles with each failure.
 
-    def __init__(self, base: float = 0.25, forget_after: float = 900.0) -> None:
+    An account is keyed by its canonical address (``Alice+x@Example.com`` is alice's), so
+    spelling it another way does not reset its count; counts are forgotten after
+    ``forget_after`` seconds without a failure, and at most ``MAX_KEYS`` are kept (a client
+    trying a million names must not grow the process).
+    """
+
+    MAX_KEYS = 10_000
+
+    def __init__(self, base: float = 0.25, forget_after: float = 900.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.base = base
         self.forget_after = forget_after
-        self.failures: defaultdict[str, tuple[int, float]] = defaultdict(lambda: (0, 0.0))
+        self.clock = clock
+        self.failures: dict[str, tuple[int, float]] = {}
 
-    def _count(self, key: str) -> int:
-        n, last = self.failures[key]
-        if time.monotonic() - last > self.forget_after:
-            return 0
-        return n
+    @staticmethod
+    def account(login: str) -> str:
+        try:
+            return addresses.strip_subaddress(addresses.normalize(login))
+        except addresses.AddressError:
+            return login.lower()[:320]
 
-    def delay(self, ip: str, account: str) -> float:
-        n = max(self._count("ip:" + ip), self._count("user:" + account))
+    def _count(self, key: str, now: float) -> int:
+        n, last = self.failures.get(key, (0, 0.0))
+        return 0 if now - last > self.forget_after else n
+
+    def delay(self, ip: str, login: str) -> float:
+        now = self.clock()
+        n = max(self._count("ip:" + ip, now), self._count("user:" + self.account(login), now))
         return min(MAX_BRAKE, self.base * (2 ** n))
 
-    def failed(self, ip: str, account: str) -> None:
-        now = time.monotonic()
-        for key in ("ip:" + ip, "user:" + account):
-            self.failures[key] = (self._count(key) + 1, now)
+    def failed(self, ip: str, login: str) -> None:
+        now = self.clock()
+        if len(self.failures) >= self.MAX_KEYS:
+            self._forget(now)
+        for key in ("ip:" + ip, "user:" + self.account(login)):
+            self.failures[key] = (self._count(key, now) + 1, now)
 
     def succeeded(self, ip: str, account: str) -> None:
         self.failures.pop("ip:" + ip, None)
-        self.failures.pop("user:" + account, None)
+        self.failures.pop("user:" + self.account(account), None)
+
+    def _forget(self, now: float) -> None:
+        self.failures = {k: v for k, v in self.failures.items()
+                         if now - v[1] <= self.forget_after}
+        if len(self.failures) >= self.MAX_KEYS:  # all recent: keep the newer half
+            recent = sorted(self.failures.items(), key=lambda kv: kv[1][1])
+            self.failures = dict(recent[len(recent) // 2:])
 
 
 class SubmissionHandler(SMTPHandler):
@@ -81,14 +106,15 @@ class SubmissionHandler(SMTPHandler):
         self.signer = signer
         hour = 3600.0 * limits.window_scale
         self.messages_per_user = RateLimiter(limits.messages_per_user_per_hour, hour)
-        self.auth_failures = RateLimiter(limits.auth_failures_per_ip_per_hour, hour)
+        # Not named auth_*: aiosmtpd would advertise any such attribute as a mechanism.
+        self.failed_logins = RateLimiter(limits.auth_failures_per_ip_per_hour, hour)
 
     # -- AUTH ---------------------------------------------------------------------------------
 
     async def _check(self, server: SMTPProtocol, authzid: str, login: str, password: str
                      ) -> AuthResult:
         ip = server.peer_ip
-        if self.auth_failures.over(ip):
+        if self.failed_logins.over(ip):
             log.warning("%s: too many authentication failures", ip)
             return AuthResult(success=False, handled=False,
                               message="454 4.7.0 Too many authentication failures, try later")
@@ -101,9 +127,9 @@ class SubmissionHandler(SMTPHandler):
                 return AuthResult(success=False, handled=False,
                                   message="454 4.7.0 Temporary authentication failure")
         if ok is None:
-            delay = self.brake.delay(ip, login.lower())
-            self.brake.failed(ip, login.lower())
-            self.auth_failures.hit(ip)
+            delay = self.brake.delay(ip, login)
+            self.brake.failed(ip, login)
+            self.failed_logins.hit(ip)
             log.info("auth failed from %s for %r; braking %.2f s", ip, login[:64], delay)
             await asyncio.sleep(delay)
             return AuthResult(success=False, handled=False, message=AUTH_FAILED)
@@ -179,20 +205,26 @@ class SubmissionHandler(SMTPHandler):
 
     async def check_message(self, session: Session, content: bytes) -> bytes | str:
         login = session.login_data
-        head = header_section(content)
-        msg = BytesHeaderParser().parsebytes(head)
-        froms = [a for _, a in getaddresses([str(v) for v in msg.get_all("From", [])]) if a]
+        fields = header_fields(header_section(content))
+        froms = []
+        for name, value in fields:
+            if name == "from":
+                found = [a for _, a in getaddresses([value]) if a]
+                if not found:  # a From: we cannot read could be read otherwise by a client
+                    return FROM_UNREADABLE
+                froms += found
         try:
             for addr in froms:
                 if not await self._owns(login, addr):
                     return FROM_NOT_OWNED.format(addr=addr, login=login)
         except DirectoryUnavailable:
             return replies.DIRECTORY_UNAVAILABLE
+        names = {name for name, _ in fields}
         added = b""
-        if msg.get("Message-ID") is None:
+        if "message-id" not in names:
             domain = addresses.ascii_domain(addresses.domain_of(login))
             added += f"Message-ID: {make_msgid(domain=domain)}\r\n".encode()
-        if msg.get("Date") is None:
+        if "date" not in names:
             added += f"Date: {formatdate(localtime=False, usegmt=True)}\r\n".encode()
         content = added + content
         if self.signer is not None:

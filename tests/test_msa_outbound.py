@@ -51,6 +51,7 @@ def world(tmp_path_factory):
                               "retry_initial": 30, "retry_max": 60})
     s.setup_users("example.com", "alice@example.com", "bob@example.com", password=PW)
     s.pochta("alias", "add", "sales@example.com", "alice@example.com")
+    s.pochta("alias", "add", "jörg@example.com", "alice@example.com")  # EAI (RFC 6530)
     s.pochta("alias", "add", "fwd@example.com", "gone@remote.test")
     s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.mta_port}", f"127.0.0.1:{s.msa_port}",
                           f"127.0.0.1:{s.msa_tls_port}"])
@@ -118,6 +119,11 @@ def test_auth_rules(world):
     r = Raw(s.msa_port)
     ehlo = r.cmd("EHLO client.test")
     assert "AUTH" not in ehlo and "STARTTLS" in ehlo
+    c = smtplib.SMTP("127.0.0.1", s.msa_port, timeout=20)
+    c.starttls(context=client_tls())
+    c.ehlo("client.test")
+    assert sorted(c.esmtp_features["auth"].split()) == ["LOGIN", "PLAIN"]  # no other auth_*
+    c.close()
     assert r.cmd("AUTH PLAIN AGFsaWNlQGV4YW1wbGUuY29tAGNvcnJlY3QgaG9yc2U=").startswith("538 5.7.11")
     assert r.cmd("MAIL FROM:<alice@example.com>").startswith("530 5.7.0")
     r.close()
@@ -137,6 +143,18 @@ def test_auth_rules(world):
     c.close()
 
 
+def test_an_eai_address_of_ones_own_is_a_valid_sender(world):
+    s, _, mx1, _ = world
+    c = smtplib.SMTP("127.0.0.1", s.msa_port, timeout=20)
+    c.starttls(context=client_tls())
+    c.login("alice@example.com", PW)
+    c.sendmail("jörg@example.com", ["x@remote.test"],
+               "From: Jörg <jörg@example.com>\r\nSubject: eai\r\n\r\nx\r\n".encode(),
+               mail_options=["SMTPUTF8"])
+    c.close()
+    assert wait_for(lambda: find(mx1, b"Subject: eai") is not None, 20)
+
+
 def test_sender_must_be_owned(world):
     s, _, mx1, _ = world
     with pytest.raises(smtplib.SMTPSenderRefused) as e:
@@ -146,6 +164,13 @@ def test_sender_must_be_owned(world):
         submit(s, "alice@example.com", ["x@remote.test"],
                b"From: Boss <bob@example.com>\r\nSubject: spoof2\r\n\r\nx\r\n")
     assert e.value.smtp_code == 553
+    # Obsolete syntax that mail readers still show as From: (RFC 5322 4.5.3), folded too.
+    for spoof in (b"From : Boss <bob@example.com>", b"from\t:\r\n bob@example.com",
+                  b"From: (no address here)"):
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            submit(s, "alice@example.com", ["x@remote.test"],
+                   b"From: alice@example.com\r\n" + spoof + b"\r\nSubject: spoof3\r\n\r\nx\r\n")
+        assert e.value.smtp_code == 553, spoof
     # An alias that resolves to the login is hers to send as.
     submit(s, "sales@example.com", ["x@remote.test"],
            b"From: Sales <sales@example.com>\r\nSubject: via-alias\r\n\r\nx\r\n")
