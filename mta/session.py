@@ -248,7 +248,7 @@ class SMTPHandler:
             message = [trace + content, (spilled, body_offset)]
         env = self.spool_envelope(qid, server, session, envelope, protocol)
         try:
-            await self.spool.commit(env, message)
+            await commit_and_announce(self.spool, env, message, self.kick)
         except OSError as e:
             log.error("%s: cannot spool message: %s", qid, e)
             return replies.SPOOL_FULL if e.errno in (errno.ENOSPC, errno.EDQUOT) \
@@ -258,7 +258,6 @@ class SMTPHandler:
             return replies.SPOOL_ERROR
         log.info("%s: from=<%s> size=%d nrcpt=%d client=%s proto=%s", qid, env.mail_from,
                  env.size, len(env.recipients), server.peer_ip or "local", protocol)
-        self.kick(env)
         return replies.QUEUED.format(id=qid)
 
     async def check_message(self, session: Session, content: bytes) -> bytes | str:
@@ -321,3 +320,18 @@ class SMTPHandler:
             return f"550 5.1.1 <{address}> No such mailing list here"
         lines = [f"250-2.1.5 <{m}>" for m in members[:-1]] + [f"250 2.1.5 <{members[-1]}>"]
         return "\r\n".join(lines)
+
+
+async def commit_and_announce(spool: Spool, env: Envelope, message: bytes | MessageParts,
+                              kick: Callable[[Envelope], None]) -> None:
+    """Commit ``env`` to the spool and tell the queue runner, even if the session that waits
+    for it goes away meanwhile (a client that disconnects after the final dot): the commit
+    goes on, and a committed message is always announced."""
+    commit = asyncio.ensure_future(spool.commit(env, message))
+
+    def announce(done: asyncio.Future[None]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            kick(env)
+
+    commit.add_done_callback(announce)
+    await asyncio.shield(commit)

@@ -161,3 +161,38 @@ def test_one_envelope_that_cannot_be_written_fails_alone_in_its_batch(tmp_path):
     assert results[:3] == [None, None, None]
     assert isinstance(results[3], UnicodeEncodeError)
     assert sorted(spool.ids()) == sorted(e.id for e in good)
+
+
+def test_a_message_committed_after_its_client_left_is_still_announced(tmp_path):
+    """The session waiting for the commit is cancelled (the client disconnected after the
+    final dot): the commit goes on, and the queue runner hears of the committed message."""
+    import asyncio
+
+    from mta.session import commit_and_announce
+
+    spool = Spool(tmp_path)
+    announced: list[str] = []
+
+    async def scenario():
+        release = asyncio.Event()
+        real_commit = spool.commit
+
+        async def slow_commit(env, message):
+            await release.wait()
+            await real_commit(env, message)
+
+        spool.commit = slow_commit  # type: ignore[method-assign]
+        env = envelope()
+        session = asyncio.ensure_future(
+            commit_and_announce(spool, env, MESSAGE, lambda e: announced.append(e.id)))
+        await asyncio.sleep(0)
+        session.cancel()  # the client went away mid-commit
+        release.set()
+        for _ in range(100):
+            if announced:
+                break
+            await asyncio.sleep(0.01)
+        assert session.cancelled()
+
+    asyncio.run(scenario())
+    assert announced == ["00000000000001abcdef"] and spool.ids() == announced
