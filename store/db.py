@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,13 +12,15 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from store.fsio import ensure_dir
+
 
 def make_engine(database_url: str) -> Engine:
     url = make_url(database_url)
     kwargs: dict[str, Any] = {}
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            private_file(Path(url.database))
         # Several processes share the file: wait for a writer instead of failing at once.
         kwargs["connect_args"] = {"timeout": 15}
     elif url.get_backend_name() == "postgresql" and url.drivername == "postgresql":
@@ -29,6 +32,19 @@ def make_engine(database_url: str) -> Engine:
     if url.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def private_file(path: Path) -> None:
+    """The SQLite file (password hashes) readable by its owner only, in a folder made 0700 if
+    we make it; an existing file of ours that others can read is made private. SQLite gives
+    its -wal and -shm files the mode of the database file."""
+    ensure_dir(path.parent, 0o700)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        st = os.stat(path)
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            os.chmod(path, 0o600)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy.engine import make_url
 
 import migrations
 from store.db import make_engine
@@ -21,9 +20,6 @@ def alembic_config(database_url: str) -> AlembicConfig:
 
 def upgrade_to_head(database_url: str) -> None:
     """Create the database if it is new and bring its schema to the newest revision."""
-    url = make_url(database_url)
-    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     cfg = alembic_config(database_url)
     engine = make_engine(database_url)
     try:

@@ -92,3 +92,27 @@ def test_bad_config_and_missing_schema(tmp_path):
     fresh.write_text(f'data_dir = "{tmp_path / "fresh"}"\n')
     r = run_pochta(fresh, "domain", "list")
     assert r.returncode != 0 and "pochta db upgrade" in r.stderr
+
+
+def test_the_database_and_the_data_folder_are_private(tmp_path):
+    """Password hashes readable by pochta alone: the SQLite file 0600 (and its -wal/-shm),
+    a data folder we create 0700; an existing database others could read is made private."""
+    import os
+    import stat
+
+    data = tmp_path / "data"
+    p = tmp_path / "pochta.toml"
+    p.write_text(f'data_dir = "{data}"\n')
+    old = os.umask(0o022)
+    try:
+        assert run_pochta(p, "db", "upgrade").returncode == 0
+        assert run_pochta(p, "domain", "add", "example.com").returncode == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    db_files = [f for f in data.iterdir() if f.name.startswith("pochta.db")]
+    assert db_files and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in db_files), \
+        {f.name: oct(f.stat().st_mode) for f in db_files}
+    (data / "pochta.db").chmod(0o644)  # made by an earlier version
+    assert run_pochta(p, "domain", "list").returncode == 0
+    assert stat.S_IMODE((data / "pochta.db").stat().st_mode) == 0o600
