@@ -17,4 +17,6 @@ def mailbox_path(mailbox_root: str | Path, address: str) -> Path:
     for part in (local, domain):
         if not part or part in (".", "..") or "/" in part or "\0" in part or part.startswith("."):
             raise UnsafeAddress(f"{address!r} cannot name a mailbox path")
+    if local.endswith(".lock"):  # another mbox's dotlock: never a mailbox of its own
+        raise UnsafeAddress(f"{address!r} cannot name a mailbox path")
     return Path(mailbox_root) / domain / local

@@ -94,6 +94,8 @@ def normalize_mailbox(address: str) -> str:
         raise AddressError(f"{address!r}: a mailbox name may hold letters, digits and . _ - = only")
     if SUBADDRESS_SEPARATOR in local:
         raise AddressError(f"{address!r}: '+' separates subaddresses and cannot be in a mailbox name")
+    if local.endswith(".lock"):  # an mbox's dotlock is <mailbox>.lock (Dovecot, mutt)
+        raise AddressError(f"{address!r}: a mailbox name cannot end in '.lock'")
     return addr
 
 

@@ -32,10 +32,15 @@ def test_normalize_refuses(bad):
 
 
 def test_mailbox_names_are_path_safe():
-    for bad in ["a/b@example.com", "a%b@example.com", "a!b@example.com", "a+b@example.com"]:
+    for bad in ["a/b@example.com", "a%b@example.com", "a!b@example.com", "a+b@example.com",
+                "alice.lock@example.com", "x.LOCK@example.com"]:  # alice's mbox dotlock
         with pytest.raises(AddressError):
             normalize_mailbox(bad)
     assert normalize_mailbox("Jean.Dupont@Example.com") == "jean.dupont@example.com"
+    assert normalize_mailbox("lock.smith@example.com") == "lock.smith@example.com"
+    from mda.paths import UnsafeAddress, mailbox_path
+    with pytest.raises(UnsafeAddress):
+        mailbox_path("/var/mail", "alice.lock@example.com")
 
 
 def test_idn_round_trip():
