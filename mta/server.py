@@ -186,7 +186,7 @@ async def run_msa(cfg: Config, stop: asyncio.Event) -> None:
     servers += await start_listeners(
         cfg.msa.listen_tls, protocol_factory(cfg, handler, connections, None, require_auth=True,
                                           implicit_tls=True),
-        ssl_context=tls, key="msa.listen_tls")
+        ssl_context=tls, connections=connections, key="msa.listen_tls")
     log.info("msa ready: submission on %s (STARTTLS), %s (TLS)", " ".join(cfg.msa.listen),
              " ".join(cfg.msa.listen_tls))
     try:

@@ -84,6 +84,7 @@ class Connections:
         self.exempt = exempt
         self.open: set[BaseSMTP] = set()
         self.per_ip: Counter[str] = Counter()
+        self.handshakes = 0  # implicit-TLS connections still in their handshake
         self.closing = False
 
     def admit(self, proto: BaseSMTP) -> str | None:
@@ -91,7 +92,7 @@ class Connections:
         if self.closing:
             return "421 4.3.2 Service shutting down"
         ip = proto.peer_ip
-        if self.max_total and len(self.open) >= self.max_total:
+        if self.max_total and len(self.open) + self.handshakes >= self.max_total:
             return "421 4.7.0 Too many connections, try again later"
         if (self.max_per_ip and ip and self.per_ip[ip] >= self.max_per_ip
                 and not (self.exempt is not None and self.exempt(ip))):
@@ -109,6 +110,27 @@ class Connections:
                 self.per_ip[ip] -= 1
                 if self.per_ip[ip] <= 0:
                     del self.per_ip[ip]
+
+    def begin_handshake(self, ip: str) -> bool:
+        """An implicit-TLS connection before its handshake: counted against the same limits
+        (a client opening thousands of TCP connections to 465 and never saying hello must
+        not get past them); False: close it."""
+        if self.closing or (self.max_total and len(self.open) + self.handshakes >= self.max_total):
+            return False
+        if (self.max_per_ip and ip and self.per_ip[ip] >= self.max_per_ip
+                and not (self.exempt is not None and self.exempt(ip))):
+            return False
+        self.handshakes += 1
+        if ip:
+            self.per_ip[ip] += 1
+        return True
+
+    def end_handshake(self, ip: str) -> None:
+        self.handshakes -= 1
+        if ip:
+            self.per_ip[ip] -= 1
+            if self.per_ip[ip] <= 0:
+                del self.per_ip[ip]
 
     def shutdown(self, hostname: str) -> None:
         """Tell every open session we are going away (RFC 5321 §3.8) and close it."""
@@ -430,16 +452,75 @@ class BaseSMTP(SMTP):
             await self._writer.drain()
 
 
+TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds for an implicit-TLS client to finish its handshake
+
+
+class ImplicitTLSGate(asyncio.Protocol):
+    """An implicit-TLS (port 465) connection until its handshake is done.
+
+    asyncio's TLS server hands a connection to the protocol only after the handshake, so
+    neither our connection limits nor our timeout would see a client that connects and never
+    sends a ClientHello. Here the plain TCP connection is counted first (closed at once
+    beyond the limits: there is no cleartext to say 421 in), the handshake gets
+    ``TLS_HANDSHAKE_TIMEOUT``, and only then does the SMTP session begin on the TLS transport.
+    """
+
+    def __init__(self, factory: Callable[[], asyncio.Protocol], context: ssl.SSLContext,
+                 connections: Connections) -> None:
+        self.factory = factory
+        self.context = context
+        self.connections = connections
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()  # the ClientHello is for start_tls, not for us
+        peer = transport.get_extra_info("peername")
+        ip = peer[0] if isinstance(peer, tuple) else ""
+        if not self.connections.begin_handshake(ip):
+            log.info("refused implicit-TLS connection from %s: too many", ip or "local")
+            transport.abort()
+            return
+        asyncio.get_running_loop().create_task(self._handshake(transport, ip))
+
+    async def _handshake(self, transport: asyncio.Transport, ip: str) -> None:
+        protocol = self.factory()
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                transport, protocol, self.context, server_side=True,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as e:
+            log.info("TLS handshake with %s failed: %s", ip or "local", e or "timed out")
+            transport.abort()
+            return
+        finally:
+            self.connections.end_handshake(ip)
+        if tls is None or tls.is_closing():
+            return
+        protocol.connection_made(tls)
+
+
 async def start_listeners(
     addresses: Iterable[str],
     factory: Callable[[], asyncio.Protocol],
     *,
     ssl_context: ssl.SSLContext | None = None,
+    connections: Connections | None = None,
     key: str = "listen",
 ) -> list[asyncio.base_events.Server]:
-    """Listen on each "host:port" or "unix:/path"; a stale unix socket file is replaced."""
+    """Listen on each "host:port" or "unix:/path"; a stale unix socket file is replaced.
+
+    ``ssl_context``: implicit TLS, its handshakes counted in ``connections`` (see
+    ImplicitTLSGate)."""
     loop = asyncio.get_running_loop()
     servers = []
+    if ssl_context is not None:
+        assert connections is not None
+        context, inner = ssl_context, factory
+
+        def factory() -> asyncio.Protocol:
+            return ImplicitTLSGate(inner, context, connections)
+
+        ssl_context = None
     for addr in addresses:
         if addr.startswith("unix:"):
             path = addr[len("unix:"):]

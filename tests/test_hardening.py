@@ -317,3 +317,44 @@ def test_a_copy_delivered_just_before_a_crash_is_not_delivered_again(tmp_path):
         assert "already delivered" in s.log("up")
     finally:
         s.stop_all()
+
+
+# -- item 9: implicit TLS is limited before its handshake -------------------------------------
+
+def test_implicit_tls_connections_count_before_their_handshake(tmp_path):
+    """Connections to 465 that never send a ClientHello count against the per-address limit
+    (they used to wait uncounted for asyncio's 60 s handshake timeout): beyond it a stranger's
+    next one is closed at once, while others still get their TLS session."""
+    import socket
+
+    s = Stack(tmp_path, mta={"max_connections_per_ip": 5},
+              checks={"local_networks": ["127.0.0.1/32"]})
+    try:
+        s.setup_users("example.com", "alice@example.com", password=PW)
+        s.start("msa", listen=[f"127.0.0.1:{s.msa_tls_port}"])
+        silent = [socket.create_connection(("127.0.0.1", s.msa_tls_port), timeout=10,
+                                           source_address=("127.0.0.2", 0)) for _ in range(5)]
+        extra = socket.create_connection(("127.0.0.1", s.msa_tls_port), timeout=10,
+                                         source_address=("127.0.0.2", 0))
+        assert extra.recv(100) == b""  # closed without a handshake
+        extra.close()
+        with smtplib.SMTP_SSL("127.0.0.1", s.msa_tls_port, timeout=10,
+                              context=client_tls()) as c:
+            assert c.noop()[0] == 250
+        for sock in silent:
+            sock.close()
+        assert wait_for(lambda: _tls_greeting(s.msa_tls_port, "127.0.0.2"), 10)
+    finally:
+        s.stop_all()
+
+
+def _tls_greeting(port: int, source: str) -> bool:
+    import socket
+
+    try:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5,
+                                       source_address=(source, 0))
+        with client_tls().wrap_socket(raw) as tls:
+            return tls.recv(100).startswith(b"220")
+    except OSError:
+        return False
