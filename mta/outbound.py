@@ -3,7 +3,8 @@
 One connection per destination domain carries all of that domain's recipients. Hosts are tried
 best first; a host that cannot be reached, or answers 4xx, passes the still-deferred recipients
 to the next one. STARTTLS is used whenever offered (opportunistic, unauthenticated: RFC 7435);
-a host whose TLS handshake fails is retried in plain text. Capabilities are respected: a
+a host whose TLS handshake fails is retried in plain text. A smarthost gets verified TLS
+(``delivery.smarthost_tls``) before any credential or message, with no fallback. Capabilities are respected: a
 message needing SMTPUTF8 or 8BITMIME that the host lacks fails permanently (5.6.7 / 5.6.3), and
 so does one larger than its SIZE. Concurrency is capped per domain and in total.
 """
@@ -82,6 +83,9 @@ class Outbound:
                           if cfg.delivery.smarthost else None)
         self.total = asyncio.Semaphore(total)
         self.tls = _insecure_context()
+        self.smarthost_tls = cfg.delivery.smarthost_tls
+        self.verified_tls = ssl.create_default_context(cafile=cfg.delivery.ca_file or None)
+        self.verified_tls.minimum_version = ssl.TLSVersion.TLSv1_2
 
     async def deliver(self, env: Envelope, rcpts: list[Recipient], data: bytes
                       ) -> dict[str, Reply]:
@@ -144,19 +148,39 @@ class Outbound:
             sock = await _connect(host.ip, port)
         except (OSError, TimeoutError) as e:
             raise _Retry(reply(451, f"4.4.1 cannot connect: {e or 'timed out'}")) from None
-        smtp = aiosmtplib.SMTP(sock=sock, local_hostname=self.cfg.hostname,
-                               timeout=GREETING_TIMEOUT, start_tls=False, validate_certs=False)
+        # To the smarthost TLS is verified unless configured otherwise: it gets our password
+        # and all our mail. To MX hosts it is opportunistic (RFC 7435).
+        verify = self.smarthost is not None and self.smarthost_tls != "starttls-unverified"
+        implicit = self.smarthost is not None and self.smarthost_tls == "implicit"
+        context = self.verified_tls if verify else self.tls
+        smtp = aiosmtplib.SMTP(sock=sock, hostname=host.name if implicit else None,
+                               local_hostname=self.cfg.hostname, timeout=GREETING_TIMEOUT,
+                               use_tls=implicit, tls_context=context if implicit else None,
+                               start_tls=False, validate_certs=implicit)
         try:
             try:
                 await smtp.connect(timeout=GREETING_TIMEOUT)
             except (aiosmtplib.SMTPException, OSError) as e:
                 sock.close()
+                if verify and isinstance(e.__cause__ or e, ssl.SSLError):
+                    raise _Retry(reply(454, f"4.7.5 TLS with the smarthost failed: {e}")) \
+                        from None
                 raise _Retry(reply(451, f"4.4.1 no greeting: {e}")) from None
             try:
                 await smtp.ehlo()
             except aiosmtplib.SMTPResponseException:
                 await smtp.helo()
-            if use_tls and smtp.supports_extension("starttls"):
+            if verify and not implicit:
+                if not smtp.supports_extension("starttls"):
+                    raise _Retry(reply(454, "4.7.0 the smarthost offers no STARTTLS "
+                                       "(delivery.smarthost_tls requires it)"))
+                try:
+                    await smtp.starttls(tls_context=context, server_hostname=host.name)
+                except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
+                    raise _Retry(reply(454, f"4.7.5 TLS with the smarthost failed: {e}")) \
+                        from None
+                await smtp.ehlo()
+            elif use_tls and not implicit and smtp.supports_extension("starttls"):
                 try:
                     await smtp.starttls(tls_context=self.tls, server_hostname=host.name)
                 except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:

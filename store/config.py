@@ -65,6 +65,11 @@ class DeliveryConfig:
     smarthost: str = ""
     smarthost_user: str = ""  # AUTH at the smarthost, only ever sent over TLS
     smarthost_password: str = ""
+    # TLS to the smarthost: "starttls" (required, certificate verified against ca_file or the
+    # system's CAs and the smarthost's name), "implicit" (TLS from the first byte, verified),
+    # "starttls-unverified" (STARTTLS when offered, any certificate).
+    smarthost_tls: str = "starttls"
+    ca_file: str = ""  # CA bundle for verified TLS (default: the system's)
     retry_initial: float = 300.0  # seconds before the first retry; doubles up to retry_max
     retry_max: float = 3600.0
     max_queue_lifetime: float = 432000.0  # 5 days, then the message bounces
@@ -209,6 +214,11 @@ def _validate(cfg: Config) -> None:
         parse_address(cfg.delivery.resolver, "delivery.resolver")
     if cfg.delivery.smarthost:
         parse_address(cfg.delivery.smarthost, "delivery.smarthost")
+    if cfg.delivery.smarthost_tls not in ("starttls", "implicit", "starttls-unverified"):
+        raise ConfigError("config key 'delivery.smarthost_tls': expected \"starttls\", "
+                          f"\"implicit\" or \"starttls-unverified\", got {cfg.delivery.smarthost_tls!r}")
+    if cfg.delivery.ca_file and not os.path.isfile(cfg.delivery.ca_file):
+        raise ConfigError(f"config key 'delivery.ca_file': no file {cfg.delivery.ca_file!r}")
     if bool(cfg.delivery.smarthost_user) != bool(cfg.delivery.smarthost_password):
         raise ConfigError("config keys 'delivery.smarthost_user' and 'delivery.smarthost_password' "
                           "must be set together")

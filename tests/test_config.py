@@ -46,6 +46,9 @@ listen = "unix:/tmp/x.sock"
     ("[mda]\nformat = 'mh'", "'mda.format'"),
     ("[tls]\ncert = '/x.pem'", "'tls.cert'"),
     ("[bogus]\nx = 1", "'bogus'"),
+    ("sync_method = 'never'", "'sync_method'"),
+    ("[delivery]\nsmarthost_tls = 'none'", "'delivery.smarthost_tls'"),
+    ("[delivery]\nca_file = '/no/such/ca.pem'", "'delivery.ca_file'"),
     ("hostname = ", "pochta.toml"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, needle):

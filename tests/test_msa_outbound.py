@@ -402,13 +402,19 @@ def test_delay_dsn(tmp_path):
         dns_server.close()
 
 
-def test_smarthost_with_auth_over_tls(tmp_path):
+@pytest.mark.parametrize("trusted", [True, False])
+def test_smarthost_gets_verified_tls_before_credentials(tmp_path, trusted):
+    """TLS to the smarthost is verified by default (its certificate against ca_file and its
+    name): with the CA known, mail goes with AUTH; without it, nothing is sent, not even the
+    login, and the message waits with a 4.7.5 reason."""
     trustme = pytest.importorskip("trustme")
     from aiosmtpd.smtp import AuthResult, LoginPassword
 
     ca = trustme.CA()
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("relay.test").configure_cert(ctx)
+    ca.issue_cert("127.0.0.5").configure_cert(ctx)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
     logins = []
 
     def authenticator(server, session, envelope, mechanism, data):
@@ -419,18 +425,26 @@ def test_smarthost_with_auth_over_tls(tmp_path):
 
     port = free_port("127.0.0.5")
     sink = SinkMX("127.0.0.5", port, tls_context=ctx, authenticator=authenticator)
-    s = Stack(tmp_path, delivery={"smarthost": f"127.0.0.5:{port}", "smarthost_user": "relayuser",
-                                  "smarthost_password": "relay secret",
-                                  "resolver": "127.0.0.1:9"})  # DNS unused with a smarthost
+    delivery = {"smarthost": f"127.0.0.5:{port}", "smarthost_user": "relayuser",
+                "smarthost_password": "relay secret",
+                "resolver": "127.0.0.1:9"}  # DNS unused with a smarthost
+    if trusted:
+        delivery["ca_file"] = str(ca_file)
+    s = Stack(tmp_path, delivery=delivery)
     s.setup_users("example.com", "alice@example.com", password=PW)
     s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.mta_port}", f"127.0.0.1:{s.msa_port}"])
     try:
         submit(s, "alice@example.com", ["anyone@anywhere.test"],
                b"From: alice@example.com\r\nSubject: via-smarthost\r\n\r\nx\r\n")
-        m = find(sink, b"via-smarthost")
-        assert m is not None, s.log("up")
-        assert m.tls and m.rcpts == ["anyone@anywhere.test"]
-        assert logins and all(ok for _, ok in logins)
+        if trusted:
+            m = find(sink, b"via-smarthost")
+            assert m is not None, s.log("up")
+            assert m.tls and m.rcpts == ["anyone@anywhere.test"]
+            assert logins and all(ok for _, ok in logins)
+        else:
+            assert wait_for(lambda: "4.7.5" in s.pochta("queue", "list").stdout, 20), \
+                s.log("up")
+            assert logins == [] and sink.messages == []
     finally:
         s.stop_all()
         sink.stop()
