@@ -6,7 +6,9 @@ line on stderr and a non-zero exit status, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
+import os
 import sys
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -64,6 +66,17 @@ class Context:
     def directory(self) -> Directory:
         return Directory(self.db)
 
+    def close(self) -> None:
+        """After a verb: run as root, what it created (database files, keys) goes to the
+        service user (store/privileges.py), so the mail processes can use it."""
+        if self._db is not None:
+            self._db.dispose()
+        if os.geteuid() == 0 and "config" in self.__dict__:
+            from store.privileges import give_state
+
+            with contextlib.suppress(ConfigError):  # no such user: nothing to give
+                give_state(self.config)
+
 
 @app.callback()
 def _root(
@@ -72,6 +85,7 @@ def _root(
         None, "--config", "-c", envvar="POCHTA_CONFIG", help="TOML config file."),
 ) -> None:
     ctx.obj = Context(config)
+    ctx.call_on_close(ctx.obj.close)
 
 
 def _ctx(ctx: typer.Context) -> Context:

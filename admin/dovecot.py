@@ -15,7 +15,7 @@ import typer
 from sqlalchemy.engine import make_url
 
 from admin.cli import UserError, _ctx, app
-from store.config import Config
+from store.config import Config, ConfigError
 from store.fsio import atomic_write
 
 PASSWORD_QUERY = ("SELECT address AS user, '{ARGON2ID}' || password_hash AS password "
@@ -64,8 +64,15 @@ def mail_location(cfg: Config) -> str:
 
 
 def mail_owner(cfg: Config) -> tuple[int, int]:
+    """Who owns the mailboxes: the user the MDA runs as (store/privileges.py)."""
     if cfg.mda.mail_owner:
         pw = pwd.getpwnam(cfg.mda.mail_owner)
+        return pw.pw_uid, pw.pw_gid
+    if os.geteuid() == 0 and cfg.user != "root":
+        try:
+            pw = pwd.getpwnam(cfg.user)
+        except KeyError:
+            raise ConfigError(f"config key 'user': no user {cfg.user!r} on this system") from None
         return pw.pw_uid, pw.pw_gid
     return os.getuid(), os.getgid()
 

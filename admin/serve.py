@@ -109,6 +109,9 @@ def serve(ctx: typer.Context, role: Role) -> None:
     cfg = c.config
     setup_logging(cfg, role.value)
     raise_file_limit()
+    from store.privileges import prepare
+
+    prepare(cfg, role.value)  # as root: state to its users, before anything is opened
     try:
         run_loop(_serve(cfg, role.value, c.config_path), cfg.event_loop)
     except OSError as e:

@@ -123,9 +123,12 @@ async def load(port: int, n: int, concurrency: int, size: int, run: str
 
 def smtp_source(port: int, n: int, concurrency: int, size: int) -> float:
     t0 = time.perf_counter()
-    subprocess.run(["smtp-source", "-s", str(concurrency), "-m", str(n), "-l", str(size),
-                    "-f", "sender@bench.test", "-t", "user@bench.test", f"127.0.0.1:{port}"],
-                   check=True, capture_output=True, timeout=600)
+    r = subprocess.run(["smtp-source", "-s", str(concurrency), "-m", str(n), "-l", str(size),
+                        "-f", "sender@bench.test", "-t", "user@bench.test", f"127.0.0.1:{port}"],
+                       capture_output=True, timeout=600)
+    if r.returncode != 0:
+        sys.exit(f"smtp-source failed ({concurrency} sessions, {size} bytes, port {port}): "
+                 + (r.stderr or r.stdout).decode(errors="replace").strip()[-500:])
     return time.perf_counter() - t0
 
 

@@ -11,6 +11,7 @@ from store.config import Config
 from store.dataread import delivery_size_limit
 from store.db import Database
 from store.directory import CachedDirectory
+from store.privileges import drop as drop_privileges
 from store.smtpserver import Connections, start_listeners
 
 log = logging.getLogger("pochta.mda")
@@ -31,6 +32,7 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
             decode_data=False, timeout=cfg.mda.idle_timeout)
 
     servers = await start_listeners([cfg.mda.listen], factory, key="mda.listen")
+    drop_privileges(cfg, "mda")
     log.info("mda ready: LMTP on %s, %s in %s", cfg.mda.listen, cfg.mda.format,
              cfg.mda.mailbox_root)
     try:

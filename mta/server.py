@@ -27,6 +27,7 @@ from mta.spool import Spool
 from store.config import Config
 from store.db import Database
 from store.directory import CachedDirectory
+from store.privileges import drop as drop_privileges
 from store.smtpserver import Connections, start_listeners
 from store.tlscert import server_context
 
@@ -63,6 +64,7 @@ PARENT_PIPE = "POCHTA_QUEUE_PARENT_PIPE"  # set by serve mta: our stdin is a pip
 
 
 async def run_queue(cfg: Config, stop: asyncio.Event) -> None:
+    drop_privileges(cfg, "queue")  # it binds nothing
     db = Database(cfg.database_url)
     directory = CachedDirectory(db, cfg.directory_cache_ttl)
     spool = Spool(cfg.spool_dir, cfg.sync_method == "auto")
@@ -151,6 +153,7 @@ async def run_mta(cfg: Config, stop: asyncio.Event, config_path: str | None = No
     servers = await start_listeners(
         cfg.mta.listen, protocol_factory(cfg, handler, connections, tls, require_auth=False),
         key="mta.listen")
+    drop_privileges(cfg, "mta")
     log.info("mta ready: SMTP on %s, spool %s", " ".join(cfg.mta.listen), cfg.spool_dir)
     try:
         await _serve_until(stop, servers, connections, cfg.hostname)
@@ -187,6 +190,7 @@ async def run_msa(cfg: Config, stop: asyncio.Event) -> None:
         cfg.msa.listen_tls, protocol_factory(cfg, handler, connections, None, require_auth=True,
                                           implicit_tls=True),
         ssl_context=tls, connections=connections, key="msa.listen_tls")
+    drop_privileges(cfg, "msa")
     log.info("msa ready: submission on %s (STARTTLS), %s (TLS)", " ".join(cfg.msa.listen),
              " ".join(cfg.msa.listen_tls))
     try:

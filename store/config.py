@@ -47,7 +47,7 @@ class MDAConfig:
     listen: str = "127.0.0.1:10024"
     mailbox_root: str = ""
     format: str = "maildir"
-    mail_owner: str = ""  # when run as root: chown mailboxes to this user, like virtual_uid_maps
+    mail_owner: str = ""  # started as root: the MDA runs as this user (default: the top-level user)
     max_message_size: int = 52428800
     idle_timeout: float = 300.0
 
@@ -113,6 +113,9 @@ class DKIMConfig:
 @dataclass(frozen=True)
 class Config:
     hostname: str = "localhost"
+    # Started as root, every mail process binds its ports and then runs as this user (the MDA
+    # as mda.mail_owner when set): store/privileges.py. "root" keeps root.
+    user: str = "pochta"
     data_dir: str = ""
     database_url: str = ""
     spool_dir: str = ""

@@ -94,7 +94,10 @@ class Stack:
         self.msa_tls_port = free_port()
         self.mda_port = free_port()
         self.settings: dict[str, dict] = {
-            "": {"hostname": "mx.pochta.test", "data_dir": str(base)},
+            # CI runs as root and keeps each test's files in pytest's root-only temporary
+            # folder: the processes stay root here (user = "root"); test_privileges.py runs
+            # on the default (drop to "pochta") in a folder that user can reach.
+            "": {"hostname": "mx.pochta.test", "data_dir": str(base), "user": "root"},
             "mta": {"listen": [f"127.0.0.1:{self.mta_port}"]},
             "msa": {"listen": [f"127.0.0.1:{self.msa_port}"],
                     "listen_tls": [f"127.0.0.1:{self.msa_tls_port}"]},
