@@ -64,3 +64,17 @@ def run_pochta(config: Path | None, *args: str, stdin: str | None = None,
     full_env.update(env or {})
     return subprocess.run(cmd + list(args), input=stdin, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true",
+                     help="also the long sweeps (scripts/test --slow); CI runs the short ones")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="a long sweep: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -8,6 +8,8 @@ import pwd
 import shutil
 import smtplib
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,6 +59,13 @@ def test_root_binds_low_ports_then_every_process_runs_as_pochta_for_good():
         pw = pwd.getpwnam("pochta")
     except KeyError:
         pytest.skip("no user pochta (scripts/install creates it)")
+    # The processes re-execute this Python as pochta: it must be able to (a checkout or a
+    # Python under a private home folder, e.g. /root, is not; scripts/install uses Debian's).
+    probe = subprocess.run(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}",
+                            "--clear-groups", sys.executable, "-c", "import admin.cli"],
+                           capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"user pochta cannot run {sys.executable} with this checkout")
     base = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="pochta-priv-"))
     os.chmod(base, 0o755)  # the user must reach its data folder inside
     s = Stack(base / "data")
