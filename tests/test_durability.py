@@ -79,9 +79,65 @@ def test_sigkill_mid_stream_loses_nothing(tmp_path):
     print(f"\ndurability: {N_MESSAGES} acknowledged ({killed_at} before SIGKILL), "
           f"{len(ids)} distinct delivered, {duplicates} duplicate copies "
           f"({resent} messages were resent by clients after losing their 250)")
-    assert all(c >= 1 for c in ids.values())
-    assert duplicates <= len(tried_unacked) + 5
+    # A copy twice only where a client sent it twice (it lost the 250 at the kill):
+    # the queue runner's own retries after the kill are recognised by the MDA (XRETRY).
+    assert duplicates <= resent, ids.most_common(3)
     s.stop_all()
+
+
+def test_sigkill_of_the_mda_and_the_queue_runner_mid_load_repeats_nothing(tmp_path):
+    """The MTA stays up, so every message gets its 250 once; while clients keep sending, the
+    MDA is killed (-9), and the queue runner is frozen with deliveries in flight (the MDA
+    finishes them, the runner never hears) and killed: each message lands exactly once."""
+    s = Stack(tmp_path, delivery={"retry_initial": 1, "retry_max": 1})
+    s.setup_users("example.com", "bob@example.com")
+    s.start("mda")
+    mta = s.start("mta")
+    sent: list[str] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def client(k: int) -> None:
+        n = 0
+        try:
+            while not stop.is_set() and n < 400:
+                n += 1
+                mid = f"dur-{k * 1000 + n}"
+                _send(s, mid)
+                sent.append(mid)
+                time.sleep(0.01)
+        except BaseException as e:  # noqa: BLE001 -- reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(5)]
+    try:
+        for t in threads:
+            t.start()
+        for round_ in range(6):
+            time.sleep(0.7)
+            if round_ % 2:
+                s.stop("mda", signal.SIGKILL)
+                s.start("mda")
+            else:
+                runners = _children(mta.pid)
+                for runner in runners:
+                    os.kill(runner, signal.SIGSTOP)
+                time.sleep(0.3)
+                for runner in runners:
+                    os.kill(runner, signal.SIGKILL)
+                assert wait_for(lambda old=runners: _children(mta.pid) not in ([], old), 20)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert wait_for(lambda: set(delivered_ids(s)) >= set(sent), 60), \
+            f"lost: {sorted(set(sent) - set(delivered_ids(s)))[:10]}\n{s.log('mta')}"
+        ids = delivered_ids(s)
+        assert max(ids.values()) == 1, ids.most_common(3)
+        print(f"\n{len(sent)} messages, each once; copies the MDA recognised: "
+              f"{s.log('mda').count('already delivered')}")
+    finally:
+        s.stop_all()
 
 
 def _children(pid: int) -> list[int]:

@@ -106,10 +106,10 @@ def test_a_damaged_item_is_put_aside_once_and_listed(tmp_path, caplog, content):
 
 def test_a_file_under_another_items_name_is_damaged_not_delivered(tmp_path):
     spool = Spool(tmp_path)
-    (tmp_path / "00000000000000abcdef.msg").write_bytes(
-        envelope("00000000000009abcdef").to_json() + b"\n" + MESSAGE)
-    assert spool.recover() == [] and spool.damaged() == [("00000000000000abcdef", 
-        len(envelope("00000000000009abcdef").to_json()) + 1 + len(MESSAGE))]
+    content = envelope("00000000000009abcdef").to_json() + b"\n" + MESSAGE
+    (tmp_path / "00000000000000abcdef.msg").write_bytes(content)
+    assert spool.recover() == []
+    assert spool.damaged() == [("00000000000000abcdef", len(content))]
 
 
 def delivered(spool: Spool, env: Envelope) -> None:
