@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 from dataclasses import dataclass, field
 
@@ -152,6 +153,9 @@ class ScriptedMX:
         self.silent: set[str] = set()
         self.messages: list[bytes] = []
         self.connections = 0
+        # Per connection, in order: "421-at-rcpt" (421 and close), "reset-in-data" (the
+        # connection reset after the first bytes of the message), else a normal session.
+        self.plan: list[str] = []
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.sock.settimeout(0.2)
         self.running = True
@@ -176,6 +180,7 @@ class ScriptedMX:
     def _session(self, conn: socket.socket) -> None:
         conn.settimeout(120)
         buf = b""
+        mode = self.plan.pop(0) if self.plan else "ok"
         try:
             if not self._reply(conn, "greeting", b"220 scripted.test ESMTP\r\n"):
                 while self.running and conn.recv(65536):
@@ -192,6 +197,15 @@ class ScriptedMX:
                 if verb == "EHLO":
                     ok = self._reply(conn, verb, b"250-scripted.test\r\n250-8BITMIME\r\n"
                                      b"250-SMTPUTF8\r\n250 DSN\r\n")
+                elif verb == "RCPT" and mode == "421-at-rcpt":
+                    conn.sendall(b"421 4.3.2 shutting down\r\n")
+                    return
+                elif verb == "DATA" and mode == "reset-in-data":
+                    conn.sendall(b"354 go ahead\r\n")
+                    conn.recv(1024)
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))  # close sends RST
+                    return
                 elif verb == "DATA":
                     conn.sendall(b"354 go ahead\r\n")
                     while b"\r\n.\r\n" not in buf:

@@ -358,3 +358,31 @@ def _tls_greeting(port: int, source: str) -> bool:
             return tls.recv(100).startswith(b"220")
     except OSError:
         return False
+
+
+# -- peers that misbehave: a 421 mid-transaction, a reset mid-DATA ---------------------------
+
+def test_a_peer_that_says_421_or_resets_mid_data_gets_the_message_once_later(tmp_path):
+    """Temporary, both: no bounce, retried, and the peer ends up with exactly one copy."""
+    dns_server = FakeDNS()
+    port = free_port("127.0.0.13")
+    peer = ScriptedMX("127.0.0.13", port)
+    peer.plan = ["421-at-rcpt", "reset-in-data"]
+    dns_server.add("flaky.test", "MX", "10 mx.flaky.test.")
+    dns_server.add("mx.flaky.test", "A", "127.0.0.13")
+    s = Stack(tmp_path, delivery={"resolver": dns_server.address, "smtp_port": port,
+                                  "retry_initial": 1, "retry_max": 1})
+    try:
+        s.setup_users("example.com", "alice@example.com", password=PW)
+        s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.msa_port}"])
+        submit(s, "alice@example.com", ["x@flaky.test"],
+               b"From: alice@example.com\r\nSubject: flaky-peer\r\n\r\n" + (b"y" * 70 + b"\r\n") * 80)
+        assert wait_for(lambda: any(b"flaky-peer" in m for m in peer.messages), 30), s.log("up")
+        assert peer.connections == 3 and len(peer.messages) == 1
+        log = s.log("up")
+        assert "421 4.3.2" in log and log.count("status=deferred") == 2, log
+        assert not reports(s, "alice@example.com", "x@flaky.test")  # no bounce
+    finally:
+        s.stop_all()
+        peer.stop()
+        dns_server.close()
