@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 
 from admin.cli import UserError, _ctx, app
 from store.config import Config, ConfigError
-from store.fsio import atomic_write
+from store.fsio import atomic_write, ensure_dir
 
 PASSWORD_QUERY = ("SELECT address AS user, '{ARGON2ID}' || password_hash AS password "
                   "FROM users WHERE address = '%Lu' AND enabled")
@@ -120,4 +120,9 @@ def dovecot_config(
     path = Path(sql_file) if sql_file else Path(cfg.data_dir) / "dovecot-sql.conf.ext"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, sql_conf(cfg).encode(), mode=0o640)
+    # mail_home: Dovecot keeps its indexes there (and, with mbox, the folders besides INBOX);
+    # it must exist and belong to the mail user, or Dovecot cannot open INBOX.
+    uid, gid = mail_owner(cfg)
+    ensure_dir(Path(cfg.data_dir) / "dovecot-home", 0o700,
+               (uid, gid) if os.geteuid() == 0 else None)
     typer.echo(dovecot_conf(cfg, path), nl=False)

@@ -103,6 +103,7 @@ def test_dovecot_config_logs_users_in_with_pochta_passwords(tmp_path, shared_dir
         assert data[0].startswith("250")
         conf = stack.pochta("dovecot-config").stdout
         assert "driver = sql" in conf and f"maildir:{shared_dir}/mail/%d/%n" in conf
+        assert (tmp_path / "dovecot-home").is_dir()  # mail_home exists for Dovecot
         # Our TLS certificate may not exist yet in this test; IMAP without TLS is enough here.
         conf = "\n".join(line for line in conf.splitlines()
                          if not line.startswith(("ssl", "mail_home")))
