@@ -6,21 +6,15 @@ line on stderr and a non-zero exit status, never a traceback.
 
 from __future__ import annotations
 
-import contextlib
 import getpass
-import os
 import sys
-from dataclasses import dataclass, field
-from functools import cached_property
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from store.config import Config, ConfigError
-from store.config import load as load_config
-from store.db import Database
-from store.directory import Directory, DirectoryError, DirectoryUnavailable
+from admin import dovecot, queue_cmds, serve
+from admin.context import Context, UserError, context, table
+from store.config import ConfigError
+from store.directory import DirectoryError, DirectoryUnavailable
 
 app = typer.Typer(
     name="pochta",
@@ -33,49 +27,14 @@ db_app = typer.Typer(help="The directory database.", no_args_is_help=True)
 domain_app = typer.Typer(help="Domains we receive mail for.", no_args_is_help=True)
 user_app = typer.Typer(help="Mailbox users.", no_args_is_help=True)
 alias_app = typer.Typer(help="Aliases; '@domain' is the catch-all.", no_args_is_help=True)
-queue_app = typer.Typer(help="The mail queue (spool).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(domain_app, name="domain")
 app.add_typer(user_app, name="user")
 app.add_typer(alias_app, name="alias")
-app.add_typer(queue_app, name="queue")
-
-
-class UserError(Exception):
-    """A mistake on the command line, reported in one line."""
-
-
-@dataclass
-class Context:
-    """What the verbs need, built lazily from the one config loaded at start."""
-
-    config_path: str | None
-    _db: Database | None = field(default=None, repr=False)
-
-    @cached_property
-    def config(self) -> Config:
-        return load_config(self.config_path)
-
-    @property
-    def db(self) -> Database:
-        if self._db is None:
-            self._db = Database(self.config.database_url)
-        return self._db
-
-    @property
-    def directory(self) -> Directory:
-        return Directory(self.db)
-
-    def close(self) -> None:
-        """After a verb: run as root, what it created (database files, keys) goes to the
-        service user (store/privileges.py), so the mail processes can use it."""
-        if self._db is not None:
-            self._db.dispose()
-        if os.geteuid() == 0 and "config" in self.__dict__:
-            from store.privileges import give_state
-
-            with contextlib.suppress(ConfigError):  # no such user: nothing to give
-                give_state(self.config)
+app.add_typer(queue_cmds.queue_app, name="queue")
+app.command("serve")(serve.serve)
+app.command("up")(serve.up)
+app.command("dovecot-config")(dovecot.dovecot_config)
 
 
 @app.callback()
@@ -86,19 +45,6 @@ def _root(
 ) -> None:
     ctx.obj = Context(config)
     ctx.call_on_close(ctx.obj.close)
-
-
-def _ctx(ctx: typer.Context) -> Context:
-    obj = ctx.find_root().obj
-    assert isinstance(obj, Context)
-    return obj
-
-
-def table(headers: list[str], rows: list[list[str]]) -> None:
-    t = Table(*headers, box=None, pad_edge=False, header_style="bold")
-    for r in rows:
-        t.add_row(*r)
-    Console(width=200 if not sys.stdout.isatty() else None, soft_wrap=True).print(t)
 
 
 def read_password(from_stdin: bool) -> str:
@@ -125,7 +71,7 @@ def db_upgrade(ctx: typer.Context) -> None:
     """Create the database if new and migrate it to the newest schema."""
     from store.migrate import current_revision, upgrade_to_head
 
-    c = _ctx(ctx)
+    c = context(ctx)
     upgrade_to_head(c.config.database_url)
     typer.echo(f"database at revision {current_revision(c.config.database_url)}")
 
@@ -136,12 +82,12 @@ def db_upgrade(ctx: typer.Context) -> None:
 @domain_app.command("add")
 def domain_add(ctx: typer.Context, domain: str) -> None:
     """Receive mail for DOMAIN."""
-    typer.echo(f"added domain {_ctx(ctx).directory.add_domain(domain)}")
+    typer.echo(f"added domain {context(ctx).directory.add_domain(domain)}")
 
 
 @domain_app.command("list")
 def domain_list(ctx: typer.Context) -> None:
-    rows = _ctx(ctx).directory.list_domains()
+    rows = context(ctx).directory.list_domains()
     table(["DOMAIN", "USERS", "ALIASES"], [[d, str(u), str(a)] for d, u, a in rows])
 
 
@@ -150,7 +96,7 @@ def domain_remove(
     ctx: typer.Context, domain: str,
     force: bool = typer.Option(False, "--force", help="Also remove its users and aliases."),
 ) -> None:
-    _ctx(ctx).directory.remove_domain(domain, force=force)
+    context(ctx).directory.remove_domain(domain, force=force)
     typer.echo(f"removed domain {domain}")
 
 
@@ -166,7 +112,7 @@ def user_add(
 ) -> None:
     """Create the mailbox ADDRESS (its domain must exist)."""
     password = read_password(password_stdin)
-    typer.echo(f"added user {_ctx(ctx).directory.add_user(address, password, quota)}")
+    typer.echo(f"added user {context(ctx).directory.add_user(address, password, quota)}")
 
 
 @user_app.command("passwd")
@@ -175,12 +121,12 @@ def user_passwd(
     password_stdin: bool = typer.Option(False, "--password-stdin"),
 ) -> None:
     password = read_password(password_stdin)
-    typer.echo(f"changed password of {_ctx(ctx).directory.set_password(address, password)}")
+    typer.echo(f"changed password of {context(ctx).directory.set_password(address, password)}")
 
 
 @user_app.command("list")
 def user_list(ctx: typer.Context, domain: str | None = typer.Argument(None)) -> None:
-    users = _ctx(ctx).directory.list_users(domain)
+    users = context(ctx).directory.list_users(domain)
     table(["ADDRESS", "ENABLED", "QUOTA", "CREATED"],
           [[u.address, "yes" if u.enabled else "no",
             str(u.quota_bytes) if u.quota_bytes else "-",
@@ -189,7 +135,7 @@ def user_list(ctx: typer.Context, domain: str | None = typer.Argument(None)) -> 
 
 @user_app.command("remove")
 def user_remove(ctx: typer.Context, address: str) -> None:
-    _ctx(ctx).directory.remove_user(address)
+    context(ctx).directory.remove_user(address)
     typer.echo(f"removed user {address}")
 
 
@@ -199,29 +145,26 @@ def user_remove(ctx: typer.Context, address: str) -> None:
 @alias_app.command("add")
 def alias_add(ctx: typer.Context, alias: str, targets: list[str]) -> None:
     """Deliver mail for ALIAS (or '@domain', the catch-all) to each TARGET."""
-    src, tgts = _ctx(ctx).directory.add_alias(alias, targets)
+    src, tgts = context(ctx).directory.add_alias(alias, targets)
     typer.echo(f"added alias {src} -> {', '.join(tgts)}")
 
 
 @alias_app.command("list")
 def alias_list(ctx: typer.Context) -> None:
-    rows = _ctx(ctx).directory.list_aliases()
+    rows = context(ctx).directory.list_aliases()
     table(["ALIAS", "TARGETS"], [[src, ", ".join(t)] for src, t in rows])
 
 
 @alias_app.command("remove")
 def alias_remove(ctx: typer.Context, alias: str,
                  target: str | None = typer.Argument(None)) -> None:
-    _ctx(ctx).directory.remove_alias(alias, target)
+    context(ctx).directory.remove_alias(alias, target)
     typer.echo(f"removed alias {alias}" + (f" -> {target}" if target else ""))
 
 
 # --- entry point ---------------------------------------------------------------------------
 
 def main() -> None:
-    # Import for their side effect of registering commands on ``app``.
-    from admin import dovecot, queue_cmds, serve  # noqa: F401
-
     try:
         app()
     except (ConfigError, DirectoryError, UserError) as e:
@@ -260,8 +203,8 @@ def dkim_keygen(
     from mta import dkimsign
     from store.addresses import ascii_domain
 
-    c = _ctx(ctx)
-    name = c.directory._domain_arg(domain)
+    c = context(ctx)
+    name = c.directory.domain_arg(domain)
     if not c.directory.is_local_domain(name):
         raise UserError(f"domain {name} is not a domain of ours (pochta domain add {name})")
     sel = selector or dkimsign.default_selector()
@@ -280,8 +223,8 @@ def dns_records(ctx: typer.Context, domain: str) -> None:
     from mta import dkimsign
     from store.addresses import ascii_domain
 
-    c = _ctx(ctx)
-    name = c.directory._domain_arg(domain)
+    c = context(ctx)
+    name = c.directory.domain_arg(domain)
     if not c.directory.is_local_domain(name):
         raise UserError(f"domain {name} is not a domain of ours (pochta domain add {name})")
     d, host = ascii_domain(name), c.config.hostname.rstrip(".")

@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 from sqlalchemy.engine import make_url
 
-from admin.cli import UserError, _ctx, app
+from admin.context import UserError, context
 from store.config import Config, ConfigError
 from store.fsio import atomic_write, ensure_dir
 
@@ -108,7 +108,6 @@ userdb {{
 """
 
 
-@app.command("dovecot-config")
 def dovecot_config(
     ctx: typer.Context,
     sql_file: str | None = typer.Option(
@@ -116,7 +115,7 @@ def dovecot_config(
         "(default: <data_dir>/dovecot-sql.conf.ext)."),
 ) -> None:
     """Print a dovecot.conf for our mailboxes and users; write the SQL file it includes."""
-    cfg = _ctx(ctx).config
+    cfg = context(ctx).config
     path = Path(sql_file) if sql_file else Path(cfg.data_dir) / "dovecot-sql.conf.ext"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, sql_conf(cfg).encode(), mode=0o640)

@@ -12,12 +12,14 @@ from datetime import UTC, datetime
 
 import typer
 
-from admin.cli import UserError, _ctx, queue_app, table
+from admin.context import UserError, context, table
 from mta.spool import DAMAGED_DIR, FLUSH, Spool, SpoolError
+
+queue_app = typer.Typer(help="The mail queue (spool).", no_args_is_help=True)
 
 
 def _spool(ctx: typer.Context) -> Spool:
-    return Spool(_ctx(ctx).config.spool_dir)
+    return Spool(context(ctx).config.spool_dir)
 
 
 def _when(ts: float) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 
 import typer
 
-from admin.cli import _ctx, app
+from admin.context import context
 from store.config import Config, ConfigError, parse_address
 
 ROLES = ("mda", "mta", "msa")
@@ -102,10 +102,9 @@ def raise_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-@app.command("serve")
 def serve(ctx: typer.Context, role: Role) -> None:
     """Run one process in the foreground, logging to stderr."""
-    c = _ctx(ctx)
+    c = context(ctx)
     cfg = c.config
     setup_logging(cfg, role.value)
     raise_file_limit()
@@ -228,10 +227,9 @@ class Supervisor:
         self.log.info("pochta stopped")
 
 
-@app.command("up")
 def up(ctx: typer.Context) -> None:
     """Start the MDA, MTA and MSA as supervised processes; Ctrl-C or SIGTERM stops them."""
-    c = _ctx(ctx)
+    c = context(ctx)
     cfg = c.config
     setup_logging(cfg, "up")
     roles = [r for r in ROLES if listen_addresses(cfg, r)]

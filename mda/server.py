@@ -6,13 +6,14 @@ import asyncio
 import logging
 
 from mda.deliver import Deliverer
-from mda.session import LMTPHandler, LMTPProtocol
+from mda.session import LMTPHandler
+from mta.smtp.data import delivery_size_limit
+from mta.smtp.lmtp import LMTPProtocol
+from mta.smtp.server import Connections, start_listeners
 from store.config import Config
-from store.dataread import delivery_size_limit
 from store.db import Database
 from store.directory import CachedDirectory
 from store.privileges import drop as drop_privileges
-from store.smtpserver import Connections, start_listeners
 
 log = logging.getLogger("pochta.mda")
 

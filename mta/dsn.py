@@ -16,8 +16,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
 
+from mta.envelope import EXPIRED, Envelope, Recipient, new_id
 from mta.reply import LOCAL_DECISION, ascii_text, one_line
-from mta.spool import EXPIRED, Envelope, Recipient, Spool, SpooledMessage, new_id
+from mta.spool import Spool, SpooledMessage
 from store import addresses
 from store.directory import Directory
 

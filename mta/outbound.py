@@ -21,8 +21,8 @@ from collections.abc import Callable
 import aiosmtplib
 
 from mta.dns import Host, Resolver, RouteError
+from mta.envelope import Envelope, Recipient
 from mta.reply import LOCAL_DECISION, Reply
-from mta.spool import Envelope, Recipient
 from store import addresses
 from store.config import Config, parse_address
 

@@ -29,20 +29,10 @@ from collections.abc import Awaitable, Callable
 
 from mta import policy
 from mta.dsn import Bouncer, wants
+from mta.envelope import EXPIRED, FAILED, SENT, Envelope, Recipient
 from mta.lmtp_out import LMTPClient, LMTPError
 from mta.reply import Reply
-from mta.spool import (
-    EXPIRED,
-    FAILED,
-    FLUSH,
-    KICK,
-    SENT,
-    Envelope,
-    Recipient,
-    Spool,
-    SpooledMessage,
-    SpoolError,
-)
+from mta.spool import FLUSH, KICK, Spool, SpooledMessage, SpoolError
 from store import addresses
 from store.config import Config
 from store.directory import Directory, DirectoryUnavailable, lookup

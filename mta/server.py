@@ -20,15 +20,15 @@ from mta.authcheck import InboundChecks
 from mta.dkimsign import Signer
 from mta.dsn import Bouncer
 from mta.outbound import Outbound
-from mta.protocol import SMTPProtocol
 from mta.queue import LocalDelivery, Notifier, QueueRunner
 from mta.session import Defences, Mode, SMTPHandler
+from mta.smtp.protocol import SMTPProtocol
+from mta.smtp.server import Connections, start_listeners
 from mta.spool import Spool
 from store.config import Config
 from store.db import Database
 from store.directory import CachedDirectory
 from store.privileges import drop as drop_privileges
-from store.smtpserver import Connections, start_listeners
 from store.tlscert import server_context
 
 log = logging.getLogger("pochta.server")

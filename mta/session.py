@@ -1,6 +1,6 @@
 """The SMTP session's policy: aiosmtpd handler hooks for the MTA (port 25) and the MSA.
 
-Each hook decides a reply; the protocol layer (``mta/protocol.py``) does the wire. The same
+Each hook decides a reply; the protocol layer (``mta/smtp/protocol.py``) does the wire. The same
 handler serves both roles, told apart by ``Mode``:
 
 - MTA: accepts mail for our domains only; foreign recipients are a relay attempt (554 5.7.1).
@@ -21,14 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from aiosmtpd.smtp import Session
 from sqlalchemy.exc import SQLAlchemyError
 
 from mta import policy, replies
 from mta.abuse import Greylister, PregreetMemory, RateLimiter, dnsbl_listed, in_networks
 from mta.authcheck import InboundChecks, strip_forged_results
-from mta.protocol import BadCommandLine, SMTPEnvelope, SMTPProtocol
-from mta.spool import Envelope, MessageParts, Recipient, Spool, new_id, read_header_section
+from mta.envelope import Envelope, Recipient, new_id
+from mta.smtp import Session
+from mta.smtp.protocol import BadCommandLine, SMTPEnvelope, SMTPProtocol
+from mta.spool import MessageParts, Spool, read_header_section
 from store import addresses
 from store.config import Config
 from store.directory import Directory, DirectoryUnavailable, lookup

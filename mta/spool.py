@@ -10,7 +10,7 @@
   file system that lost written data): moved there once, with an error in the log, and listed
   by ``pochta queue list``; never delivered, never deleted by us.
 
-The envelope (schema: mta/envelope.py) is what the queue runner needs to schedule and report.
+The envelope's schema is in mta/envelope.py.
 
 Uncommitted leftovers of a crash (``.tmp`` files, a ``.json`` whose message is gone) are
 removed once idle for an hour. Only the queue runner changes a committed item, under an flock
@@ -26,24 +26,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
 import os
-import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
+from mta.envelope import Envelope, EnvelopeError
 from store.batching import Batcher, DiskSync
 from store.fsio import atomic_write, ensure_dir, fsync_dir, wait_for_lock
 
 log = logging.getLogger("pochta.spool")
 
-FORMAT_VERSION = 1
-PENDING, SENT, FAILED, EXPIRED = "pending", "sent", "failed", "expired"
-FINAL = {SENT, FAILED, EXPIRED}
 GARBAGE_AGE = 3600.0  # seconds an uncommitted spool file must be idle before it is garbage
 INLINE_MAX = 1 << 20  # messages up to this size are written from the event loop (page cache)
 DAMAGED_DIR = "damaged"  # committed items that cannot be read: kept aside for the admin
@@ -58,70 +54,6 @@ class SpoolError(Exception):
 # A message to spool: bytes, or pieces of it: bytes and (file, offset) meaning "that file from
 # that offset to its end" (large messages arrive in a file and are copied by the kernel).
 MessageParts = list["bytes | tuple[Path, int]"]
-
-
-@dataclass
-class Recipient:
-    address: str
-    original: str
-    orcpt: str | None = None
-    notify: list[str] | None = None
-    status: str = PENDING
-    attempts: int = 0
-    next_attempt: float = 0.0
-    last_reply: str = ""
-    last_relay: str = ""
-    delay_notified: bool = False  # a "delayed" DSN went out for this recipient
-    dsn_passed: bool = False  # the next hop took our NOTIFY: it reports success, not us
-
-
-@dataclass
-class Envelope:
-    id: str
-    created: float
-    mail_from: str
-    recipients: list[Recipient]
-    size: int = 0
-    smtputf8: bool = False
-    body: str = "7BIT"
-    client: dict[str, Any] = field(default_factory=dict)
-    dsn: dict[str, Any] = field(default_factory=dict)
-    version: int = FORMAT_VERSION
-    # Every recipient is final but the sender's report could not be spooled yet: try again
-    # then. The message stays in the queue until its report is durable.
-    report_at: float = 0.0
-
-    @property
-    def pending(self) -> list[Recipient]:
-        return [r for r in self.recipients if r.status == "pending"]
-
-    @property
-    def due(self) -> float | None:
-        """When the next attempt is due: a pending recipient's, or the owed report's."""
-        times = [r.next_attempt for r in self.recipients if r.status == PENDING]
-        if times:
-            return min(times)
-        return self.report_at if self.finished else None
-
-    @property
-    def finished(self) -> bool:
-        return all(r.status in FINAL for r in self.recipients)
-
-    def to_json(self) -> bytes:
-        raw = dict(vars(self))
-        raw["recipients"] = [vars(r) for r in self.recipients]
-        return json.dumps(raw, ensure_ascii=False, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> Envelope:
-        try:
-            raw = json.loads(data)
-            if raw.get("version") != FORMAT_VERSION:
-                raise SpoolError(f"unknown spool format version {raw.get('version')!r}")
-            raw["recipients"] = [Recipient(**r) for r in raw["recipients"]]
-            return cls(**raw)
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise SpoolError(f"not an envelope: {e!r}") from None
 
 
 def read_header_section(path: Path, limit: int = 1 << 20, offset: int = 0) -> bytes:
@@ -206,9 +138,11 @@ def parts_size(parts: MessageParts) -> int:
     return sum(len(p) if isinstance(p, bytes) else os.stat(p[0]).st_size - p[1] for p in parts)
 
 
-def new_id() -> str:
-    """Sortable by arrival (microseconds, hex) and unique (random suffix)."""
-    return f"{time.time_ns() // 1000:014x}{secrets.token_hex(3)}"
+def _parse(data: bytes) -> Envelope:
+    try:
+        return Envelope.from_json(data)
+    except EnvelopeError as e:
+        raise SpoolError(str(e)) from None
 
 
 def _envelope_line(f: BinaryIO, limit: int = 1 << 24) -> bytes:
@@ -367,11 +301,11 @@ class Spool:
         if not fresh:
             try:
                 with open(self._json(qid), "rb") as f:
-                    return Envelope.from_json(f.read())
+                    return _parse(f.read())
             except FileNotFoundError:
                 pass
         with open(self._msg(qid), "rb") as f:
-            env = Envelope.from_json(_envelope_line(f))
+            env = _parse(_envelope_line(f))
         if env.id != qid:
             raise SpoolError(f"the file holds message {env.id}")
         return env

@@ -20,14 +20,13 @@ from dataclasses import dataclass
 from email.utils import formatdate, getaddresses, make_msgid
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, AuthResult, Session
-
 from mta import replies
 from mta.abuse import RateLimiter
 from mta.dkimsign import Signer
 from mta.policy import header_fields, header_section
-from mta.protocol import SMTPEnvelope, SMTPProtocol
 from mta.session import SMTPHandler
+from mta.smtp import MISSING, AuthResult, Session
+from mta.smtp.protocol import SMTPEnvelope, SMTPProtocol
 from store import addresses
 from store.directory import DirectoryUnavailable
 

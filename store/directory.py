@@ -161,7 +161,7 @@ class Directory:
     # --- admin verbs -------------------------------------------------------------------------
 
     def add_domain(self, name: str) -> str:
-        domain = self._domain_arg(name)
+        domain = self.domain_arg(name)
         with self._write() as s:
             if s.scalar(select(Domain.id).where(Domain.name == domain)) is not None:
                 raise DirectoryError(f"domain {domain} already exists")
@@ -184,7 +184,7 @@ class Directory:
             return [(r[0], int(r[1]), int(r[2])) for r in rows]
 
     def remove_domain(self, name: str, force: bool = False) -> None:
-        domain = self._domain_arg(name)
+        domain = self.domain_arg(name)
         with self._write() as s:
             d = s.scalar(select(Domain).where(Domain.name == domain))
             if d is None:
@@ -226,9 +226,9 @@ class Directory:
         with self._read() as s:
             q = select(User).order_by(User.address)
             if domain is not None:
-                d = s.scalar(select(Domain).where(Domain.name == self._domain_arg(domain)))
+                d = s.scalar(select(Domain).where(Domain.name == self.domain_arg(domain)))
                 if d is None:
-                    raise DirectoryError(f"domain {self._domain_arg(domain)} does not exist")
+                    raise DirectoryError(f"domain {self.domain_arg(domain)} does not exist")
                 q = q.where(User.domain_id == d.id)
             return [UserInfo(u.address, u.enabled, u.created, u.quota_bytes)
                     for u in s.scalars(q)]
@@ -293,7 +293,8 @@ class Directory:
     _write = _read  # the same transaction; the two names say what the caller intends
 
     @staticmethod
-    def _domain_arg(name: str) -> str:
+    def domain_arg(name: str) -> str:
+        """``name`` as a normalised domain, or a DirectoryError saying what is wrong."""
         try:
             return addresses.normalize_domain(name)
         except AddressError as e:

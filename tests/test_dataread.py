@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from store.dataread import DataDecoder, crlf_to_lf, line_error, line_longer_than
+from mta.smtp.data import DataDecoder, crlf_to_lf, line_error, line_longer_than
 
 
 def decode(stream: bytes, max_size=None, split=None):

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mta.dsn import build_dsn, final_reports
+from mta.envelope import FAILED, SENT, Envelope, Recipient
 from mta.reply import Reply, ascii_text, one_line
-from mta.spool import FAILED, SENT, Envelope, Recipient
-from store.dataread import MAX_LINE, line_error
+from mta.smtp.data import MAX_LINE, line_error
 
 ORIGINAL = b"From: a@example.com\r\nSubject: hi\r\n\r\nbody\r\n"
 

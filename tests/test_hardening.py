@@ -181,7 +181,8 @@ def test_a_fault_in_remote_delivery_never_redelivers_the_local_copies(tmp_path):
     the local recipient gets one copy, the remote one is deferred, counted and expires."""
     import time as _time
 
-    from mta.spool import Envelope, Recipient, Spool, new_id
+    from mta.envelope import Envelope, Recipient, new_id
+    from mta.spool import Spool
 
     dns_server = FakeDNS()
     port = free_port("127.0.0.9")
@@ -257,7 +258,8 @@ def test_many_messages_found_at_start_for_a_local_domain_are_all_delivered(tmp_p
     """At start the runner does not know yet that example.com is ours: the first attempts
     are limited as for any destination, and once routing says local, every message parked
     behind them goes (none waits for a slot nobody will free)."""
-    from mta.spool import Envelope, Recipient, Spool, new_id
+    from mta.envelope import Envelope, Recipient, new_id
+    from mta.spool import Spool
 
     s = Stack(tmp_path)
     try:
@@ -285,7 +287,8 @@ def test_a_copy_delivered_just_before_a_crash_is_not_delivered_again(tmp_path):
     from lmtp_raw import RawLMTP
     from test_mta import send
 
-    from mta.spool import Envelope, Recipient, Spool, new_id
+    from mta.envelope import Envelope, Recipient, new_id
+    from mta.spool import Spool
 
     s = Stack(tmp_path)
     try:

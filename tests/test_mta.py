@@ -402,7 +402,8 @@ def test_spool_leftovers_are_cleaned_and_committed_items_delivered(tmp_path):
     """Put items in the spool before start (chasquid t-03): committed ones are delivered."""
     s = Stack(tmp_path)
     s.setup_users(DOMAIN, "bob@example.com")
-    from mta.spool import Envelope, Recipient, Spool
+    from mta.envelope import Envelope, Recipient
+    from mta.spool import Spool
     spool = Spool(tmp_path / "spool")
     env = Envelope(id="00000000000001abcdef", created=time.time(), mail_from="s@remote.test",
                    recipients=[Recipient("bob@example.com", "bob@example.com")])

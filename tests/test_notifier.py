@@ -3,8 +3,9 @@
 import asyncio
 import socket
 
+from mta.envelope import Envelope
 from mta.queue import Notifier, notice_address
-from mta.spool import KICK, Envelope, Spool
+from mta.spool import KICK, Spool
 
 
 def env(i: int) -> Envelope:

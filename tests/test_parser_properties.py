@@ -7,8 +7,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from mta.lmtp_out import dot_stuff
+from mta.smtp.data import DataDecoder, crlf_to_lf
 from store import addresses
-from store.dataread import DataDecoder, crlf_to_lf
 
 # Message lines: any bytes but CR and LF, often starting with dots (stuffing).
 line = st.builds(lambda dots, rest: b"." * dots + rest, st.integers(0, 3),

@@ -5,9 +5,9 @@ import asyncio
 from aiosmtpd.smtp import SMTP
 
 from mda.session import LMTPHandler, LMTPProtocol
-from mta.protocol import CALL_LIMITS, SMTPProtocol
+from mta.smtp.protocol import CALL_LIMITS, SMTPProtocol
+from mta.smtp.server import Connections, with_enhanced_code
 from mta.submission import SubmissionHandler
-from store.smtpserver import Connections, with_enhanced_code
 
 IGNORED = {"_stream_reader_wr", "_strong_reader", "_source_traceback", "_stream_reader",
            "_loop", "_paused", "_drain_waiters", "_connection_lost", "_closed", "_over_ssl",
@@ -80,7 +80,7 @@ def test_a_closed_session_is_freed_without_the_garbage_collector():
     import gc
     import weakref
 
-    from store.smtpserver import BaseSMTP
+    from mta.smtp.server import BaseSMTP
 
     class Handler:
         async def handle_DATA(self, server, session, envelope):

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from mta.spool import DAMAGED_DIR, Envelope, Recipient, Spool, SpooledMessage
+from mta.envelope import Envelope, Recipient
+from mta.spool import DAMAGED_DIR, Spool, SpooledMessage
 
 MESSAGE = b"Subject: hi\r\n\r\nbody\r\n"
 

@@ -5,7 +5,7 @@
 - a ``Connections`` registry that caps sessions in total and per client IP (421 4.7.0), and
   says 421 to every open session at shutdown;
 - an idle timeout that says 421 4.4.2 before closing (RFC 5321 §4.5.3.2) instead of vanishing;
-- DATA read by ``store.dataread`` (CRLF-strict, in 64 KiB chunks), not aiosmtpd's line loop;
+- DATA read by ``mta.smtp.data`` (CRLF-strict, in 64 KiB chunks), not aiosmtpd's line loop;
 - ``start_listeners`` for "host:port" and "unix:/path" addresses.
 
 Our own policy replies are written with their codes (see ``mta/replies.py``); this module only
@@ -29,9 +29,9 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, _AuthMechAttr, login_always_fail, syntax
 
+from mta.smtp.data import CHUNK as DATA_CHUNK
+from mta.smtp.data import read_data
 from store.config import parse_address
-from store.dataread import CHUNK as DATA_CHUNK
-from store.dataread import read_data
 
 log = logging.getLogger("pochta.smtp")
 

@@ -19,7 +19,7 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, Envelope, syntax
 
 from mta import replies
-from store.smtpserver import BaseSMTP
+from mta.smtp.server import BaseSMTP
 
 log = logging.getLogger("pochta.smtp")
 

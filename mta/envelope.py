@@ -1,0 +1,102 @@
+"""A queued message's envelope: what the queue runner needs to schedule, deliver and report,
+stored as the first line of its spool file and in ``<id>.json`` (mta/spool.py).
+
+Schema version 1::
+
+    {"version": 1, "id": ..., "created": <unix time>, "mail_from": "a@b" or "",
+     "smtputf8": bool, "body": "7BIT"|"8BITMIME", "size": int, "client": {"ip", "helo",
+     "protocol", "auth"}, "dsn": {"ret": "FULL"|"HDRS"|null, "envid": str|null},
+     "report_at": <unix time, 0 unless a report is owed>,
+     "recipients": [{"address": final target, "original": RCPT address as given,
+                     "orcpt": str|null, "notify": [..]|null, "status": "pending"|"sent"|
+                     "failed"|"expired", "attempts": int, "next_attempt": <unix time>,
+                     "last_reply": str, "last_relay": str, "delay_notified": bool,
+                     "dsn_passed": bool}]}
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+PENDING, SENT, FAILED, EXPIRED = "pending", "sent", "failed", "expired"
+FINAL = {SENT, FAILED, EXPIRED}
+
+
+class EnvelopeError(ValueError):
+    """Bytes that are not an envelope of a version we know."""
+
+
+@dataclass
+class Recipient:
+    address: str
+    original: str
+    orcpt: str | None = None
+    notify: list[str] | None = None
+    status: str = PENDING
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_reply: str = ""
+    last_relay: str = ""
+    delay_notified: bool = False  # a "delayed" DSN went out for this recipient
+    dsn_passed: bool = False  # the next hop took our NOTIFY: it reports success, not us
+
+
+@dataclass
+class Envelope:
+    id: str
+    created: float
+    mail_from: str
+    recipients: list[Recipient]
+    size: int = 0
+    smtputf8: bool = False
+    body: str = "7BIT"
+    client: dict[str, Any] = field(default_factory=dict)
+    dsn: dict[str, Any] = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+    # Every recipient is final but the sender's report could not be spooled yet: try again
+    # then. The message stays in the queue until its report is durable.
+    report_at: float = 0.0
+
+    @property
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.status == "pending"]
+
+    @property
+    def due(self) -> float | None:
+        """When the next attempt is due: a pending recipient's, or the owed report's."""
+        times = [r.next_attempt for r in self.recipients if r.status == PENDING]
+        if times:
+            return min(times)
+        return self.report_at if self.finished else None
+
+    @property
+    def finished(self) -> bool:
+        return all(r.status in FINAL for r in self.recipients)
+
+    def to_json(self) -> bytes:
+        raw = dict(vars(self))
+        raw["recipients"] = [vars(r) for r in self.recipients]
+        return json.dumps(raw, ensure_ascii=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Envelope:
+        try:
+            raw = json.loads(data)
+            if raw.get("version") != FORMAT_VERSION:
+                raise EnvelopeError(f"unknown spool format version {raw.get('version')!r}")
+            raw["recipients"] = [Recipient(**r) for r in raw["recipients"]]
+            return cls(**raw)
+        except EnvelopeError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise EnvelopeError(f"not an envelope: {e!r}") from None
+
+
+def new_id() -> str:
+    """Sortable by arrival (microseconds, hex) and unique (random suffix)."""
+    return f"{time.time_ns() // 1000:014x}{secrets.token_hex(3)}"
