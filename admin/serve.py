@@ -25,6 +25,7 @@ from typing import Any
 import typer
 
 from admin.context import context
+from mta.supervision import restart_delay
 from store.config import Config, ConfigError, parse_address
 
 ROLES = ("mda", "mta", "msa")
@@ -201,7 +202,7 @@ class Supervisor:
                     continue
                 now = time.monotonic()
                 if self.next_start[role] == 0.0:
-                    delay = min(30.0, 2.0 ** min(self.restarts[role], 5))
+                    delay = restart_delay(self.restarts[role])
                     self.log.warning("%s exited with status %s; restarting in %.0f s",
                                      role, proc.returncode, delay)
                     self.next_start[role] = now + delay

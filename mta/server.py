@@ -25,6 +25,7 @@ from mta.session import Defences, Mode, SMTPHandler
 from mta.smtp.protocol import SMTPProtocol
 from mta.smtp.server import Connections, start_listeners
 from mta.spool import Spool
+from mta.supervision import restart_delay
 from store.config import Config
 from store.db import Database
 from store.directory import CachedDirectory
@@ -119,7 +120,7 @@ async def supervise_queue(config_path: str | None, stop: asyncio.Event) -> None:
                     proc.kill()
                     await exited
             return
-        delay = min(30.0, 2.0 ** min(restarts, 5))
+        delay = restart_delay(restarts)
         restarts += 1
         log.error("queue runner exited with status %s; restarting in %.0f s",
                   proc.returncode, delay)

@@ -30,3 +30,9 @@ def test_the_brake_keys_on_the_account_and_forgets():
     assert len(b.failures) <= 50
     b.succeeded("203.0.113.9", "user199@example.com")
     assert "ip:203.0.113.9" not in b.failures
+
+
+def test_restarts_back_off_to_thirty_seconds():
+    from mta.supervision import restart_delay
+
+    assert [restart_delay(n) for n in range(8)] == [1, 2, 4, 8, 16, 30, 30, 30]
