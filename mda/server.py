@@ -24,7 +24,8 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
     handler = LMTPHandler(CachedDirectory(db, cfg.directory_cache_ttl), deliverer)
     connections = Connections(max_total=500, max_per_ip=0)
     # What the MTA accepts, plus the headers added since: never accept, then bounce.
-    size_limit = delivery_size_limit(cfg.mta.max_message_size, cfg.mda.max_message_size)
+    size_limit = delivery_size_limit(max(cfg.mta.max_message_size, cfg.msa.max_message_size),
+                                     cfg.mda.max_message_size)
 
     def factory() -> LMTPProtocol:
         return LMTPProtocol(

@@ -26,7 +26,7 @@ from mta.smtp.protocol import SMTPProtocol
 from mta.smtp.server import Connections, start_listeners
 from mta.spool import Spool
 from mta.supervision import restart_delay
-from store.config import Config
+from store.config import Config, ListenerLimits
 from store.db import Database
 from store.directory import CachedDirectory
 from store.privileges import drop as drop_privileges
@@ -35,15 +35,15 @@ from store.tlscert import server_context
 log = logging.getLogger("pochta.server")
 
 
-def protocol_factory(cfg: Config, handler: SMTPHandler, connections: Connections,
-                     tls: object, *, require_auth: bool, implicit_tls: bool = False
-                     ) -> Callable[[], SMTPProtocol]:
+def protocol_factory(cfg: Config, limits: ListenerLimits, handler: SMTPHandler,
+                     connections: Connections, tls: object, *, require_auth: bool,
+                     implicit_tls: bool = False) -> Callable[[], SMTPProtocol]:
     def factory() -> SMTPProtocol:
         return SMTPProtocol(
             handler, connections=connections, hostname=cfg.hostname, ident="ESMTP",
-            data_size_limit=cfg.mta.max_message_size or None, enable_SMTPUTF8=True,
-            decode_data=False, tls_context=tls, timeout=cfg.mta.idle_timeout,
-            max_errors=cfg.mta.max_errors, auth_required=require_auth,
+            data_size_limit=limits.max_message_size or None, enable_SMTPUTF8=True,
+            decode_data=False, tls_context=tls, timeout=limits.idle_timeout,
+            max_errors=limits.max_errors, auth_required=require_auth,
             # On an implicit-TLS listener the whole connection is TLS, which aiosmtpd's
             # STARTTLS-only check cannot see.
             auth_require_tls=implicit_tls is False)
@@ -152,7 +152,7 @@ async def run_mta(cfg: Config, stop: asyncio.Event, config_path: str | None = No
     queue_stop = asyncio.Event()
     queue = asyncio.create_task(supervise_queue(config_path, queue_stop))
     servers = await start_listeners(
-        cfg.mta.listen, protocol_factory(cfg, handler, connections, tls, require_auth=False),
+        cfg.mta.listen, protocol_factory(cfg, cfg.mta, handler, connections, tls, require_auth=False),
         key="mta.listen")
     drop_privileges(cfg, "mta")
     log.info("mta ready: SMTP on %s, spool %s", " ".join(cfg.mta.listen), cfg.spool_dir)
@@ -181,14 +181,14 @@ async def run_msa(cfg: Config, stop: asyncio.Event) -> None:
         defences=Defences(connection_rate=RateLimiter(cfg.limits.connections_per_ip_per_minute,
                                                       60.0 * cfg.limits.window_scale)),
         signer=Signer(cfg.dkim.keys_dir) if cfg.dkim.sign else None)
-    connections = Connections(cfg.mta.max_connections, cfg.mta.max_connections_per_ip,
+    connections = Connections(cfg.msa.max_connections, cfg.msa.max_connections_per_ip,
                               exempt=lambda ip: in_networks(ip, cfg.checks.local_networks))
     tls = server_context(cfg)
     servers = await start_listeners(
-        cfg.msa.listen, protocol_factory(cfg, handler, connections, tls, require_auth=True),
+        cfg.msa.listen, protocol_factory(cfg, cfg.msa, handler, connections, tls, require_auth=True),
         key="msa.listen")
     servers += await start_listeners(
-        cfg.msa.listen_tls, protocol_factory(cfg, handler, connections, None, require_auth=True,
+        cfg.msa.listen_tls, protocol_factory(cfg, cfg.msa, handler, connections, None, require_auth=True,
                                           implicit_tls=True),
         ssl_context=tls, connections=connections, key="msa.listen_tls")
     drop_privileges(cfg, "msa")

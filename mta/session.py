@@ -31,7 +31,7 @@ from mta.smtp import Session
 from mta.smtp.protocol import BadCommandLine, SMTPEnvelope, SMTPProtocol
 from mta.spool import MessageParts, Spool, read_header_section
 from store import addresses
-from store.config import Config
+from store.config import Config, ListenerLimits
 from store.directory import Directory, DirectoryUnavailable, lookup
 
 log = logging.getLogger("pochta.smtpd")
@@ -85,6 +85,7 @@ class SMTPHandler:
         self.kick = kick
         self.offers_auth = mode.submission
         self.defences = defences or Defences()
+        self.limits: ListenerLimits = cfg.msa if mode.submission else cfg.mta
 
     def trusted(self, server: SMTPProtocol, session: Session) -> bool:
         """Authenticated users and our local networks skip the inbound defences."""
@@ -157,7 +158,7 @@ class SMTPHandler:
 
     async def handle_RCPT(self, server: SMTPProtocol, session: Session, envelope: SMTPEnvelope,
                           address: str, raw: str, params: dict[str, str]) -> str:
-        if len(envelope.rcpt_tos) >= self.cfg.mta.max_recipients:
+        if len(envelope.rcpt_tos) >= self.limits.max_recipients:
             return replies.TOO_MANY_RCPTS
         trick = policy.routing_trick(raw, address)
         if trick:

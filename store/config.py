@@ -13,7 +13,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Protocol, get_type_hints
 
 
 class ConfigError(Exception):
@@ -40,6 +40,30 @@ class MSAConfig:
     listen_tls: list[str] = field(default_factory=lambda: ["127.0.0.1:10465"])
     vrfy: bool = True
     expn: bool = True
+    # The submission listeners' own limits (the [mta] ones govern port 25 only).
+    max_message_size: int = 52428800
+    max_recipients: int = 100
+    max_connections: int = 200
+    max_connections_per_ip: int = 50  # clients in checks.local_networks are not limited
+    idle_timeout: float = 300.0
+    max_errors: int = 10
+
+
+class ListenerLimits(Protocol):
+    """The limits of one kind of listener: ``Config.mta`` (port 25) or ``Config.msa``."""
+
+    @property
+    def max_message_size(self) -> int: ...
+    @property
+    def max_recipients(self) -> int: ...
+    @property
+    def max_connections(self) -> int: ...
+    @property
+    def max_connections_per_ip(self) -> int: ...
+    @property
+    def idle_timeout(self) -> float: ...
+    @property
+    def max_errors(self) -> int: ...
 
 
 @dataclass(frozen=True)

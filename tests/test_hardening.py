@@ -330,7 +330,7 @@ def test_implicit_tls_connections_count_before_their_handshake(tmp_path):
     next one is closed at once, while others still get their TLS session."""
     import socket
 
-    s = Stack(tmp_path, mta={"max_connections_per_ip": 5},
+    s = Stack(tmp_path, msa={"max_connections_per_ip": 5},
               checks={"local_networks": ["127.0.0.1/32"]})
     try:
         s.setup_users("example.com", "alice@example.com", password=PW)
