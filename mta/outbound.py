@@ -83,6 +83,10 @@ class Outbound:
                           if cfg.delivery.smarthost else None)
         self.total = asyncio.Semaphore(total)
         self.tls = _insecure_context()
+        scale = cfg.delivery.timeout_scale
+        self.timeouts = {"connect": CONNECT_TIMEOUT * scale, "greeting": GREETING_TIMEOUT * scale,
+                         "mail": MAIL_TIMEOUT * scale, "rcpt": RCPT_TIMEOUT * scale,
+                         "data": DATA_TIMEOUT * scale}
         self.smarthost_tls = cfg.delivery.smarthost_tls
         self.verified_tls = ssl.create_default_context(cafile=cfg.delivery.ca_file or None)
         self.verified_tls.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -145,7 +149,7 @@ class Outbound:
             return Reply(code, f"{text} ({relay})", LOCAL_DECISION)
 
         try:
-            sock = await _connect(host.ip, port)
+            sock = await _connect(host.ip, port, self.timeouts["connect"])
         except (OSError, TimeoutError) as e:
             raise _Retry(reply(451, f"4.4.1 cannot connect: {e or 'timed out'}")) from None
         # To the smarthost TLS is verified unless configured otherwise: it gets our password
@@ -154,12 +158,12 @@ class Outbound:
         implicit = self.smarthost is not None and self.smarthost_tls == "implicit"
         context = self.verified_tls if verify else self.tls
         smtp = aiosmtplib.SMTP(sock=sock, hostname=host.name if implicit else None,
-                               local_hostname=self.cfg.hostname, timeout=GREETING_TIMEOUT,
+                               local_hostname=self.cfg.hostname, timeout=self.timeouts["greeting"],
                                use_tls=implicit, tls_context=context if implicit else None,
                                start_tls=False, validate_certs=implicit)
         try:
             try:
-                await smtp.connect(timeout=GREETING_TIMEOUT)
+                await smtp.connect(timeout=self.timeouts["greeting"])
             except (aiosmtplib.SMTPException, OSError) as e:
                 sock.close()
                 if verify and isinstance(e.__cause__ or e, ssl.SSLError):
@@ -240,7 +244,7 @@ class Outbound:
             if (env.dsn or {}).get("envid"):
                 options.append(f"ENVID={env.dsn['envid']}")
         await smtp.mail(wire_address(env.mail_from), options=options, encoding=encoding,
-                        timeout=MAIL_TIMEOUT)
+                        timeout=self.timeouts["mail"])
         results: dict[str, Reply] = {}
         accepted: list[str] = []
         for r in rcpts:
@@ -252,27 +256,27 @@ class Outbound:
                     rcpt_options.append(f"ORCPT={r.orcpt}")
             try:
                 resp = await smtp.rcpt(wire_address(r.address), options=rcpt_options,
-                                       encoding=encoding, timeout=RCPT_TIMEOUT)
+                                       encoding=encoding, timeout=self.timeouts["rcpt"])
                 accepted.append(r.address)
                 results[r.address] = reply(resp.code, resp.message)
             except aiosmtplib.SMTPRecipientRefused as e:
                 results[r.address] = reply(e.code, e.message)
         if not accepted:
             return results
-        resp = await smtp.data(data, timeout=DATA_TIMEOUT)
+        resp = await smtp.data(data, timeout=self.timeouts["data"])
         for a in accepted:
             results[a] = Reply(resp.code, resp.message, results[a].relay, dsn_passed=dsn)
         return results
 
 
-async def _connect(ip: str, port: int) -> socket.socket:
-    """A TCP connection to ``ip``, within ``CONNECT_TIMEOUT``."""
+async def _connect(ip: str, port: int, limit: float) -> socket.socket:
+    """A TCP connection to ``ip``, within ``limit`` seconds."""
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
         await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (ip, port)),
-                               CONNECT_TIMEOUT)
+                               limit)
     except BaseException:
         sock.close()
         raise

@@ -99,6 +99,9 @@ class DeliveryConfig:
     max_queue_lifetime: float = 432000.0  # 5 days, then the message bounces
     delay_warning: float = 14400.0  # a "delayed" DSN after 4 hours (if NOTIFY allows); 0: never
     lmtp_timeout: float = 120.0
+    # Multiplies the SMTP client's per-command time limits (RFC 5321 4.5.3.2: minutes); a
+    # test knob: tests shorten them to see a stalled peer given up on in seconds.
+    timeout_scale: float = 1.0
 
 
 @dataclass(frozen=True)

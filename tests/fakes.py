@@ -154,7 +154,8 @@ class ScriptedMX:
         self.messages: list[bytes] = []
         self.connections = 0
         # Per connection, in order: "421-at-rcpt" (421 and close), "reset-in-data" (the
-        # connection reset after the first bytes of the message), else a normal session.
+        # connection reset after the first bytes of the message), "tls-silent" (STARTTLS
+        # offered and answered 220, then no handshake), else a normal session.
         self.plan: list[str] = []
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.sock.settimeout(0.2)
@@ -195,8 +196,12 @@ class ScriptedMX:
                 line, _, buf = buf.partition(b"\r\n")
                 verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper().decode("ascii", "replace")
                 if verb == "EHLO":
+                    tls = b"250-STARTTLS\r\n" if mode == "tls-silent" else b""
                     ok = self._reply(conn, verb, b"250-scripted.test\r\n250-8BITMIME\r\n"
-                                     b"250-SMTPUTF8\r\n250 DSN\r\n")
+                                     + tls + b"250-SMTPUTF8\r\n250 DSN\r\n")
+                elif verb == "STARTTLS" and mode == "tls-silent":
+                    conn.sendall(b"220 2.0.0 go ahead\r\n")
+                    ok = False  # and never a byte of the handshake
                 elif verb == "RCPT" and mode == "421-at-rcpt":
                     conn.sendall(b"421 4.3.2 shutting down\r\n")
                     return

@@ -389,3 +389,29 @@ def test_a_peer_that_says_421_or_resets_mid_data_gets_the_message_once_later(tmp
         s.stop_all()
         peer.stop()
         dns_server.close()
+
+
+def test_a_tls_handshake_that_never_finishes_is_given_up_and_the_message_goes_plain(tmp_path):
+    """The peer says 220 to STARTTLS and then nothing: the attempt ends at the STARTTLS time
+    limit (scaled down here: delivery.timeout_scale), and the message goes in clear text,
+    once, as opportunistic TLS allows."""
+    dns_server = FakeDNS()
+    port = free_port("127.0.0.14")
+    peer = ScriptedMX("127.0.0.14", port)
+    peer.plan = ["tls-silent"]
+    dns_server.add("stall.test", "MX", "10 mx.stall.test.")
+    dns_server.add("mx.stall.test", "A", "127.0.0.14")
+    s = Stack(tmp_path, delivery={"resolver": dns_server.address, "smtp_port": port,
+                                  "timeout_scale": 0.01})  # STARTTLS: 3 s instead of 5 min
+    try:
+        s.setup_users("example.com", "alice@example.com", password=PW)
+        s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.msa_port}"])
+        submit(s, "alice@example.com", ["x@stall.test"],
+               b"From: alice@example.com\r\nSubject: tls-stall\r\n\r\nx\r\n")
+        assert wait_for(lambda: any(b"tls-stall" in m for m in peer.messages), 30), s.log("up")
+        assert len(peer.messages) == 1 and peer.connections == 2
+        assert "STARTTLS failed" in s.log("up")
+    finally:
+        s.stop_all()
+        peer.stop()
+        dns_server.close()

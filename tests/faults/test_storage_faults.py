@@ -5,12 +5,14 @@ again once space returns; an unreadable database is 451, never 5xx."""
 from __future__ import annotations
 
 import os
+import shutil
 import smtplib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import POSTGRES_URL
 from stack import Stack, mail_files
 from test_mta import wait_for
 
@@ -128,3 +130,54 @@ def test_an_unreadable_database_defers_and_loses_nothing(tmp_path):
         assert wait_for(lambda: mail_files(s.mailbox_root, "amy@example.com"), 20), s.log("up")
     finally:
         s.stop_all()
+
+
+def _cluster() -> list[str] | None:
+    """pg_ctlcluster's version and name of the PostgreSQL the tests use, if we may stop it."""
+    if os.geteuid() != 0 or not shutil.which("pg_ctlcluster") or not POSTGRES_URL:
+        return None
+    out = subprocess.run(["pg_lsclusters", "--no-header"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        version, name, port, status, *_ = line.split()
+        if port == "5432" and status == "online":
+            return [version, name]
+    return None
+
+
+def test_postgresql_down_defers_and_loses_nothing(tmp_path, database_url):
+    """The database server stops under a running stack (a deployment on several hosts): RCPT
+    gets 451 4.3.0, never a 5xx nor a 250 it cannot route; once PostgreSQL is back the same
+    processes accept and deliver again."""
+    cluster = _cluster()
+    if not database_url.startswith("postgresql") or cluster is None:
+        pytest.skip("needs the test PostgreSQL (POCHTA_TEST_POSTGRES) and root to stop it")
+    s = Stack(tmp_path / "stack", top={"database_url": database_url, "directory_cache_ttl": 0.0},
+              delivery={"retry_initial": 1, "retry_max": 1})
+    stopped = False
+    try:
+        s.setup_users("example.com", "bob@example.com", "amy@example.com")
+        s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.mta_port}"])
+        subprocess.run(["pg_ctlcluster", *cluster, "stop", "-m", "fast"], check=True)
+        stopped = True
+        with smtplib.SMTP("127.0.0.1", s.mta_port, timeout=30) as c:
+            c.ehlo("client.test")
+            c.mail("a@remote.test")
+            code, text = c.rcpt("amy@example.com")
+            assert (code, text[:5]) == (451, b"4.3.0"), text
+        subprocess.run(["pg_ctlcluster", *cluster, "start"], check=True)
+        stopped = False
+        assert wait_for(lambda: _accepts(s.mta_port), 30)
+        assert wait_for(lambda: mail_files(s.mailbox_root, "amy@example.com"), 30), s.log("up")
+    finally:
+        if stopped:
+            subprocess.run(["pg_ctlcluster", *cluster, "start"], capture_output=True)
+        s.stop_all()
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+            c.sendmail("a@remote.test", ["amy@example.com"], message("pg-back", 1000))
+        return True
+    except smtplib.SMTPException:
+        return False
