@@ -8,6 +8,7 @@ itself (RFC 5321 §4.5.5: no bounce loops), and only for recipients whose NOTIFY
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import secrets
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
 
-from mta.envelope import EXPIRED, Envelope, Recipient, new_id
+from mta.envelope import EXPIRED, Envelope, Recipient
 from mta.reply import LOCAL_DECISION, ascii_text, one_line
 from mta.spool import Spool, SpooledMessage
 from store import addresses
@@ -178,6 +179,14 @@ def final_reports(env: Envelope) -> list[tuple[Recipient, str]]:
     return out
 
 
+def report_id(queue_id: str, reports: list[tuple[Recipient, str]]) -> str:
+    """A queue id for the report on ``reports`` about message ``queue_id``: the message's
+    time part (the report sorts next to it) and a digest of what is reported."""
+    what = ";".join(sorted(f"{r.address}:{r.original}:{action}" for r, action in reports))
+    digest = hashlib.blake2s(f"{queue_id}|{what}".encode(), digest_size=3).hexdigest()
+    return f"{queue_id[:14]}{digest}"
+
+
 class Bouncer:
     def __init__(self, hostname: str, spool: Spool, directory: Directory,
                  enqueue: Callable[..., None] | None = None) -> None:
@@ -186,12 +195,20 @@ class Bouncer:
         self.directory = directory
         self.enqueue = enqueue
 
-    async def bounce(self, env: Envelope, original: bytes | SpooledMessage) -> None:
+    async def bounce(self, env: Envelope, original: bytes | SpooledMessage,
+                     maybe_sent: bool = False) -> None:
         """The DSN due when every recipient is final (failures; successes if asked)."""
-        await self.notify(env, original, final_reports(env))
+        await self.notify(env, original, final_reports(env), maybe_sent)
 
     async def notify(self, env: Envelope, original: bytes | SpooledMessage,
-                     reports: list[tuple[Recipient, str]]) -> None:
+                     reports: list[tuple[Recipient, str]], maybe_sent: bool = False) -> None:
+        """Spool the report on ``reports`` to ``env``'s sender.
+
+        The report's queue id is made from the message's and what it reports: the same report
+        made again (the message came back after a crash that followed the report) has the same
+        id, is not spooled twice while the first is queued, and with ``maybe_sent`` (the
+        message was found in the spool, not announced) the MDA is asked to look for the copy
+        it may have made already (XRETRY): the sender hears once."""
         if not reports:
             return
         if not env.mail_from:
@@ -210,14 +227,17 @@ class Bouncer:
             log.warning("%s: bounce recipient <%s> does not exist; dropped", env.id, env.mail_from)
             return
         now = time.time()
-        dsn = Envelope(id=new_id(), created=now, mail_from="", size=len(data),
+        dsn = Envelope(id=report_id(env.id, reports), created=now, mail_from="", size=len(data),
                        recipients=[Recipient(address=t, original=env.mail_from, next_attempt=now,
                                              notify=["NEVER"]) for t in targets],
                        body="8BITMIME", smtputf8=not env.mail_from.isascii(),
                        client={"protocol": "local", "ip": "", "helo": ""},
                        dsn={"ret": None, "envid": None})
+        if await asyncio.to_thread(self.spool.committed, dsn.id):
+            log.info("%s: sender notification %s already queued", env.id, dsn.id)
+            return
         await asyncio.to_thread(self.spool.put, dsn, data)
         log.info("%s: sender notification (%s): %s", env.id,
                  ",".join(sorted({a for _, a in reports})), dsn.id)
         if self.enqueue is not None:
-            self.enqueue(dsn)
+            self.enqueue(dsn, maybe_sent)

@@ -200,10 +200,13 @@ class QueueRunner:
         self.parked: dict[str, str] = {}  # id -> the full domain it waits for
         self.local_domains: set[str] = set()  # learnt from routing: no destination limit
 
-    def add(self, env: Envelope) -> None:
-        """A message this process just spooled (a DSN): deliver it now."""
+    def add(self, env: Envelope, maybe_sent: bool = False) -> None:
+        """A message this process just spooled (a DSN): deliver it now. ``maybe_sent``: it
+        may have been delivered before a crash (see Bouncer.notify)."""
         self.items[env.id] = env
         self.fresh.add(env.id)
+        if maybe_sent:
+            self.recovered.add(env.id)
         self.ready.append(env.id)
         self.wake.set()
 
@@ -454,7 +457,7 @@ class QueueRunner:
         """The sender's final report (DSN) spooled durably; False (and a retry time in the
         envelope) if it could not be: the message must not leave the queue before it."""
         try:
-            await self.bouncer.bounce(env, data)
+            await self.bouncer.bounce(env, data, env.id in self.recovered)
             return True
         except Exception as e:  # disk full, I/O error, the directory down, a bug
             log.error("%s: cannot queue the sender's report, keeping the message: %r", env.id, e)
@@ -464,7 +467,8 @@ class QueueRunner:
     async def _report_delays(self, env: Envelope, data: bytes | SpooledMessage,
                              delayed: list[Recipient]) -> None:
         try:
-            await self.bouncer.notify(env, data, [(r, "delayed") for r in delayed])
+            await self.bouncer.notify(env, data, [(r, "delayed") for r in delayed],
+                                      env.id in self.recovered)
         except Exception as e:
             log.error("%s: cannot queue the delay report (tried again later): %r", env.id, e)
             for r in delayed:

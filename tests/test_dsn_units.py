@@ -68,3 +68,37 @@ def test_an_alias_is_reported_expanded_and_its_members_stay_private():
     data = build_dsn(env, reports, ORIGINAL, "mx.example.com").decode()
     assert "Action: expanded" in data and "Final-Recipient: rfc822; team@example.com" in data
     assert "bob@" not in data and "carol@" not in data
+
+
+def test_the_same_report_gets_the_same_id_and_is_spooled_once(tmp_path):
+    """A message that came back after a crash which followed its bounce bounces again: the
+    report has the same queue id, so it is not queued twice, and the runner is told it may
+    have been delivered already (the MDA then finds the first copy: XRETRY)."""
+    import asyncio
+
+    from mta.dsn import Bouncer, report_id
+    from mta.spool import Spool
+
+    r = Recipient("x@remote.test", "x@remote.test", status=FAILED, last_reply="550 no")
+    env = envelope(r)
+    first = report_id(env.id, final_reports(env))
+    assert first == report_id(env.id, final_reports(env)) and first[:14] == env.id[:14]
+    assert report_id(env.id, [(r, "delayed")]) != first
+
+    class LocalSender:
+        def is_local_domain(self, domain):
+            return True
+
+        def resolve(self, address):
+            return [address]
+
+    queued: list[tuple[str, bool]] = []
+    spool = Spool(tmp_path)
+    bouncer = Bouncer("mx.example.com", spool, LocalSender(),
+                      enqueue=lambda dsn, maybe_sent: queued.append((dsn.id, maybe_sent)))
+    asyncio.run(bouncer.bounce(env, ORIGINAL))
+    asyncio.run(bouncer.bounce(env, ORIGINAL, maybe_sent=True))  # the same, after a crash
+    assert spool.ids() == [first] and queued == [(first, False)]
+    spool.remove(first)  # delivered meanwhile: made again, and the MDA is asked to look first
+    asyncio.run(bouncer.bounce(env, ORIGINAL, maybe_sent=True))
+    assert queued == [(first, False), (first, True)]

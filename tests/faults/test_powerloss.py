@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import email
 import os
+import re
 import signal
 import smtplib
 import subprocess
@@ -21,7 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
-from stack import Stack
+from fakes import FakeDNS, SinkMX
+from stack import Stack, free_port
 from test_mta import wait_for
 
 POWERFS = Path(__file__).with_name("powerfs.py")
@@ -91,14 +93,21 @@ def descendants(pid: int) -> list[int]:
 
 
 def message_ids(maildir: Path) -> dict[str, int]:
+    """How many copies of each of our messages the mailbox holds; a bounce counts for the
+    message it returns (whose Message-ID it quotes)."""
     counts: dict[str, int] = {}
     for sub in ("new", "cur"):
         d = maildir / sub
         if not d.is_dir():
             continue
         for f in d.iterdir():
-            msg = email.message_from_bytes(f.read_bytes())
-            mid = (msg.get("Message-ID") or "").strip("<>").split("@")[0]
+            raw = f.read_bytes()
+            msg = email.message_from_bytes(raw)
+            if msg.get_content_type() == "multipart/report":
+                m = re.search(rb"Message-ID: <([^@>]+)@test>", raw)
+                mid = m.group(1).decode() if m else "?"
+            else:
+                mid = (msg.get("Message-ID") or "").strip("<>").split("@")[0]
             counts[mid] = counts.get(mid, 0) + 1
     return counts
 
@@ -112,7 +121,8 @@ class Ledger:
 
 
 def send_until(stop: threading.Event, port: int, ledger: Ledger, size: int, prefix: str,
-               deadline: float) -> None:
+               deadline: float, rcpt: str = "bob@example.com", sender: str = "s@remote.test"
+               ) -> None:
     n = 0
     while not stop.is_set() and time.monotonic() < deadline:
         n += 1
@@ -121,7 +131,7 @@ def send_until(stop: threading.Event, port: int, ledger: Ledger, size: int, pref
                 + (b"z" * 76 + b"\r\n") * max(1, size // 78))
         try:
             with smtplib.SMTP("127.0.0.1", port, timeout=5) as c:
-                c.sendmail("s@remote.test", ["bob@example.com"], body)
+                c.sendmail(sender, [rcpt], body)
             with ledger.lock:
                 ledger.acked.add(mid)
         except smtplib.SMTPResponseException:
@@ -133,20 +143,36 @@ def send_until(stop: threading.Event, port: int, ledger: Ledger, size: int, pref
             return
 
 
-def power_cut_run(tmp_path: Path, size: int, cut_after: int, clients: int = 4) -> None:
+def power_cut_run(tmp_path: Path, size: int, cut_after: int, clients: int = 4,
+                  bounce: bool = False) -> None:
+    """``bounce``: each message goes to an alias whose remote target refuses it, so what
+    the cut catches in flight is a bounce to bob (his mailbox counts the bounces)."""
     backing, mount = tmp_path / "backing", tmp_path / "disk"
     backing.mkdir()
     mount.mkdir()
     fs = PowerFS(backing, mount, tmp_path / "powerfs.log")
+    dns_server, sink, delivery = None, None, {}
+    if bounce:
+        dns_server = FakeDNS()
+        port = free_port("127.0.0.15")
+        sink = SinkMX("127.0.0.15", port)
+        sink.handler.rcpt_replies["gone@remote.test"] = ["550 5.1.1 no such user"]
+        dns_server.add("remote.test", "MX", "10 mx.remote.test.")
+        dns_server.add("mx.remote.test", "A", "127.0.0.15")
+        delivery = {"resolver": dns_server.address, "smtp_port": port}
     s = Stack(tmp_path / "stack", top={"data_dir": str(mount)},
-              mda={"mailbox_root": str(mount / "mail")})
+              mda={"mailbox_root": str(mount / "mail")}, delivery=delivery)
+    route = {"rcpt": "gone@example.com", "sender": "bob@example.com"} if bounce else {}
     try:
         s.setup_users("example.com", "bob@example.com")
+        if bounce:
+            s.pochta("alias", "add", "gone@example.com", "gone@remote.test")
         listen = [s.mda_listen, f"127.0.0.1:{s.mta_port}"]
         up = s.start("up", listen=listen)
         ledger, stop = Ledger(), threading.Event()
         threads = [threading.Thread(target=send_until, args=(
-            stop, s.mta_port, ledger, size, f"c{i}", time.monotonic() + 60)) for i in range(clients)]
+            stop, s.mta_port, ledger, size, f"c{i}", time.monotonic() + 60), kwargs=route)
+            for i in range(clients)]
         for t in threads:
             t.start()
         assert wait_for(lambda: len(ledger.acked) >= cut_after, 60), s.log("up")
@@ -179,6 +205,9 @@ def power_cut_run(tmp_path: Path, size: int, cut_after: int, clients: int = 4) -
               f"({len(ledger.unknown & set(got))} of them delivered), all delivered once")
     finally:
         s.stop_all()
+        if sink is not None and dns_server is not None:
+            sink.stop()
+            dns_server.close()
         for pid in descendants(os.getpid()):
             if pid != fs.proc.pid:
                 try:
@@ -193,9 +222,19 @@ def test_a_power_cut_loses_and_repeats_nothing(tmp_path, size, cut_after):
     power_cut_run(tmp_path, size, cut_after)
 
 
+def test_a_power_cut_with_bounces_in_flight_bounces_each_message_once(tmp_path):
+    power_cut_run(tmp_path, 4096, 15, bounce=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("size,cut_after", [
     (4096, 1), (4096, 5), (4096, 60), (4096, 150), (200_000, 1), (200_000, 20),
     (2_000_000, 2), (2_000_000, 5)])
 def test_a_power_cut_sweep(tmp_path, size, cut_after):
     power_cut_run(tmp_path, size, cut_after)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cut_after", [1, 5, 30, 60])
+def test_a_power_cut_sweep_with_bounces(tmp_path, cut_after):
+    power_cut_run(tmp_path, 4096, cut_after, bounce=True)
