@@ -79,3 +79,41 @@ def test_any_address_the_parser_accepts_round_trips(lp, dom):
 def test_addresses_with_line_breaks_or_empty_parts_are_refused(bad):
     with pytest.raises(addresses.AddressError):
         addresses.normalize(bad)
+
+
+# The wire layer's fast path for MAIL/RCPT paths (a regex, for speed) against aiosmtpd's
+# full RFC 5322 parser: wherever the fast path answers, it must answer what the full one does.
+atext = "abcXYZ019!#$%&'*+/=?^_`{|}~-."
+path_local = st.text(alphabet=atext + "\"\\ ()<>@,;:é", min_size=0, max_size=20)
+path_domain = st.text(alphabet="abc019-.[]:é", min_size=0, max_size=20)
+rest = st.sampled_from(["", " SIZE=100", " BODY=8BITMIME SMTPUTF8", "  NOTIFY=NEVER", "x", ">",
+                        " ", "\t(comment) SIZE=1", " (c)"])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.sampled_from(["", " ", "  "]), path_local, path_domain, rest)
+def test_the_fast_path_parser_agrees_with_aiosmtpds(lead, lp, dom, tail):
+    from aiosmtpd.smtp import SMTP
+
+    from mta.smtp.server import _SIMPLE_PATH, BaseSMTP
+
+    ours = BaseSMTP.__new__(BaseSMTP)  # no session needed: the parsers use no state
+    ours.local_part_limit = 0
+    arg = f"{lead}<{lp}@{dom}>{tail}"
+    if _SIMPLE_PATH.match(arg):
+        assert ours._getaddr(arg) == SMTP._getaddr(ours, arg), arg
+    null = f"{lead}<>{tail}"
+    assert ours._getaddr(null) == SMTP._getaddr(ours, null), null
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="<>@[]()\"\\:;,. a0é\t", max_size=30))
+def test_no_path_makes_the_parser_raise(arg):
+    """Whatever follows MAIL FROM: or RCPT TO:, the answer is an address or None (553), never
+    an exception (the email package's parser raises on "<a@[>": that was a 451)."""
+    from mta.smtp.server import BaseSMTP
+
+    ours = BaseSMTP.__new__(BaseSMTP)
+    ours.local_part_limit = 0
+    address, _ = ours._getaddr(arg)
+    assert address is None or isinstance(address, str)

@@ -262,11 +262,18 @@ class BaseSMTP(SMTP):
         of a session's CPU per message; plain <local@domain> paths take a regex instead."""
         m = _SIMPLE_PATH.match(arg)
         if m:
-            return m.group(1), m.group(2)
+            rest = m.group(2).lstrip(" \t")  # as aiosmtpd: the space before parameters goes
+            if not rest.startswith("("):  # a comment: the full parser's business
+                return m.group(1), rest
         stripped = arg.lstrip()
         if stripped.startswith("<>"):
             return "<>", stripped[2:]
-        return super()._getaddr(arg)
+        try:
+            return super()._getaddr(arg)
+        except (AttributeError, IndexError, TypeError, ValueError):
+            # The email package's parser trips over some malformed paths ("<a@[>"):
+            # a malformed address (553), not a local error (451 and a traceback).
+            return None, None
 
     # -- connection lifecycle -----------------------------------------------------------------
 
