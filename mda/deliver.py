@@ -18,6 +18,7 @@ from mda import maildir
 from mda.mbox import MboxWriter
 from mda.message import stored_message
 from mda.paths import UnsafeAddress, mailbox_path
+from mta.smtp import replies
 from store.batching import DiskSync
 from store.config import MDAConfig
 from store.directory import UserInfo
@@ -180,7 +181,7 @@ class Deliverer:
                 path = self.mailboxes[job.mailbox.address] = mailbox_path(
                     self.root, job.mailbox.address)
         except UnsafeAddress as e:
-            return f"550 5.1.3 {e}"
+            return replies.UNSAFE_MAILBOX.format(why=e)
         return path
 
     def _prepare(self, job: Job) -> tuple[Path, bytes] | str:
@@ -205,7 +206,7 @@ class Deliverer:
             return self._failed(job.rcpt, path, e)
         if used + size > quota:
             log.info("to=<%s> status=deferred (over quota %d)", job.rcpt, quota)
-            return f"452 4.2.2 <{job.rcpt}> Mailbox full"
+            return replies.MAILBOX_FULL.format(addr=job.rcpt)
         return ""
 
     def _outcome(self, rcpt: str, item: maildir.Unsynced, size: int, error: OSError | None
@@ -233,19 +234,19 @@ class Deliverer:
     @staticmethod
     def _delivered(rcpt: str, size: int, where: str) -> str:
         log.info("to=<%s> size=%d status=sent (%s)", rcpt, size, where)
-        return f"250 2.0.0 <{rcpt}> Delivered"
+        return replies.DELIVERED.format(addr=rcpt)
 
     @staticmethod
     def _already(rcpt: str, where: str) -> str:
         log.info("to=<%s> status=sent (already delivered by an earlier attempt: %s)", rcpt, where)
-        return f"250 2.0.0 <{rcpt}> Delivered (already)"
+        return replies.DELIVERED_ALREADY.format(addr=rcpt)
 
     @staticmethod
     def _failed(rcpt: str, path: Path, e: OSError) -> str:
         log.error("to=<%s> status=deferred (%s: %s)", rcpt, path, e.strerror or e)
         if e.errno in STORAGE_FULL:
-            return f"452 4.3.1 <{rcpt}> Insufficient system storage"
-        return f"451 4.3.0 <{rcpt}> Temporary local problem, try again later"
+            return replies.MAILBOX_STORAGE_FULL.format(addr=rcpt)
+        return replies.MAILBOX_LOCAL_ERROR.format(addr=rcpt)
 
     def usage(self, path: Path) -> int:
         """Bytes stored in a mailbox (maildir: from the S= of file names, no stat per file)."""

@@ -10,16 +10,13 @@ import logging
 
 from mda.deliver import Deliverer, Job, delivery_key
 from mda.message import to_lf
-from mta.smtp import Session
+from mta.smtp import Session, replies
 from mta.smtp.lmtp import LMTPEnvelope, LMTPProtocol
 from store import addresses
 from store.batching import Batcher
 from store.directory import Directory, DirectoryUnavailable, lookup
 
 log = logging.getLogger("pochta.mda")
-
-LOCAL_ERROR = "451 4.3.0 Local error in delivery, try again later"
-
 
 class LMTPHandler:
     def __init__(self, directory: Directory, deliverer: Deliverer) -> None:
@@ -39,25 +36,25 @@ class LMTPHandler:
                           address: str, mail_options: list[str]) -> str:
         envelope.mail_from = address  # (a hook that answers must record it itself)
         envelope.mail_options.extend(mail_options)
-        return "250 2.1.0 Sender OK"  # RFC 3463: 2.1.0, not aiosmtpd's plain "250 OK"
+        return replies.LMTP_SENDER_OK  # RFC 3463: 2.1.0, not aiosmtpd's plain "250 OK"
 
     async def handle_RCPT(self, server: LMTPProtocol, session: Session, envelope: LMTPEnvelope,
                           address: str, rcpt_options: list[str]) -> str:
         try:
             rcpt = addresses.normalize(address)
         except addresses.AddressError:
-            return f"553 5.1.3 <{address}> Malformed address"
+            return replies.MALFORMED_RCPT.format(addr=address)
         try:
             mailbox = await lookup(self.directory, "mailbox", rcpt)
         except DirectoryUnavailable as e:
             log.error("directory unavailable at RCPT <%s>: %s", rcpt, e)
-            return "451 4.3.0 Directory temporarily unavailable, try again later"
+            return replies.DIRECTORY_UNAVAILABLE
         if mailbox is None:
-            return f"550 5.1.1 <{address}> No such mailbox here"
+            return replies.NO_SUCH_MAILBOX.format(addr=address)
         envelope.rcpt_tos.append(rcpt)
         envelope.rcpt_options.extend(rcpt_options)
         envelope.mailboxes.append(mailbox)
-        return "250 2.1.5 OK"
+        return replies.LMTP_RCPT_OK
 
     async def handle_DATA(self, server: LMTPProtocol, session: Session,
                           envelope: LMTPEnvelope) -> str:
@@ -67,11 +64,11 @@ class LMTPHandler:
             # Never aiosmtpd's "500 Error: (PermissionError) <path>": every recipient would
             # bounce for what is a local, temporary problem, and the reply would leak a path.
             log.exception("delivery failed for %d recipient(s)", len(envelope.rcpt_tos))
-            return server.data_refusal(LOCAL_ERROR)
+            return server.data_refusal(replies.DELIVERY_LOCAL_ERROR)
 
     async def handle_exception(self, error: Exception) -> str:
         log.exception("LMTP session error: %r", error)
-        return LOCAL_ERROR
+        return replies.DELIVERY_LOCAL_ERROR
 
     async def _deliver(self, envelope: LMTPEnvelope) -> str:
         data = envelope.lf_content

@@ -26,6 +26,7 @@ from publicsuffixlist import PublicSuffixList
 
 from mta.dns import configured
 from mta.policy import header_fields, header_section
+from mta.smtp import replies
 
 log = logging.getLogger("pochta.auth")
 
@@ -273,9 +274,8 @@ class InboundChecks:
                     result=result, header_from=from_domain,
                     result_comment=f"p={policy.upper()}" if record else None))
                 if result == "fail" and policy == "reject" and self.dmarc_enforce:
-                    reply = (f"550 5.7.1 Message rejected: DMARC policy of {from_domain} "
-                             "says reject")
+                    reply = replies.DMARC_REJECT.format(domain=from_domain)
         if reply is None and temperror and self.temperror == "defer":
-            reply = "451 4.7.0 Temporary DNS failure checking authentication, try again later"
+            reply = replies.AUTHCHECK_TEMPERROR
         header = authres.AuthenticationResultsHeader(authserv_id=self.hostname, results=ar)
         return Verdict(str(header).encode("utf-8") + b"\r\n", reply, results)

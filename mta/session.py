@@ -23,11 +23,11 @@ from typing import Any, BinaryIO
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from mta import policy, replies
+from mta import policy
 from mta.abuse import Greylister, PregreetMemory, RateLimiter, dnsbl_listed, in_networks
 from mta.authcheck import InboundChecks, strip_forged_results
 from mta.envelope import Envelope, Recipient, new_id
-from mta.smtp import Session
+from mta.smtp import Session, replies
 from mta.smtp.protocol import BadCommandLine, SMTPEnvelope, SMTPProtocol
 from mta.spool import MessageParts, Spool, read_header_section
 from store import addresses
@@ -100,16 +100,16 @@ class SMTPHandler:
             return None  # as Postfix's mynetworks: our own hosts are not rate limited
         if d.connection_rate is not None and d.connection_rate.hit(ip):
             log.warning("%s: connection rate limit", ip)
-            return "421 4.7.0 Too many connections from your address, slow down"
+            return replies.CONNECTION_RATE
         if d.dnsbl_resolver is not None and self.cfg.checks.dnsbl:
             zone = await dnsbl_listed(ip, self.cfg.checks.dnsbl, d.dnsbl_resolver)
             if zone:
                 log.warning("%s: listed in %s", ip, zone)
-                return f"554 5.7.1 Service unavailable; client [{ip}] blocked using {zone}"
+                return replies.DNSBL_LISTED.format(ip=ip, zone=zone)
         if d.pregreet is not None and not d.pregreet.known(ip):
             if await server.talks_before_greeting(self.cfg.checks.pregreet_delay):
                 log.warning("%s: pregreet: spoke before the greeting", ip)
-                return "554 5.7.1 Protocol error: talking before the greeting"
+                return replies.PREGREET
             d.pregreet.add(ip)
         return None
 
@@ -171,7 +171,7 @@ class SMTPHandler:
         try:
             notify = parse_notify(params.get("NOTIFY"))
         except ValueError:
-            return "501 5.5.4 Bad NOTIFY parameter"
+            return replies.BAD_NOTIFY
         try:
             local = await lookup(self.directory, "is_local_domain", addresses.domain_of(rcpt))
             if local:
@@ -196,7 +196,7 @@ class SMTPHandler:
                 wait = 0.0  # fail open: greylisting is a filter, not a guarantee
             if wait > 0:
                 log.info("%s: greylisted from=<%s> to=<%s>", server.peer_ip, sender, rcpt)
-                return f"451 4.7.1 <{address}> Greylisted, please try again in {wait:.0f} seconds"
+                return replies.GREYLISTED.format(addr=address, wait=wait)
         envelope.rcpt_tos.append(rcpt)
         envelope.recipients.append(RcptRecord(rcpt, targets, notify, params.get("ORCPT")))
         return replies.RCPT_OK
@@ -306,8 +306,8 @@ class SMTPHandler:
         except DirectoryUnavailable:
             return replies.DIRECTORY_UNAVAILABLE
         if found is None:
-            return f"550 5.1.1 <{address}> No such user here"
-        return f"250 2.1.5 <{found}>"
+            return replies.VRFY_UNKNOWN.format(addr=address)
+        return replies.VRFY_OK.format(addr=found)
 
     async def handle_EXPN(self, server: SMTPProtocol, session: Session, envelope: SMTPEnvelope,
                           name: str) -> str:
@@ -319,7 +319,7 @@ class SMTPHandler:
         except DirectoryUnavailable:
             return replies.DIRECTORY_UNAVAILABLE
         if not members:
-            return f"550 5.1.1 <{address}> No such mailing list here"
+            return replies.EXPN_UNKNOWN.format(addr=address)
         lines = [f"250-2.1.5 <{m}>" for m in members[:-1]] + [f"250 2.1.5 <{members[-1]}>"]
         return "\r\n".join(lines)
 

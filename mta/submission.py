@@ -20,22 +20,17 @@ from dataclasses import dataclass
 from email.utils import formatdate, getaddresses, make_msgid
 from typing import Any
 
-from mta import replies
 from mta.abuse import RateLimiter
 from mta.dkimsign import Signer
 from mta.policy import header_fields, header_section
 from mta.session import SMTPHandler
-from mta.smtp import MISSING, AuthResult, Session
+from mta.smtp import MISSING, AuthResult, Session, replies
 from mta.smtp.protocol import SMTPEnvelope, SMTPProtocol
 from store import addresses
 from store.directory import DirectoryUnavailable
 
 log = logging.getLogger("pochta.msa")
 
-AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
-SENDER_NOT_OWNED = "553 5.7.1 <{addr}> Sender address not owned by user {login}"
-FROM_NOT_OWNED = "553 5.7.1 From: header address <{addr}> not owned by user {login}"
-FROM_UNREADABLE = "553 5.7.1 From: header without a readable address"
 MAX_BRAKE = 8.0  # seconds
 
 
@@ -116,7 +111,7 @@ class SubmissionHandler(SMTPHandler):
         if self.failed_logins.over(ip):
             log.warning("%s: too many authentication failures", ip)
             return AuthResult(success=False, handled=False,
-                              message="454 4.7.0 Too many authentication failures, try later")
+                              message=replies.AUTH_TOO_MANY_FAILURES)
         if authzid and authzid.lower() != login.lower():
             ok = None  # RFC 4616 §2: acting as another user is not offered here
         else:
@@ -124,14 +119,14 @@ class SubmissionHandler(SMTPHandler):
                 ok = await asyncio.to_thread(self.directory.authenticate, login, password)
             except DirectoryUnavailable:
                 return AuthResult(success=False, handled=False,
-                                  message="454 4.7.0 Temporary authentication failure")
+                                  message=replies.AUTH_TEMPORARY)
         if ok is None:
             delay = self.brake.delay(ip, login)
             self.brake.failed(ip, login)
             self.failed_logins.hit(ip)
             log.info("auth failed from %s for %r; braking %.2f s", ip, login[:64], delay)
             await asyncio.sleep(delay)
-            return AuthResult(success=False, handled=False, message=AUTH_FAILED)
+            return AuthResult(success=False, handled=False, message=replies.AUTH_FAILED)
         self.brake.succeeded(ip, ok)
         log.info("auth ok from %s as %s", ip, ok)
         return AuthResult(success=True, auth_data=Login(ok))
@@ -147,12 +142,12 @@ class SubmissionHandler(SMTPHandler):
                 raw = base64.b64decode(args[1], validate=True)
             except binascii.Error:
                 return AuthResult(success=False, handled=False,
-                                  message="501 5.5.2 Cannot decode base64")
+                                  message=replies.AUTH_BAD_BASE64)
         try:
             authzid, login, password = raw.decode("utf-8").split("\0")
         except (UnicodeDecodeError, ValueError):
             return AuthResult(success=False, handled=False,
-                              message="501 5.5.2 Malformed PLAIN credentials")
+                              message=replies.AUTH_BAD_PLAIN)
         return await self._check(server, authzid, login, password)
 
     async def auth_LOGIN(self, server: SMTPProtocol, args: list[str]) -> AuthResult:
@@ -161,7 +156,7 @@ class SubmissionHandler(SMTPHandler):
                 user_raw: Any = base64.b64decode(args[1], validate=True)
             except binascii.Error:
                 return AuthResult(success=False, handled=False,
-                                  message="501 5.5.2 Cannot decode base64")
+                                  message=replies.AUTH_BAD_BASE64)
         else:
             user_raw = await server.challenge_auth("Username:")
         if user_raw is MISSING:
@@ -172,7 +167,7 @@ class SubmissionHandler(SMTPHandler):
         try:
             login, password = user_raw.decode("utf-8"), pass_raw.decode("utf-8")
         except UnicodeDecodeError:
-            return AuthResult(success=False, handled=False, message=AUTH_FAILED)
+            return AuthResult(success=False, handled=False, message=replies.AUTH_FAILED)
         return await self._check(server, "", login, password)
 
     # -- sender rules -------------------------------------------------------------------------
@@ -196,10 +191,10 @@ class SubmissionHandler(SMTPHandler):
         except DirectoryUnavailable:
             return replies.DIRECTORY_UNAVAILABLE
         if not owned:
-            return SENDER_NOT_OWNED.format(addr=address, login=login)
+            return replies.SENDER_NOT_OWNED.format(addr=address, login=login)
         if self.messages_per_user.hit(login):
             log.warning("%s: message rate limit reached", login)
-            return "451 4.7.1 Message rate limit reached for your account, try again later"
+            return replies.MESSAGE_RATE
         return await super().handle_MAIL(server, session, envelope, address, mail_options)
 
     async def check_message(self, session: Session, content: bytes) -> bytes | str:
@@ -210,12 +205,12 @@ class SubmissionHandler(SMTPHandler):
             if name == "from":
                 found = [a for _, a in getaddresses([value]) if a]
                 if not found:  # a From: we cannot read could be read otherwise by a client
-                    return FROM_UNREADABLE
+                    return replies.FROM_UNREADABLE
                 froms += found
         try:
             for addr in froms:
                 if not await self._owns(login, addr):
-                    return FROM_NOT_OWNED.format(addr=addr, login=login)
+                    return replies.FROM_NOT_OWNED.format(addr=addr, login=login)
         except DirectoryUnavailable:
             return replies.DIRECTORY_UNAVAILABLE
         names = {name for name, _ in fields}

@@ -415,3 +415,25 @@ def test_a_tls_handshake_that_never_finishes_is_given_up_and_the_message_goes_pl
         s.stop_all()
         peer.stop()
         dns_server.close()
+
+
+# -- item 5: what the MTA accepts, the MDA accepts --------------------------------------------
+
+def test_a_message_at_the_size_limit_is_delivered_with_the_headers_we_add(tmp_path):
+    """The MTA takes a message just under its limit and adds Received: the MDA, whose own
+    limit is the same number, must still take it (it allows for what we prepend) rather
+    than refuse it after we said 250 (a bounce of mail we accepted)."""
+    from test_mta import send
+
+    s = Stack(tmp_path, mta={"max_message_size": 100_000}, mda={"max_message_size": 100_000})
+    try:
+        s.setup_users("example.com", "bob@example.com", password=PW)
+        s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.mta_port}"])
+        body = b"Subject: at-the-limit\r\n\r\n" + (b"q" * 98 + b"\r\n") * 995
+        assert 99_000 < len(body) < 100_000
+        send(s, "a@remote.test", ["bob@example.com"], body)
+        assert wait_for(lambda: any(b"at-the-limit" in p.read_bytes() for p in
+                                    mail_files(s.mailbox_root, "bob@example.com")), 20), \
+            s.log("up")
+    finally:
+        s.stop_all()

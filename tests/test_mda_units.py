@@ -195,3 +195,31 @@ def test_syncfs_only_where_it_flushes(tmp_path):
     import tempfile
     with tempfile.TemporaryDirectory(dir=shm) as t:
         assert not synced_by_syncfs(DiskSync(t), t)
+
+
+def test_copies_for_many_recipients_are_made_one_at_a_time(tmp_path):
+    """A 5 MB message to 20 quota'd recipients of one mailbox (bob+1 ... bob+20): the copies
+    are made and written one after the other, so the delivery holds about one copy beside
+    the message, not twenty (the issue's 50 MB x 100 recipients asked for 5 GB)."""
+    import asyncio
+    import tracemalloc
+    from datetime import datetime
+
+    from mda.deliver import Deliverer, Job
+    from store.config import MDAConfig
+    from store.directory import UserInfo
+
+    d = Deliverer(MDAConfig(mailbox_root=str(tmp_path)), "mx.test")
+    bob = UserInfo(address="bob@example.com", enabled=True, created=datetime.now(),
+                   quota_bytes=10**9)
+    data = b"Subject: big\n\n" + b"z" * 5_000_000 + b"\n"
+    jobs = [Job(bob, f"bob+{i}@example.com", "s@x", data) for i in range(20)]
+    tracemalloc.start()
+    try:
+        replies = asyncio.run(d.deliver_batch(jobs))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert all(r.startswith("250") for r in replies)
+    assert len(list((tmp_path / "example.com" / "bob" / "new").iterdir())) == 20
+    assert peak < 3 * len(data), f"peak {peak / 1e6:.1f} MB for a {len(data) / 1e6:.0f} MB message"

@@ -17,6 +17,7 @@ from typing import Any
 
 from aiosmtpd.smtp import Envelope, syntax
 
+from mta.smtp import replies
 from mta.smtp.data import MAX_TEXT_LINE, crlf_to_lf
 from mta.smtp.server import DATA_ERRORS, BaseSMTP
 
@@ -68,7 +69,7 @@ class LMTPProtocol(BaseSMTP):
                 key, eq, value = word.partition("=")
                 if i and eq and key.upper() == "XQUEUEID":
                     if not QUEUE_ID.fullmatch(value):
-                        await self.push("501 5.5.4 Malformed XQUEUEID")
+                        await self.push(replies.BAD_QUEUE_ID)
                         return
                     envelope.queue_id = value
                 elif i and not eq and key.upper() == "XRETRY":
@@ -88,7 +89,7 @@ class LMTPProtocol(BaseSMTP):
     async def smtp_BDAT(self, arg: str | None) -> None:
         m = BDAT_ARGS.fullmatch((arg or "").strip())
         if m is None:  # the chunk's length is unknown: what follows cannot be skipped
-            await self.push("501 5.5.4 Syntax: BDAT <size> [LAST]")
+            await self.push(replies.BDAT_SYNTAX)
             self._close_transport()
             return
         size, last = int(m.group(1)), m.group(2) is not None
@@ -109,15 +110,15 @@ class LMTPProtocol(BaseSMTP):
                 if not too_big:
                     parts.append(block)
         if not self.session or not self.session.host_name:
-            error = "503 5.5.1 Error: send LHLO first"
+            error = replies.NEED_LHLO
         elif not envelope.rcpt_tos:  # (RCPT needs MAIL)
-            error = "503 5.5.1 Need MAIL and an accepted RCPT first"
+            error = replies.NEED_MAIL_AND_RCPT
         elif too_big:
             error = self.data_refusal(DATA_ERRORS["size"])
         else:
             error = None
         if error is None and not last:
-            await self.push(f"250 2.0.0 {size} octets received")
+            await self.push(replies.CHUNK_RECEIVED.format(size=size))
             return
         if error is None:
             content = b"".join(parts)

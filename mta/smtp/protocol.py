@@ -18,7 +18,7 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, Envelope, syntax
 
-from mta import replies
+from mta.smtp import replies
 from mta.smtp.server import BaseSMTP
 
 log = logging.getLogger("pochta.smtp")
@@ -168,7 +168,7 @@ class SMTPProtocol(BaseSMTP):
     @syntax("EXPN <list>")
     async def smtp_EXPN(self, arg: str) -> None:
         if not arg:
-            await self.push("501 5.5.4 Syntax: EXPN <list>")
+            await self.push(replies.EXPN_SYNTAX)
             return
         status = await self._call_handler_hook("EXPN", arg.strip())
         await self.push(replies.EXPN_DISABLED if status is MISSING else status)
@@ -192,12 +192,12 @@ class SMTPProtocol(BaseSMTP):
                 if i and eq and key.upper() == "RET":
                     ret = value.upper()
                     if ret not in ("FULL", "HDRS"):
-                        await self.push("501 5.5.4 RET must be FULL or HDRS")
+                        await self.push(replies.BAD_RET)
                         return
                 elif i and eq and key.upper() == "ENVID":
                     envid = value
                     if not _XTEXT.match(value) or len(value) > 100:
-                        await self.push("501 5.5.4 Malformed ENVID")
+                        await self.push(replies.BAD_ENVID)
                         return
                 else:
                     kept.append(word)
@@ -215,14 +215,14 @@ class SMTPProtocol(BaseSMTP):
         if not self.envelope.mail_from:
             await self.push(replies.NEED_MAIL)
             return
-        syntaxerr = "501 5.5.4 Syntax: RCPT TO:<address> [SP <parameters>]"
+        syntaxerr = replies.RCPT_SYNTAX
         raw = self._strip_command_keyword("TO:", arg or "")
         if raw is None or not raw:
             await self.push(syntaxerr)
             return
         address, rest = self._getaddr(raw)
         if address is None or not address:
-            await self.push(f"553 5.1.3 Malformed address: {raw[:100]}")
+            await self.push(replies.MALFORMED_PATH.format(raw=raw[:100]))
             return
         assert rest is not None
         if rest and not self.session.extended_smtp:
@@ -237,7 +237,7 @@ class SMTPProtocol(BaseSMTP):
             params[key.upper()] = value
         unknown = set(params) - {"NOTIFY", "ORCPT"}
         if unknown:
-            await self.push(f"555 5.5.4 RCPT TO parameter {sorted(unknown)[0]} not supported")
+            await self.push(replies.RCPT_PARAMETER.format(name=sorted(unknown)[0]))
             return
         if "ORCPT" in params and not valid_orcpt(params["ORCPT"]):
             await self.push(replies.BAD_ORCPT)

@@ -29,6 +29,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, _AuthMechAttr, login_always_fail, syntax
 
+from mta.smtp import replies
 from mta.smtp.data import CHUNK as DATA_CHUNK
 from mta.smtp.data import read_data
 from store.config import parse_address
@@ -53,12 +54,11 @@ NO_ENHANCED = {"220", "334", "354"}
 HOLDABLE = {b"250", b"251", b"252", b"450", b"451", b"452", b"500", b"501", b"503", b"550",
             b"551", b"552", b"553", b"554", b"555"}
 DATA_ERRORS = {
-    "size": "552 5.3.4 Message size exceeds fixed maximum message size",
-    "line": "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
-    "bare-eol": "554 5.6.0 Message refused: bare CR or LF in message; lines must end with CRLF "
-                "(RFC 5321 2.3.8)",
-    "storage": "452 4.3.1 Insufficient system storage, try again later",
-    "io": "451 4.3.0 Local error in processing, try again later",
+    "size": replies.MESSAGE_TOO_BIG,
+    "line": replies.LINE_TOO_LONG,
+    "bare-eol": replies.BARE_EOL,
+    "storage": replies.SPOOL_FULL,
+    "io": replies.LOCAL_ERROR,
 }
 
 
@@ -90,13 +90,13 @@ class Connections:
     def admit(self, proto: BaseSMTP) -> str | None:
         """Register ``proto``; return a refusal reply if a limit is reached."""
         if self.closing:
-            return "421 4.3.2 Service shutting down"
+            return replies.SHUTTING_DOWN
         ip = proto.peer_ip
         if self.max_total and len(self.open) + self.handshakes >= self.max_total:
-            return "421 4.7.0 Too many connections, try again later"
+            return replies.TOO_MANY_CONNECTIONS
         if (self.max_per_ip and ip and self.per_ip[ip] >= self.max_per_ip
                 and not (self.exempt is not None and self.exempt(ip))):
-            return "421 4.7.0 Too many connections from your address, try again later"
+            return replies.TOO_MANY_FROM_ADDRESS
         self.open.add(proto)
         if ip:
             self.per_ip[ip] += 1
@@ -136,7 +136,7 @@ class Connections:
         """Tell every open session we are going away (RFC 5321 §3.8) and close it."""
         self.closing = True
         for proto in list(self.open):
-            proto.say_and_close(f"421 4.3.2 {hostname} Service shutting down")
+            proto.say_and_close(replies.SHUTTING_DOWN_HOST.format(host=hostname))
 
 
 # Per (protocol class, handler class): the names aiosmtpd's __init__ finds by introspection.
@@ -367,7 +367,7 @@ class BaseSMTP(SMTP):
     def _timeout_cb(self) -> None:
         # RFC 5321 §4.5.3.2: the server may close an idle session; say so with a 421.
         log.info("%s idle timeout", self.peer_ip or "local")
-        self.say_and_close(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
+        self.say_and_close(replies.IDLE_TIMEOUT.format(host=self.hostname))
 
     # -- replies ------------------------------------------------------------------------------
 
@@ -402,10 +402,10 @@ class BaseSMTP(SMTP):
             return
         assert self.envelope is not None
         if not self.envelope.rcpt_tos:
-            await self.push("503 5.5.1 Need RCPT command first")
+            await self.push(replies.NEED_RCPT)
             return
         if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
+            await self.push(replies.DATA_SYNTAX)
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         with self.reading_data():
