@@ -12,13 +12,14 @@ from mda.deliver import Deliverer, Job, delivery_key
 from mda.message import to_lf
 from mta.smtp import Session, replies
 from mta.smtp.lmtp import LMTPEnvelope, LMTPProtocol
+from mta.smtp.server import Handler
 from store import addresses
 from store.batching import Batcher
 from store.directory import Directory, DirectoryUnavailable, lookup
 
 log = logging.getLogger("pochta.mda")
 
-class LMTPHandler:
+class LMTPHandler(Handler):
     def __init__(self, directory: Directory, deliverer: Deliverer) -> None:
         self.directory = directory
         self.deliverer = deliverer

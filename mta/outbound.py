@@ -23,6 +23,7 @@ import aiosmtplib
 from mta.dns import Host, Resolver, RouteError
 from mta.envelope import Envelope, Recipient
 from mta.reply import LOCAL_DECISION, Reply
+from mta.spool import SpooledMessage
 from store import addresses
 from store.config import Config, parse_address
 
@@ -91,8 +92,15 @@ class Outbound:
         self.verified_tls = ssl.create_default_context(cafile=cfg.delivery.ca_file or None)
         self.verified_tls.minimum_version = ssl.TLSVersion.TLSv1_2
 
-    async def deliver(self, env: Envelope, rcpts: list[Recipient], data: bytes
-                      ) -> dict[str, Reply]:
+    async def close(self) -> None:
+        """Nothing pooled (yet): one connection per destination and attempt."""
+
+    async def deliver(self, env: Envelope, rcpts: list[Recipient], data: bytes | SpooledMessage,
+                      retry: bool = False) -> dict[str, Reply]:
+        """The Courier interface (mta/courier.py); ``retry`` means nothing to a remote host."""
+        if isinstance(data, SpooledMessage):
+            # aiosmtplib sends from memory: a large message is read in for remote delivery.
+            data = await asyncio.to_thread(data.read)
         by_domain: dict[str, list[Recipient]] = defaultdict(list)
         for r in rcpts:
             by_domain[addresses.domain_of(r.address)].append(r)

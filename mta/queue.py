@@ -28,6 +28,7 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable
 
 from mta import policy
+from mta.courier import Courier
 from mta.dsn import Bouncer, wants
 from mta.envelope import EXPIRED, FAILED, SENT, Envelope, Recipient
 from mta.lmtp_out import LMTPClient, LMTPError
@@ -112,11 +113,11 @@ class Notifier:
             self.sock.close()
             self.sock = None
 
-RemoteDeliver = Callable[[Envelope, list[Recipient], bytes], Awaitable[dict[str, Reply]]]
 
 
 class LocalDelivery:
-    """Hands local recipients to the MDA over LMTP, reusing idle connections."""
+    """The local courier (mta/courier.py): local recipients to the MDA over LMTP, reusing
+    idle connections."""
 
     def __init__(self, cfg: Config, max_idle: int = 32) -> None:
         self.address = cfg.mda.listen
@@ -169,8 +170,8 @@ class QueueRunner:
     only, never local delivery or other domains.
     """
 
-    def __init__(self, cfg: Config, spool: Spool, directory: Directory, local: LocalDelivery,
-                 remote: RemoteDeliver, bouncer: Bouncer, concurrency: int = 32,
+    def __init__(self, cfg: Config, spool: Spool, directory: Directory, local: Courier,
+                 remote: Courier, bouncer: Bouncer, concurrency: int = 32,
                  per_destination: int = 4, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.spool = spool
@@ -319,6 +320,7 @@ class QueueRunner:
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=10)
         await self.local.close()
+        await self.remote.close()
 
     async def _markers(self) -> None:
         kicked = await asyncio.to_thread(self.spool.take_marker, KICK)
@@ -495,7 +497,7 @@ class QueueRunner:
             retry = env.id in self.recovered or any(r.attempts for r in local)
             groups.append((local, self.local.deliver(env, local, data, retry)))
         if remote:
-            groups.append((remote, self._remote(env, remote, data)))
+            groups.append((remote, self.remote.deliver(env, remote, data)))
         outcomes = await asyncio.gather(*(job for _, job in groups), return_exceptions=True)
         for (rcpts_of_group, _), outcome in zip(groups, outcomes, strict=True):
             if isinstance(outcome, BaseException):
@@ -508,12 +510,6 @@ class QueueRunner:
                            for r in rcpts_of_group}
             results.update(outcome)
         return results
-
-    async def _remote(self, env: Envelope, rcpts: list[Recipient], data: bytes | SpooledMessage
-                      ) -> dict[str, Reply]:
-        # aiosmtplib sends from memory: a large message is read in for remote delivery only.
-        whole = data if isinstance(data, bytes) else await asyncio.to_thread(data.read)
-        return await self.remote(env, rcpts, whole)
 
     def _record(self, env: Envelope, rcpts: list[Recipient], results: dict[str, Reply]
                 ) -> list[Recipient]:

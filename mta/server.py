@@ -70,7 +70,7 @@ async def run_queue(cfg: Config, stop: asyncio.Event) -> None:
     directory = CachedDirectory(db, cfg.directory_cache_ttl)
     spool = Spool(cfg.spool_dir, cfg.sync_method == "auto")
     bouncer = Bouncer(cfg.hostname, spool, directory)
-    runner = QueueRunner(cfg, spool, directory, LocalDelivery(cfg), Outbound(cfg).deliver,
+    runner = QueueRunner(cfg, spool, directory, LocalDelivery(cfg), Outbound(cfg),
                          bouncer)
     bouncer.enqueue = runner.add
     if os.environ.get(PARENT_PIPE):

@@ -29,6 +29,7 @@ from mta.authcheck import InboundChecks, strip_forged_results
 from mta.envelope import Envelope, Recipient, new_id
 from mta.smtp import Session, replies
 from mta.smtp.protocol import BadCommandLine, SMTPEnvelope, SMTPProtocol
+from mta.smtp.server import BaseSMTP, Handler
 from mta.spool import MessageParts, Spool, read_header_section
 from store import addresses
 from store.config import Config, ListenerLimits
@@ -74,7 +75,7 @@ class Defences:
     connection_rate: RateLimiter | None = None
 
 
-class SMTPHandler:
+class SMTPHandler(Handler):
     def __init__(self, cfg: Config, mode: Mode, directory: Directory, spool: Spool,
                  kick: Callable[[Envelope], None],
                  defences: Defences | None = None) -> None:
@@ -94,7 +95,7 @@ class SMTPHandler:
 
     # -- connection ---------------------------------------------------------------------------
 
-    async def on_connect(self, server: SMTPProtocol) -> str | None:
+    async def on_connect(self, server: BaseSMTP) -> str | None:
         d, ip = self.defences, server.peer_ip
         if not ip or in_networks(ip, self.cfg.checks.local_networks):
             return None  # as Postfix's mynetworks: our own hosts are not rate limited

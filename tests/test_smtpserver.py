@@ -81,8 +81,9 @@ def test_a_closed_session_is_freed_without_the_garbage_collector():
     import weakref
 
     from mta.smtp.server import BaseSMTP
+    from mta.smtp.server import Handler as HandlerBase
 
-    class Handler:
+    class Handler(HandlerBase):  # the contract every handler of ours follows
         async def handle_DATA(self, server, session, envelope):
             return "250 2.0.0 OK"
 

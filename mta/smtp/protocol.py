@@ -160,7 +160,7 @@ class SMTPProtocol(BaseSMTP):
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
-        if not getattr(self.event_handler, "offers_auth", False):
+        if not self.handler.offers_auth:
             await self.push(replies.NO_AUTH_HERE)
             return
         await super().smtp_AUTH(arg)

@@ -31,7 +31,7 @@ from aiosmtpd.smtp import SMTP, _AuthMechAttr, login_always_fail, syntax
 
 from mta.smtp import replies
 from mta.smtp.data import CHUNK as DATA_CHUNK
-from mta.smtp.data import read_data
+from mta.smtp.data import SinkFactory, read_data
 from store.config import parse_address
 
 log = logging.getLogger("pochta.smtp")
@@ -139,6 +139,22 @@ class Connections:
             proto.say_and_close(replies.SHUTTING_DOWN_HOST.format(host=hostname))
 
 
+class Handler:
+    """The handler contract beyond aiosmtpd's ``handle_VERB`` hooks (which it finds by name):
+    our handlers derive from this class and override what they use. Nothing here may be
+    named ``auth_*`` or ``handle_*``: aiosmtpd would take it for a mechanism or a hook."""
+
+    offers_auth = False  # AUTH exists on this listener (submission)
+
+    async def on_connect(self, server: BaseSMTP) -> str | None:
+        """Before the greeting: a refusal reply, or None to go on."""
+        return None
+
+    # Where a message larger than SPILL_AT goes as it arrives: a factory of (file, path), or
+    # None to keep every message in memory.
+    data_sink: SinkFactory | None = None
+
+
 # Per (protocol class, handler class): the names aiosmtpd's __init__ finds by introspection.
 Names = dict[str, str]  # verb -> attribute, e.g. "MAIL" -> "smtp_MAIL"
 _INTROSPECTED: dict[tuple[type, type], tuple[dict[str, tuple[str, bool]], Names, Names]] = {}
@@ -189,7 +205,7 @@ def _introspect(proto: SMTP, handler: Any) -> tuple[dict[str, tuple[str, bool]],
 class BaseSMTP(SMTP):
     """aiosmtpd's SMTP with enhanced status codes, connection limits and a polite timeout."""
 
-    def __init__(self, handler: Any, *, connections: Connections, **kwargs: Any) -> None:
+    def __init__(self, handler: Handler, *, connections: Connections, **kwargs: Any) -> None:
         self._fast_init(handler, **kwargs)
         self.connections = connections
         self.peer_ip = ""
@@ -257,6 +273,12 @@ class BaseSMTP(SMTP):
             self._call_limit_base = command_call_limit
             self._call_limit_default = command_call_limit.get("*", 20)
 
+    @property
+    def handler(self) -> Handler:
+        """aiosmtpd's ``event_handler``, typed: the contract our code relies on."""
+        handler: Handler = self.event_handler
+        return handler
+
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's path parser (RFC 5322 machinery, a class definition per call) is a tenth
         of a session's CPU per message; plain <local@domain> paths take a regex instead."""
@@ -292,15 +314,13 @@ class BaseSMTP(SMTP):
             self._close_transport()
             return
         self._admitted = True
-        on_connect = getattr(self.event_handler, "on_connect", None)
-        if on_connect is not None:
-            refusal = await on_connect(self)
-            if refusal is not None:
-                log.info("refused connection from %s: %s", self.peer_ip or "local", refusal)
-                if self.transport is not None and not self.transport.is_closing():
-                    await self.push(refusal)
-                    self._close_transport()
-                return
+        refusal = await self.handler.on_connect(self)
+        if refusal is not None:
+            log.info("refused connection from %s: %s", self.peer_ip or "local", refusal)
+            if self.transport is not None and not self.transport.is_closing():
+                await self.push(refusal)
+                self._close_transport()
+            return
         await super()._handle_client()
 
     async def talks_before_greeting(self, delay: float) -> bool:
@@ -410,7 +430,7 @@ class BaseSMTP(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         with self.reading_data():
             result = await read_data(self._reader, self.data_size_limit, self._reset_timeout,
-                                     getattr(self.event_handler, "data_sink", None))
+                                     self.handler.data_sink)
         if result.error is not None:
             log.info("%s: DATA refused (%s, %d octets)", self.peer_ip, result.error, result.size)
             refusal = self.data_refusal(DATA_ERRORS[result.error])  # (before the reset)
