@@ -95,7 +95,7 @@ store:
         p.chmod(0o755)
     for d in ("spool", "log", "mail"):
         shutil.chown(base / d, "Debian-exim", "Debian-exim")
-    proc = subprocess.Popen([str(EXIM), "-C", str(conf), "-bd", "-odf"],
+    proc = subprocess.Popen([str(EXIM), "-C", str(conf), "-bdf", "-odf"],  # -bdf: foreground
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert wait_for(lambda: _listening("127.0.0.21", port), 10), \
