@@ -165,8 +165,12 @@ class Config:
 
 
 def default_data_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "pochta"
+    """$XDG_DATA_HOME/pochta, else for root /var/lib/pochta (its processes run as `user`,
+    who cannot enter /root), else ~/.local/share/pochta."""
+    base = os.environ.get("XDG_DATA_HOME")
+    if not base and os.geteuid() == 0:
+        return Path("/var/lib/pochta")
+    return Path(base or Path.home() / ".local" / "share") / "pochta"
 
 
 def _check_value(key: str, value: Any, expected: Any) -> Any:

@@ -104,15 +104,42 @@ def give_state(cfg: Config) -> None:
         give(db, service, 0o660 if other_mda else 0o600)
 
 
-def prepare(cfg: Config, role: str) -> None:
-    """As root, before anything else: state to its owners, the MDA's mailbox root to it."""
-    give_state(cfg)
-    account = account_for(cfg, role)
-    if account is not None and role == "mda":
-        from store.fsio import ensure_dir
+def reachable(path: Path, account: Account) -> Path | None:
+    """The first folder above ``path`` that ``account`` may not enter, or None."""
+    for folder in reversed(path.parents):
+        try:
+            st = os.stat(folder)
+        except FileNotFoundError:
+            return None  # made by us below, for the account
+        if st.st_mode & 0o001 or (st.st_uid == account.uid and st.st_mode & 0o100) or (
+                st.st_gid in account.groups and st.st_mode & 0o010):
+            continue
+        return folder
+    return None
 
-        root = ensure_dir(cfg.mda.mailbox_root, 0o700, (account.uid, account.gid))
-        give([root], account)
+
+def prepare(cfg: Config, role: str) -> None:
+    """As root, before anything else: the state folders made or given to their users, who
+    must be able to reach them (one clear line at start, not a process that restarts in a
+    loop on EACCES)."""
+    service = service_account(cfg)
+    account = account_for(cfg, role)
+    if service is None or account is None:
+        return
+    from store.fsio import ensure_dir
+
+    folders = [(Path(cfg.data_dir), service), (Path(cfg.spool_dir), service)]
+    if role == "mda":
+        folders.append((Path(cfg.mda.mailbox_root), account))
+    for folder, owner in folders:
+        blocked = reachable(folder, owner)
+        if blocked is not None:
+            raise ConfigError(f"user {owner.name!r} cannot enter {blocked}, above {folder}: "
+                              "put data_dir (or that path) where it can")
+        ensure_dir(folder, 0o700, (owner.uid, owner.gid))
+    give_state(cfg)
+    if role == "mda":
+        give([Path(cfg.mda.mailbox_root)], account)
 
 
 def drop(cfg: Config, role: str) -> None:

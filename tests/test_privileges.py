@@ -116,3 +116,18 @@ def test_a_missing_user_is_one_clear_line(tmp_path):
     r = s.pochta("serve", "mda", check=False)
     assert r.returncode != 0 and "no user 'no-such-pochta-user'" in r.stderr
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_data_folder_the_user_cannot_reach_is_one_clear_line(tmp_path):
+    """Started as root with its data inside a root-only folder (pytest's, like /root), a
+    process says so and exits, instead of restarting forever on 'Permission denied'."""
+    try:
+        pwd.getpwnam("pochta")
+    except KeyError:
+        pytest.skip("no user pochta (scripts/install creates it)")
+    s = Stack(tmp_path)
+    del s.settings[""]["user"]  # the default: user = "pochta"
+    s.write()
+    r = s.pochta("serve", "mta", check=False)
+    assert r.returncode != 0 and "user 'pochta' cannot enter" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
