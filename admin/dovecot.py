@@ -15,8 +15,9 @@ import typer
 from sqlalchemy.engine import make_url
 
 from admin.context import UserError, context
-from store.config import Config, ConfigError
+from store.config import Config
 from store.fsio import atomic_write, ensure_dir
+from store.privileges import account_for
 
 PASSWORD_QUERY = ("SELECT address AS user, '{ARGON2ID}' || password_hash AS password "
                   "FROM users WHERE address = '%Lu' AND enabled")
@@ -64,15 +65,13 @@ def mail_location(cfg: Config) -> str:
 
 
 def mail_owner(cfg: Config) -> tuple[int, int]:
-    """Who owns the mailboxes: the user the MDA runs as (store/privileges.py)."""
+    """Who owns the mailboxes: the user the MDA runs as (store/privileges.py), or the one it
+    gives them to when it keeps root."""
+    account = account_for(cfg, "mda")
+    if account is not None:
+        return account.uid, account.gid
     if cfg.mda.mail_owner:
         pw = pwd.getpwnam(cfg.mda.mail_owner)
-        return pw.pw_uid, pw.pw_gid
-    if os.geteuid() == 0 and cfg.user != "root":
-        try:
-            pw = pwd.getpwnam(cfg.user)
-        except KeyError:
-            raise ConfigError(f"config key 'user': no user {cfg.user!r} on this system") from None
         return pw.pw_uid, pw.pw_gid
     return os.getuid(), os.getgid()
 
