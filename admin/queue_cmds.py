@@ -1,8 +1,7 @@
 """`pochta queue list|show|flush|delete`: the spool as the admin sees it.
 
 These read the same files the MTA's queue runner writes. ``delete`` takes the item's lock, so
-it never races an attempt in progress; ``flush`` leaves a marker the runner picks up within a
-second.
+it never races an attempt in progress; ``flush`` is a notice to the runner (mta/notice.py).
 """
 
 from __future__ import annotations
@@ -13,7 +12,8 @@ from datetime import UTC, datetime
 import typer
 
 from admin.context import UserError, context, table
-from mta.spool import DAMAGED_DIR, FLUSH, Spool, SpoolError
+from mta.notice import DOMAIN, NoRunner, send_command
+from mta.spool import DAMAGED_DIR, Spool, SpoolError
 
 queue_app = typer.Typer(help="The mail queue (spool).", no_args_is_help=True)
 
@@ -77,10 +77,18 @@ def queue_show(ctx: typer.Context, qid: str) -> None:
 
 
 @queue_app.command("flush")
-def queue_flush(ctx: typer.Context) -> None:
-    """Make every deferred message due now."""
-    _spool(ctx).touch_marker(FLUSH)
-    typer.echo("flush requested: the queue runner retries every deferred message now")
+def queue_flush(ctx: typer.Context,
+                domain: str = typer.Option("", help="only the recipients at this domain")) -> None:
+    """Make every deferred message (or those to one domain) due now."""
+    domain = domain.strip().lower().rstrip(".")
+    if domain and not DOMAIN.fullmatch(domain):
+        raise UserError(f"not a domain name: {domain!r}")
+    try:
+        send_command(_spool(ctx).dir, f"!flush {domain}".strip())
+    except NoRunner as e:
+        raise UserError(f"{e}: start it (pochta up) and flush again") from None
+    what = f" to {domain}" if domain else ""
+    typer.echo(f"flush requested: the queue runner retries every deferred message{what} now")
 
 
 @queue_app.command("delete")

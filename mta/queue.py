@@ -2,8 +2,8 @@
 empties the spool, on the second core while the MTA's loop only accepts mail.
 
 It loads every committed message at start (crash recovery), then sleeps until the earliest
-``next_attempt``, a notice (``Notifier``: datagrams of new messages' ids from the MTA and the
-MSA; a ``kick`` marker file when the runner is not there) or a flush. For each due message it
+``next_attempt`` or a notice on its one wake-up channel (mta/notice.py: ids of new messages
+from the MTA and the MSA, a flush from the CLI). For each due message it
 delivers the pending recipients: ours to the MDA over LMTP in one transaction, foreign ones
 through ``Outbound`` (MX or smarthost). Each outcome is recorded in the
 envelope file before the next attempt: 2xx sent, 5xx failed, 4xx retried with backoff until
@@ -16,13 +16,8 @@ Acceptance never waits for this: sessions only write the spool and send a notice
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import heapq
 import logging
-import os
-import re
-import socket
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable
@@ -31,134 +26,14 @@ from mta import policy
 from mta.courier import Courier
 from mta.dsn import Bouncer, wants
 from mta.envelope import EXPIRED, FAILED, SENT, Envelope, Recipient
-from mta.lmtp_out import LMTPClient, LMTPError
+from mta.notice import Notice, NoticeSocket
 from mta.reply import Reply
-from mta.spool import FLUSH, KICK, Spool, SpooledMessage, SpoolError
+from mta.spool import Spool, SpooledMessage, SpoolError
 from store import addresses
 from store.config import Config
 from store.directory import Directory, DirectoryUnavailable, lookup
 
 log = logging.getLogger("pochta.queue")
-
-QUEUE_ID = re.compile(r"[0-9a-f]{20}")
-
-
-def notice_address(spool: Spool) -> str:
-    """The runner's datagram socket: Linux's abstract namespace (no path length limit, no file
-    to clean up), one name per spool directory."""
-    digest = hashlib.sha256(os.fsencode(os.path.realpath(spool.dir))).hexdigest()[:24]
-    return f"\0pochta-queue-{digest}"
-
-
-class Notifier:
-    """Tells the queue runner about messages just committed to the spool (MTA and MSA).
-
-    The ids committed in one loop iteration (a group commit) go in one datagram: Linux queues
-    only ``net.unix.max_dgram_qlen`` datagrams per socket (10 by default), and a notice that
-    does not fit must not wait for the runner's once-a-second marker check. When the queue is
-    full the ids wait here until the runner's socket is writable again; when the runner is not
-    there, a ``kick`` marker makes it rescan the spool once it is.
-    """
-
-    MAX_IDS = 150  # ids per datagram: 21 bytes each, some 3 KB
-    MAX_PENDING = 100_000  # ids held for a runner that stopped reading: then the marker
-
-    def __init__(self, spool: Spool) -> None:
-        self.spool = spool
-        self.address = notice_address(spool)
-        self.sock: socket.socket | None = None
-        self.pending: list[str] = []
-        self.scheduled = False  # a flush is due on the loop (call_soon or writer)
-
-    def notify(self, env: Envelope) -> None:
-        self.pending.append(env.id)
-        if not self.scheduled:
-            self.scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self.scheduled = False
-        if self.sock is not None:
-            asyncio.get_running_loop().remove_writer(self.sock.fileno())
-        try:
-            if self.sock is None:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                self.sock.setblocking(False)
-                self.sock.connect(self.address)
-            while self.pending:
-                batch = self.pending[: self.MAX_IDS]
-                self.sock.send(" ".join(batch).encode("ascii"))
-                del self.pending[: len(batch)]
-        except BlockingIOError:  # the runner's queue is full: resume once it has room
-            if len(self.pending) <= self.MAX_PENDING:
-                assert self.sock is not None
-                self.scheduled = True
-                asyncio.get_running_loop().add_writer(self.sock.fileno(), self._flush)
-                return
-            self._kick()
-        except OSError:  # no runner (not started yet, restarting): it rescans on the marker
-            self._kick()
-
-    def _kick(self) -> None:
-        self.pending.clear()
-        if self.sock is not None:  # connect again next time: the runner may be a new one
-            self.sock.close()
-            self.sock = None
-        self.spool.touch_marker(KICK)
-
-    def close(self) -> None:
-        if self.sock is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_writer(self.sock.fileno())
-            self.sock.close()
-            self.sock = None
-
-
-
-class LocalDelivery:
-    """The local courier (mta/courier.py): local recipients to the MDA over LMTP, reusing
-    idle connections."""
-
-    def __init__(self, cfg: Config, max_idle: int = 32) -> None:
-        self.address = cfg.mda.listen
-        self.hostname = cfg.hostname
-        self.timeout = cfg.delivery.lmtp_timeout
-        self.max_idle = max_idle
-        self.idle: list[LMTPClient] = []
-
-    async def deliver(self, env: Envelope, rcpts: list[Recipient], data: bytes | SpooledMessage,
-                      retry: bool = False) -> dict[str, Reply]:
-        """``retry``: an earlier attempt may have delivered some of ``rcpts`` without our
-        knowing (see LMTPClient.deliver)."""
-        addrs = list(dict.fromkeys(r.address for r in rcpts))
-        while True:
-            client = self.idle.pop() if self.idle else None
-            reused = client is not None and client.connected
-            try:
-                if client is None or not reused:
-                    client = LMTPClient(self.address, self.timeout)
-                    await client.connect(self.hostname)
-                results = await client.deliver(env.mail_from, addrs, data, env.smtputf8,
-                                               queue_id=env.id, retry=retry)
-                break
-            except LMTPError as e:
-                if reused and not e.data_sent:
-                    # An idle connection the MDA closed meanwhile (it restarted, or timed out):
-                    # nothing was delivered; go on with the next one, at worst a new one.
-                    log.info("%s: MDA connection gone stale, trying another: %s", env.id, e)
-                    continue
-                log.warning("%s: MDA: %s", env.id, e)
-                return {a: Reply(451, f"4.4.1 MDA not available: {e}") for a in addrs}
-        if client.connected and len(self.idle) < self.max_idle:
-            self.idle.append(client)
-        else:
-            await client.close()
-        return results
-
-    async def close(self) -> None:
-        while self.idle:
-            await self.idle.pop().close()
-
 
 class QueueRunner:
     """The scheduler: which message is attempted when, and how many at once.
@@ -193,8 +68,8 @@ class QueueRunner:
         # Found in the spool rather than announced: an earlier runner may have delivered some
         # recipients and died before recording it (the MDA then checks for those copies).
         self.recovered: set[str] = set()
-        self.next_marker_check = 0.0
-        self.notices: socket.socket | None = None
+        self.notices: NoticeSocket | None = None
+        self.commands: deque[Notice] = deque()  # flush and rescan requests, in order
         self.per_destination = per_destination
         self.in_flight: Counter[str] = Counter()  # remote domain -> attempts delivering there
         self.waiting: defaultdict[str, deque[str]] = defaultdict(deque)  # domain -> ids
@@ -229,31 +104,21 @@ class QueueRunner:
             heapq.heappush(self.timers, (due, env.id))
 
     async def listen(self, wait: float = 30.0) -> None:
-        """Take notices of new messages; waits while an older runner of this spool exits."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.setblocking(False)
+        """Take notices (mta/notice.py); waits while an older runner of this spool exits."""
+        notices = NoticeSocket(self.spool.dir)
         deadline = time.monotonic() + wait
-        while True:
-            try:
-                sock.bind(notice_address(self.spool))
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    sock.close()
-                    raise
-                await asyncio.sleep(0.2)
-        self.notices = sock
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_notices)
+        while not notices.bind():
+            if time.monotonic() > deadline:
+                raise OSError(f"another queue runner holds the notice socket of {self.spool.dir}")
+            await asyncio.sleep(0.2)
+        self.notices = notices
+        asyncio.get_running_loop().add_reader(notices.fileno(), self._on_notices)
 
     def _on_notices(self) -> None:
         assert self.notices is not None
-        for _ in range(100):  # bounded: let the loop breathe under a flood
-            try:
-                ids = self.notices.recv(1 << 16).decode("ascii", "replace").split()
-            except BlockingIOError:
-                break
-            for qid in ids:
-                if not QUEUE_ID.fullmatch(qid) or qid in self.items:
+        for notice in self.notices.receive():
+            for qid in notice.ids:
+                if qid in self.items:
                     continue
                 try:
                     # Inline: the file was written a moment ago and is in the page cache.
@@ -265,6 +130,8 @@ class QueueRunner:
                     continue
                 self.fresh.add(qid)
                 self.ready.append(qid)
+            if notice.rescan or notice.flush:
+                self.commands.append(notice)
         self.wake.set()
 
     async def recover(self) -> None:
@@ -279,13 +146,15 @@ class QueueRunner:
 
     async def run(self, stop: asyncio.Event) -> None:
         next_gc = time.monotonic() + 3600.0
+        stopping = asyncio.create_task(stop.wait())
+        stopping.add_done_callback(lambda _: self.wake.set())
         while not stop.is_set():
-            if time.monotonic() >= self.next_marker_check:  # other processes' kicks, flush
-                self.next_marker_check = time.monotonic() + 1.0
-                await self._markers()
+            while self.commands:
+                await self._command(self.commands.popleft())
             if time.monotonic() >= next_gc:  # leftovers of a crash that came after start-up
                 next_gc = time.monotonic() + 3600.0
                 await asyncio.to_thread(self.spool.collect_garbage)
+                await self._rescan()  # a safety net: nothing stays unknown for long
             now = self.clock()
             while self.timers and self.timers[0][0] <= now:
                 self.ready.append(heapq.heappop(self.timers)[1])
@@ -307,43 +176,53 @@ class QueueRunner:
                 task = asyncio.create_task(self._attempt(env, destinations))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
-            # A finished attempt, a notice or a marker sets wake; else the earliest timer.
-            wait = 1.0 if not self.timers else min(1.0, self.timers[0][0] - now)
+            # A finished attempt, a notice or stop sets wake; else the earliest timer (capped:
+            # the wall clock may be set back).
+            wait = 60.0 if not self.timers else min(60.0, self.timers[0][0] - now)
             try:
                 await asyncio.wait_for(self.wake.wait(), max(0.0, wait))
             except TimeoutError:
                 pass
             self.wake.clear()
+        stopping.cancel()
         if self.notices is not None:
             asyncio.get_running_loop().remove_reader(self.notices.fileno())
             self.notices.close()
+            self.notices = None
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=10)
         await self.local.close()
         await self.remote.close()
 
-    async def _markers(self) -> None:
-        kicked = await asyncio.to_thread(self.spool.take_marker, KICK)
-        flushed = await asyncio.to_thread(self.spool.take_marker, FLUSH)
-        if kicked or flushed:
-            for qid in await asyncio.to_thread(self.spool.ids):
-                if qid not in self.items:
-                    try:
-                        env = await asyncio.to_thread(self.spool.load, qid)
-                    except FileNotFoundError:
-                        continue  # delivered or deleted since the listing
-                    except (OSError, SpoolError) as e:
-                        await asyncio.to_thread(self.spool.quarantine, qid, e)
-                        continue
-                    self.items[qid] = env
-                    self.recovered.add(qid)
-                    self._schedule(env)
-        if flushed:
-            log.info("flush: every deferred recipient is due now")
+    async def _command(self, notice: Notice) -> None:
+        await self._rescan()  # a flush also covers what was queued while no runner listened
+        if notice.flush:
+            domain = notice.flush_domain
+            log.info("flush: every deferred recipient%s is due now",
+                     f" at {domain}" if domain else "")
             now = self.clock()
             for env in self.items.values():
+                touched = False
                 for r in env.pending:
-                    r.next_attempt = min(r.next_attempt, now)
+                    if domain is None or addresses.domain_of(r.address) == domain:
+                        r.next_attempt = min(r.next_attempt, now)
+                        touched = True
+                if touched:
+                    self._schedule(env)
+
+    async def _rescan(self) -> None:
+        """Load what the spool holds and this runner does not know."""
+        for qid in await asyncio.to_thread(self.spool.ids):
+            if qid not in self.items:
+                try:
+                    env = await asyncio.to_thread(self.spool.load, qid)
+                except FileNotFoundError:
+                    continue  # delivered or deleted since the listing
+                except (OSError, SpoolError) as e:
+                    await asyncio.to_thread(self.spool.quarantine, qid, e)
+                    continue
+                self.items[qid] = env
+                self.recovered.add(qid)
                 self._schedule(env)
 
     def _take_destinations(self, env: Envelope, now: float) -> tuple[set[str], set[str]] | None:
@@ -492,22 +371,22 @@ class QueueRunner:
         except DirectoryUnavailable as e:
             return {r.address: Reply(451, f"4.3.0 directory unavailable: {e}") for r in rcpts}
         results: dict[str, Reply] = {}
-        groups: list[tuple[list[Recipient], Awaitable[dict[str, Reply]]]] = []
+        groups: list[tuple[list[Recipient], str, Awaitable[dict[str, Reply]]]] = []
         if local:
             retry = env.id in self.recovered or any(r.attempts for r in local)
-            groups.append((local, self.local.deliver(env, local, data, retry)))
+            groups.append((local, "mda", self.local.deliver(env, local, data, retry)))
         if remote:
-            groups.append((remote, self.remote.deliver(env, remote, data)))
-        outcomes = await asyncio.gather(*(job for _, job in groups), return_exceptions=True)
-        for (rcpts_of_group, _), outcome in zip(groups, outcomes, strict=True):
+            groups.append((remote, "none", self.remote.deliver(env, remote, data)))
+        outcomes = await asyncio.gather(*(job for _, _, job in groups), return_exceptions=True)
+        for (rcpts_of_group, relay, _), outcome in zip(groups, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 if not isinstance(outcome, Exception):
                     raise outcome  # cancellation: the runner is stopping
                 # A fault in one courier fails its own recipients for now, never the others'
                 # results: those were delivered and must be recorded as such.
                 log.error("%s: delivery fault: %r", env.id, outcome, exc_info=outcome)
-                outcome = {r.address: Reply(451, "4.3.0 local error in delivery, will retry")
-                           for r in rcpts_of_group}
+                outcome = {r.address: Reply(451, "4.3.0 local error in delivery, will retry",
+                                            relay) for r in rcpts_of_group}
             results.update(outcome)
         return results
 

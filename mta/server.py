@@ -17,10 +17,12 @@ from collections.abc import Callable
 
 from mta.abuse import Greylister, PregreetMemory, RateLimiter, in_networks, make_async_resolver
 from mta.authcheck import InboundChecks
+from mta.courier.local import LocalDelivery
+from mta.courier.remote import Outbound
 from mta.dkimsign import Signer
 from mta.dsn import Bouncer
-from mta.outbound import Outbound
-from mta.queue import LocalDelivery, Notifier, QueueRunner
+from mta.notice import Notifier
+from mta.queue import QueueRunner
 from mta.session import Defences, Mode, SMTPHandler
 from mta.smtp.protocol import SMTPProtocol
 from mta.smtp.server import Connections, start_listeners
@@ -132,7 +134,7 @@ async def run_mta(cfg: Config, stop: asyncio.Event, config_path: str | None = No
     db = Database(cfg.database_url)
     directory = CachedDirectory(db, cfg.directory_cache_ttl)
     spool = Spool(cfg.spool_dir, cfg.sync_method == "auto")
-    notifier = Notifier(spool)
+    notifier = Notifier(spool.dir)
     c = cfg.checks
     defences = Defences(
         checks=InboundChecks(cfg.hostname, cfg.delivery.resolver, spf_enabled=c.spf,
@@ -145,7 +147,7 @@ async def run_mta(cfg: Config, stop: asyncio.Event, config_path: str | None = No
         connection_rate=RateLimiter(cfg.limits.connections_per_ip_per_minute,
                                     60.0 * cfg.limits.window_scale))
     handler = SMTPHandler(cfg, Mode("mta", submission=False, vrfy=cfg.mta.vrfy, expn=cfg.mta.expn),
-                          directory, spool, kick=notifier.notify, defences=defences)
+                          directory, spool, announce=notifier.notify, defences=defences)
     connections = Connections(cfg.mta.max_connections, cfg.mta.max_connections_per_ip,
                               exempt=lambda ip: in_networks(ip, cfg.checks.local_networks))
     tls = server_context(cfg)
@@ -174,10 +176,10 @@ async def run_msa(cfg: Config, stop: asyncio.Event) -> None:
     directory = CachedDirectory(db, cfg.directory_cache_ttl)
     spool = Spool(cfg.spool_dir, cfg.sync_method == "auto")
 
-    notifier = Notifier(spool)
+    notifier = Notifier(spool.dir)
     handler = SubmissionHandler(
         cfg, Mode("msa", submission=True, vrfy=cfg.msa.vrfy, expn=cfg.msa.expn),
-        directory, spool, kick=notifier.notify,
+        directory, spool, announce=notifier.notify,
         defences=Defences(connection_rate=RateLimiter(cfg.limits.connections_per_ip_per_minute,
                                                       60.0 * cfg.limits.window_scale)),
         signer=Signer(cfg.dkim.keys_dir) if cfg.dkim.sign else None)

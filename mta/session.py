@@ -77,13 +77,13 @@ class Defences:
 
 class SMTPHandler(Handler):
     def __init__(self, cfg: Config, mode: Mode, directory: Directory, spool: Spool,
-                 kick: Callable[[Envelope], None],
+                 announce: Callable[[str], None],
                  defences: Defences | None = None) -> None:
         self.cfg = cfg
         self.mode = mode
         self.directory = directory
         self.spool = spool
-        self.kick = kick
+        self.announce = announce
         self.offers_auth = mode.submission
         self.defences = defences or Defences()
         self.limits: ListenerLimits = cfg.msa if mode.submission else cfg.mta
@@ -251,7 +251,7 @@ class SMTPHandler(Handler):
             message = [trace + content, (spilled, body_offset)]
         env = self.spool_envelope(qid, server, session, envelope, protocol)
         try:
-            await commit_and_announce(self.spool, env, message, self.kick)
+            await commit_and_announce(self.spool, env, message, self.announce)
         except OSError as e:
             log.error("%s: cannot spool message: %s", qid, e)
             return replies.SPOOL_FULL if e.errno in (errno.ENOSPC, errno.EDQUOT) \
@@ -326,15 +326,15 @@ class SMTPHandler(Handler):
 
 
 async def commit_and_announce(spool: Spool, env: Envelope, message: bytes | MessageParts,
-                              kick: Callable[[Envelope], None]) -> None:
+                              announce: Callable[[str], None]) -> None:
     """Commit ``env`` to the spool and tell the queue runner, even if the session that waits
     for it goes away meanwhile (a client that disconnects after the final dot): the commit
     goes on, and a committed message is always announced."""
     commit = asyncio.ensure_future(spool.commit(env, message))
 
-    def announce(done: asyncio.Future[None]) -> None:
+    def committed(done: asyncio.Future[None]) -> None:
         if not done.cancelled() and done.exception() is None:
-            kick(env)
+            announce(env.id)
 
-    commit.add_done_callback(announce)
+    commit.add_done_callback(committed)
     await asyncio.shield(commit)

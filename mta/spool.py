@@ -43,8 +43,6 @@ log = logging.getLogger("pochta.spool")
 GARBAGE_AGE = 3600.0  # seconds an uncommitted spool file must be idle before it is garbage
 INLINE_MAX = 1 << 20  # messages up to this size are written from the event loop (page cache)
 DAMAGED_DIR = "damaged"  # committed items that cannot be read: kept aside for the admin
-KICK = "kick"  # marker file: another process asks the runner to rescan
-FLUSH = "flush"  # marker file: make every deferred recipient due now
 
 
 class SpoolError(Exception):
@@ -289,7 +287,7 @@ class Spool:
         The message file first: once it is gone, nothing is delivered again, and a .json left
         by a crash is garbage. No directory fsync (as Postfix): a crash may bring a delivered
         message back; it is then retried, and the MDA recognises the maildir copies it already
-        made (mta/lmtp_out.py, XRETRY). A remote host or an mbox may get it twice, never none.
+        made (mta/courier/lmtp.py, XRETRY). A remote host or an mbox may get it twice, never none.
         """
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._msg(qid))
@@ -476,17 +474,6 @@ class Spool:
             yield self._still_committed(qid, path, os.fstat(fd))
         finally:
             os.close(fd)
-
-    def touch_marker(self, name: str) -> None:
-        p = self.dir / name
-        p.touch()
-
-    def take_marker(self, name: str) -> bool:
-        try:
-            (self.dir / name).unlink()
-            return True
-        except FileNotFoundError:
-            return False
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.dir)

@@ -110,7 +110,7 @@ def test_large_message_spills_to_a_file(tmp_path):
 
 
 def test_streamed_dot_stuffing_equals_in_memory(tmp_path):
-    from mta.lmtp_out import dot_stuff, dot_stuffed_chunks
+    from mta.courier.lmtp import dot_stuff, dot_stuffed_chunks
     from mta.spool import SpooledMessage
     rng = random.Random(3)
     for trial in range(30):

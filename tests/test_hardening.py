@@ -190,7 +190,7 @@ def test_a_fault_in_remote_delivery_never_redelivers_the_local_copies(tmp_path):
     dns_server.add("far.test", "MX", "10 mx.far.test.")
     dns_server.add("mx.far.test", "A", "127.0.0.9")
     s = Stack(tmp_path, delivery={"resolver": dns_server.address, "smtp_port": port,
-                                  "retry_initial": 1, "retry_max": 1, "max_queue_lifetime": 4})
+                                  "retry_initial": 1, "retry_max": 1, "max_queue_lifetime": 10})
     try:
         s.setup_users("example.com", "alice@example.com", "bob@example.com", password=PW)
         now = _time.time()
@@ -209,7 +209,7 @@ def test_a_fault_in_remote_delivery_never_redelivers_the_local_copies(tmp_path):
                   if b"old-item" in p.read_bytes()]
         assert len(copies) == 1, s.log("up")
         attempts = [ln for ln in s.log("up").splitlines() if "to=<x@far.test>" in ln]
-        assert len(attempts) >= 2 and "status=expired" in attempts[-1]
+        assert len(attempts) >= 2 and "status=expired" in attempts[-1], s.log("up")
     finally:
         s.stop_all()
         peer.stop()

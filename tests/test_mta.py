@@ -392,8 +392,38 @@ def test_queue_delete(tmp_path):
         assert r.returncode == 1 and "not a queue id" in r.stderr
         s.start("mda")
         s.pochta("queue", "flush")
-        time.sleep(2)
-        assert mail_files(s.mailbox_root, "bob@example.com") == []
+        send(s, "s@remote.test", ["bob@example.com"], b"Subject: sentinel\r\n\r\nx\r\n")
+        [m] = wait_mail(s, "bob@example.com", 1)  # the flush came first: the sentinel is alone
+        assert b"sentinel" in m
+    finally:
+        s.stop_all()
+
+
+def test_queue_flush_by_domain(tmp_path):
+    """`queue flush --domain` retries that domain's recipients only; without a runner the
+    command says so and fails."""
+    s = Stack(tmp_path, delivery={"retry_initial": 3600, "retry_max": 3600})  # no retry alone
+    s.setup_users(DOMAIN, "bob@example.com")
+    s.setup_users("example.org", "carol@example.org")
+    r = s.pochta("queue", "flush", check=False)
+    assert r.returncode == 1 and "not running" in r.stderr and "Traceback" not in r.stderr
+    s.start("mta")  # no MDA: both wait
+    try:
+        send(s, "s@remote.test", ["bob@example.com"], b"Subject: waits-com\r\n\r\nx\r\n")
+        send(s, "s@remote.test", ["carol@example.org"], b"Subject: waits-org\r\n\r\nx\r\n")
+        assert wait_for(lambda: s.pochta("queue", "list").stdout.count("4.4.1") == 2, 10)
+        r = s.pochta("queue", "flush", "--domain", "exa/mple.org", check=False)
+        assert r.returncode == 1 and "not a domain" in r.stderr
+        s.start("mda")
+        s.pochta("queue", "flush", "--domain", "Example.ORG")
+        [m] = wait_mail(s, "carol@example.org", 1)
+        assert b"waits-org" in m
+        send(s, "s@remote.test", ["bob@example.com"], b"Subject: sentinel\r\n\r\nx\r\n")
+        [m] = wait_mail(s, "bob@example.com", 1)
+        assert b"sentinel" in m  # example.com's deferred message was not flushed
+        s.pochta("queue", "flush")
+        got = wait_mail(s, "bob@example.com", 2)
+        assert any(b"waits-com" in m for m in got)
     finally:
         s.stop_all()
 

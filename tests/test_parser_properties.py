@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from mta.lmtp_out import dot_stuff
+from mta.courier.lmtp import dot_stuff
 from mta.smtp.data import DataDecoder, crlf_to_lf
 from store import addresses
 

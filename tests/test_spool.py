@@ -185,7 +185,7 @@ def test_a_message_committed_after_its_client_left_is_still_announced(tmp_path):
         spool.commit = slow_commit  # type: ignore[method-assign]
         env = envelope()
         session = asyncio.ensure_future(
-            commit_and_announce(spool, env, MESSAGE, lambda e: announced.append(e.id)))
+            commit_and_announce(spool, env, MESSAGE, announced.append))
         await asyncio.sleep(0)
         session.cancel()  # the client went away mid-commit
         release.set()

@@ -97,7 +97,7 @@ class Outbound:
 
     async def deliver(self, env: Envelope, rcpts: list[Recipient], data: bytes | SpooledMessage,
                       retry: bool = False) -> dict[str, Reply]:
-        """The Courier interface (mta/courier.py); ``retry`` means nothing to a remote host."""
+        """The Courier interface (mta/courier/__init__.py); ``retry`` means nothing to a remote host."""
         if isinstance(data, SpooledMessage):
             # aiosmtplib sends from memory: a large message is read in for remote delivery.
             data = await asyncio.to_thread(data.read)

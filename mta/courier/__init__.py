@@ -1,7 +1,7 @@
 """The courier seam: what the queue runner hands a message's due recipients to.
 
-One interface, two couriers: ``LocalDelivery`` (mta/queue.py: LMTP to the MDA) and
-``Outbound`` (mta/outbound.py: SMTP to the MX hosts or the smarthost). The runner only
+One interface, two couriers: ``LocalDelivery`` (local.py: LMTP to the MDA, lmtp.py its
+client) and ``Outbound`` (remote.py: SMTP to the MX hosts or the smarthost). The runner only
 schedules and records; a courier only delivers, returning one reply per recipient address
 (2xx delivered, 4xx try again, 5xx failed), never raising for a recipient's fate.
 """
