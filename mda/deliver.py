@@ -22,6 +22,7 @@ from mta.smtp import replies
 from store.batching import DiskSync
 from store.config import MDAConfig
 from store.directory import UserInfo
+from store.fsio import Unpublished, abandon, commit_files
 
 log = logging.getLogger("pochta.mda")
 
@@ -86,8 +87,8 @@ class Deliverer:
             item = self._write_maildir(path, message, job.key)
         except OSError as e:
             return self._failed(job.rcpt, path, e)
-        [error] = maildir.commit([item])
-        return self._outcome(job.rcpt, item, len(message), error)
+        [error] = commit_files([item])
+        return self._outcome(job.rcpt, path, item, len(message), error)
 
     async def deliver_batch(self, jobs: list[Job]) -> list[str]:
         """Store each maildir copy; one LMTP reply line per job.
@@ -100,7 +101,7 @@ class Deliverer:
         if len(jobs) == 1 and not self.disk.inline(1):  # one trip to the thread beats two
             return [await self.disk.run(1, 2, self.deliver, jobs[0])]
         replies: list[str] = [""] * len(jobs)
-        written: list[tuple[int, maildir.Unsynced, int]] = []  # (job index, file, size)
+        written: list[tuple[int, Unpublished, int, Path]] = []  # (job index, file, size, maildir)
         slow: list[tuple[int, Path]] = []
         for i, job in enumerate(jobs):
             path = self._mailbox(job)
@@ -121,7 +122,7 @@ class Deliverer:
             except OSError as e:
                 replies[i] = self._failed(job.rcpt, path, e)
                 continue
-            written.append((i, item, len(message)))
+            written.append((i, item, len(message), path))
 
         def write_slow_and_sync() -> list[OSError | None]:
             batch_bytes: dict[Path, int] = {}  # written to a mailbox by this batch so far
@@ -144,31 +145,23 @@ class Deliverer:
                     continue
                 try:
                     written.append((i, self._write_maildir(path, message, job.key),
-                                    len(message)))
+                                    len(message), path))
                 except OSError as e:
                     replies[i] = self._failed(job.rcpt, path, e)
                     continue
                 batch_bytes[path] = batch_bytes.get(path, 0) + len(message)
-            return self.disk.fsync_all([item.fd for _, item, _ in written])
+            return self.disk.fsync_all([item.fd for _, item, _, _ in written])
 
-        try:
-            if slow:
+        synced = None  # the files written here are synced by commit, with the group
+        if slow:
+            try:
                 synced = await asyncio.to_thread(write_slow_and_sync)
-            else:
-                synced = await self.disk.run(len(jobs), 0, self.disk.fsync_all,
-                                             [item.fd for _, item, _ in written])
-        except BaseException:
-            for _, item, _ in written:
-                os.close(item.fd)
-            raise
-        items = [item for _, item, _ in written]
-        errors, moved = maildir.move_into_new(items, synced)
-        if moved:
-            maildir.drop_unsynced(items, errors, moved,
-                                  await self.disk.run(len(jobs), len(moved), self.disk.fsync_dirs,
-                                                      list(moved)))
-        for (i, item, size), error in zip(written, errors, strict=True):
-            replies[i] = self._outcome(jobs[i].rcpt, item, size, error)
+            except BaseException:
+                abandon([item for _, item, _, _ in written])
+                raise
+        errors = await self.disk.commit([item for _, item, _, _ in written], len(jobs), synced)
+        for (i, item, size, path), error in zip(written, errors, strict=True):
+            replies[i] = self._outcome(jobs[i].rcpt, path, item, size, error)
         return replies
 
     def _mailbox(self, job: Job) -> Path | str:
@@ -209,15 +202,14 @@ class Deliverer:
             return replies.MAILBOX_FULL.format(addr=job.rcpt)
         return ""
 
-    def _outcome(self, rcpt: str, item: maildir.Unsynced, size: int, error: OSError | None
-                 ) -> str:
-        mailbox = item.maildir
+    def _outcome(self, rcpt: str, mailbox: Path, item: Unpublished, size: int,
+                 error: OSError | None) -> str:
         if error is not None:
             return self._failed(rcpt, mailbox, error)
         self.known_maildirs.add(mailbox)
         return self._delivered(rcpt, size, os.path.basename(item.final))
 
-    def _write_maildir(self, path: Path, message: bytes, key: str = "") -> maildir.Unsynced:
+    def _write_maildir(self, path: Path, message: bytes, key: str = "") -> Unpublished:
         known = path in self.known_maildirs
         if not known:
             maildir.ensure_maildir(path, self.owner)

@@ -8,16 +8,13 @@ nothing in new/ or the whole message; stray tmp/ files are what Dovecot already 
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from store.batching import fsync_all, fsync_dirs
-from store.fsio import ensure_dir
+from store.fsio import Unpublished, ensure_dir, fsync_dirs, write_unpublished
 
 
 class UniqueNames:
@@ -63,74 +60,10 @@ def ensure_maildir(path: Path, owner: tuple[int, int] | None = None) -> None:
         ensure_dir(path / sub, 0o700, owner)
 
 
-@dataclass
-class Unsynced:
-    """A message written into tmp/, not yet fsynced nor moved to new/."""
-
-    fd: int
-    tmp: str  # paths as strings: pathlib was a tenth of the MDA's CPU
-    final: str
-    maildir: Path
-
-
 def write_unsynced(path: Path, message: bytes, names: UniqueNames,
-                   owner: tuple[int, int] | None = None, key: str = "") -> Unsynced:
-    """Write ``message`` into the tmp/ of the maildir at ``path`` (which must exist)."""
+                   owner: tuple[int, int] | None = None, key: str = "") -> Unpublished:
+    """Write ``message`` into the tmp/ of the maildir at ``path`` (which must exist); its
+    final name is in new/ (store/fsio.py commits it: fsync, rename, fsync new/)."""
     name = names.next(len(message), key=key)
     base = os.fspath(path)
-    tmp = f"{base}/tmp/{name}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        if owner is not None:
-            os.fchown(fd, *owner)
-        view = memoryview(message)
-        while view:
-            view = view[os.write(fd, view):]
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return Unsynced(fd, tmp, f"{base}/new/{name}", Path(path))
-
-
-def move_into_new(batch: list[Unsynced], synced: list[OSError | None]
-                  ) -> tuple[list[OSError | None], dict[str, list[int]]]:
-    """After the fsyncs (``synced``: each file's error or None): close each file and rename the
-    synced ones into new/. Returns each item's error and the new/ directories to fsync, with the
-    items in each."""
-    errors: list[OSError | None] = list(synced)
-    moved: dict[str, list[int]] = {}
-    for i, item in enumerate(batch):
-        os.close(item.fd)
-        if errors[i] is None:
-            try:
-                os.rename(item.tmp, item.final)  # unique names: never replaces a message
-                moved.setdefault(os.path.dirname(item.final), []).append(i)
-                continue
-            except OSError as e:
-                errors[i] = e
-        with contextlib.suppress(OSError):
-            os.unlink(item.tmp)
-    return errors, moved
-
-
-def drop_unsynced(batch: list[Unsynced], errors: list[OSError | None],
-                  moved: dict[str, list[int]], dir_errors: dict[str, OSError | None]) -> None:
-    """A new/ whose fsync failed: its messages are not durable; better no copy than one we
-    cannot promise (the MTA retries)."""
-    for directory, indexes in moved.items():
-        error = dir_errors.get(directory)
-        if error is not None:
-            for i in indexes:
-                errors[i] = error
-                with contextlib.suppress(OSError):
-                    os.unlink(batch[i].final)
-
-
-def commit(batch: list[Unsynced]) -> list[OSError | None]:
-    """Make written messages durable in new/ (blocking): fsync each file, rename it into new/,
-    fsync each new/ once."""
-    errors, moved = move_into_new(batch, fsync_all([item.fd for item in batch]))
-    drop_unsynced(batch, errors, moved, fsync_dirs(list(moved)))
-    return errors
+    return write_unpublished(f"{base}/tmp/{name}", f"{base}/new/{name}", message, 0o600, owner)

@@ -36,7 +36,15 @@ from typing import BinaryIO
 
 from mta.envelope import Envelope, EnvelopeError
 from store.batching import Batcher, DiskSync
-from store.fsio import atomic_write, ensure_dir, fsync_dir, wait_for_lock
+from store.fsio import (
+    Unpublished,
+    abandon,
+    atomic_write,
+    commit_files,
+    ensure_dir,
+    fsync_dir,
+    wait_for_lock,
+)
 
 log = logging.getLogger("pochta.spool")
 
@@ -182,58 +190,37 @@ class Spool:
             except Exception as e:  # this item's fault only (see below)
                 return [e]
         results: list[None | BaseException] = [None] * len(items)
-        written: list[tuple[int, int, str]] = []  # (item index, open fd, temporary path)
+        written: list[tuple[int, Unpublished]] = []  # (item index, its file)
         in_thread: list[int] = []
-        try:
-            for i, (env, message) in enumerate(items):
-                if isinstance(message, bytes) and len(message) <= INLINE_MAX:
-                    try:
-                        written.append((i, *self._write_unsynced(env, message)))
-                    except Exception as e:  # one bad item (I/O, an envelope that does not
-                        results[i] = e  # serialise) fails alone, never its batch
-                else:
-                    in_thread.append(i)
-
-            def write_rest_and_sync() -> list[OSError | None]:
-                for i in in_thread:
-                    try:
-                        written.append((i, *self._write_unsynced(*items[i])))
-                    except Exception as e:
-                        results[i] = e
-                return self.disk.fsync_all([fd for _, fd, _ in written])
-
-            if in_thread:
-                synced = await asyncio.to_thread(write_rest_and_sync)
-            else:
-                synced = await self.disk.run(len(items), 0, self.disk.fsync_all,
-                                             [fd for _, fd, _ in written])
-        except BaseException:
-            for _, fd, tmp in written:
-                os.close(fd)
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-            raise
-        renamed: list[int] = []
-        for (i, fd, tmp), error in zip(written, synced, strict=True):
-            os.close(fd)
-            if error is None:
+        for i, (env, message) in enumerate(items):
+            if isinstance(message, bytes) and len(message) <= INLINE_MAX:
                 try:
-                    os.rename(tmp, self._msg(items[i][0].id))
-                    renamed.append(i)
-                    continue
-                except OSError as e:
-                    error = e
-            results[i] = error
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        if renamed:
-            # One directory sync makes the whole batch durable.
-            errors = await self.disk.run(len(items), 1, self.disk.fsync_dirs, [self._dir])
-            error = errors[self._dir]
+                    written.append((i, self._write_unsynced(env, message)))
+                except Exception as e:  # one bad item (I/O, an envelope that does not
+                    results[i] = e  # serialise) fails alone, never its batch
+            else:
+                in_thread.append(i)
+
+        def write_rest_and_sync() -> list[OSError | None]:
+            for i in in_thread:
+                try:
+                    written.append((i, self._write_unsynced(*items[i])))
+                except Exception as e:
+                    results[i] = e
+            return self.disk.fsync_all([f.fd for _, f in written])
+
+        synced = None  # the inline files are synced by commit, with the group
+        if in_thread:
+            try:
+                synced = await asyncio.to_thread(write_rest_and_sync)
+            except BaseException:
+                abandon([f for _, f in written])
+                raise
+        # One directory sync makes the whole batch durable.
+        errors = await self.disk.commit([f for _, f in written], len(items), synced)
+        for (i, _), error in zip(written, errors, strict=True):
             if error is not None:
-                for i in renamed:
-                    self._discard(items[i][0].id)
-                    results[i] = error
+                results[i] = error
         return results
 
     # Names as strings: pathlib on these paths was a fifth of the queue runner's CPU.
@@ -245,38 +232,17 @@ class Spool:
 
     def put(self, env: Envelope, message: bytes | MessageParts) -> None:
         """Store a new message durably; when this returns, it survives a crash."""
-        self._write(env, message)
-        try:
-            fsync_dir(self.dir)
-        except BaseException:
-            self._discard(env.id)
-            raise
+        [error] = commit_files([self._write_unsynced(env, message)])
+        if error is not None:
+            raise error
 
-    def _write(self, env: Envelope, message: bytes | MessageParts) -> None:
-        """The message file written, fsynced and renamed; durable once the directory is."""
-        fd, tmp = self._write_unsynced(env, message)
-        try:
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, self._msg(env.id))
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-
-    def _write_unsynced(self, env: Envelope, message: bytes | MessageParts) -> tuple[int, str]:
-        """The temporary file of a new item, written, not yet synced: (open fd, its path)."""
+    def _write_unsynced(self, env: Envelope, message: bytes | MessageParts) -> Unpublished:
+        """The temporary file of a new item, written, not yet synced."""
         parts: MessageParts = [message] if isinstance(message, bytes) else message
         env.size = parts_size(parts)
         head = env.to_json() + b"\n"  # before any file exists: it may fail (bad text)
         tmp = f"{self._dir}/.{env.id}.tmp"
-        return write_parts(tmp, [head, *parts]), tmp
-
-    def _discard(self, qid: str) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(self._msg(qid))
+        return Unpublished(write_parts(tmp, [head, *parts]), tmp, self._msg(env.id))
 
     def update(self, env: Envelope) -> None:
         atomic_write(self._json(env.id), env.to_json())

@@ -20,7 +20,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, ParamSpec, TypeVar
 
-from store.fsio import fsync_dir, syncfs, syncfs_flushes
+from store.fsio import (
+    Unpublished,
+    abandon,
+    fsync_dirs,
+    fsync_each,
+    publish,
+    retract,
+    syncfs,
+    syncfs_flushes,
+)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -137,7 +146,7 @@ class DiskSync:
 
     def _fsyncs(self, fds: Sequence[int]) -> list[OSError | None]:
         t0 = time.perf_counter()
-        errors = (fsync_all(fds) if len(fds) < 2
+        errors = (fsync_each(fds) if len(fds) < 2
                   else list(self._executor().map(_fsync, fds)))
         if fds:
             self._measured_fsyncs(time.perf_counter() - t0, len(fds))
@@ -148,6 +157,23 @@ class DiskSync:
         if len(dirs) < 2:
             return fsync_dirs(dirs)
         return dict(zip(dirs, self._executor().map(_fsync_dir, dirs), strict=True))
+
+    async def commit(self, files: list[Unpublished], items: int,
+                     synced: list[OSError | None] | None = None) -> list[OSError | None]:
+        """The files of a batch of ``items`` messages made durable under their final names
+        (store/fsio.py): fsynced together (unless ``synced`` says how that went), renamed from
+        the loop, each directory fsynced once; each file's error, or None."""
+        try:
+            if synced is None:
+                synced = await self.run(items, 0, self.fsync_all, [f.fd for f in files])
+        except BaseException:
+            abandon(files)
+            raise
+        errors, renamed = publish(files, synced)
+        if renamed:
+            retract(files, errors, renamed,
+                    await self.run(items, len(renamed), self.fsync_dirs, list(renamed)))
+        return errors
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:  # threads only for a process that sees batches
@@ -201,26 +227,8 @@ def _device(fd: int) -> int:
 
 
 def _fsync(fd: int) -> OSError | None:
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        return e
-    return None
+    return fsync_each([fd])[0]
 
 
 def _fsync_dir(path: str) -> OSError | None:
-    try:
-        fsync_dir(path)
-    except OSError as e:
-        return e
-    return None
-
-
-def fsync_all(fds: Sequence[int]) -> list[OSError | None]:
-    """fsync each descriptor, one after the other; the error of each, or None."""
-    return [_fsync(fd) for fd in fds]
-
-
-def fsync_dirs(dirs: Sequence[str]) -> dict[str, OSError | None]:
-    """fsync each directory once, one after the other; the error of each, or None."""
-    return {d: _fsync_dir(d) for d in dirs}
+    return fsync_dirs([path])[path]

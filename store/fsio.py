@@ -2,7 +2,10 @@
 
 POSIX only promises that a file survives a crash once the file is fsynced AND the directory
 entry pointing at it is fsynced; ``rename``/``link`` alone are not durable. Every write that
-precedes a 250 goes through here.
+precedes a 250 goes through here, in one order: write a temporary file (``Unpublished``),
+fsync it, rename it to its final name (``publish``), fsync the directory, and take the file
+back (``retract``) if that last fsync failed. ``commit_files`` does it for a batch, blocking;
+``DiskSync.commit`` (store/batching.py) from the event loop, with the group commit.
 """
 
 from __future__ import annotations
@@ -15,8 +18,12 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @functools.cache
@@ -104,39 +111,99 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def write_file_synced(path: str | os.PathLike[str], data: bytes, mode: int = 0o600,
-                      owner: tuple[int, int] | None = None) -> None:
-    """Create ``path`` (which must not exist), write ``data`` and fsync it; no directory sync."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+@dataclass
+class Unpublished:
+    """A file written under a temporary name, open, not yet durable nor under its final name.
+    Paths are strings: pathlib on the hot paths cost a fifth of a process's CPU."""
+
+    fd: int
+    tmp: str
+    final: str
+
+
+def write_unpublished(tmp: str, final: str, data: bytes, mode: int = 0o600,
+                      owner: tuple[int, int] | None = None) -> Unpublished:
+    """Create ``tmp`` (which must not exist) holding ``data``; nothing synced yet."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         if owner is not None:
             os.fchown(fd, *owner)
         view = memoryview(data)
         while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
+            view = view[os.write(fd, view):]
     except BaseException:
         os.close(fd)
-        _unlink_quietly(path)
-        raise
-    os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600,
-                 sync_dir: bool = True) -> None:
-    """Replace ``path`` with ``data`` all at once: temp file, fsync, rename, fsync directory."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    _unlink_quietly(tmp)
-    write_file_synced(tmp, data, mode)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
         _unlink_quietly(tmp)
         raise
-    if sync_dir:
-        fsync_dir(path.parent)
+    return Unpublished(fd, tmp, final)
+
+
+def publish(files: Sequence[Unpublished], synced: Sequence[OSError | None]
+            ) -> tuple[list[OSError | None], dict[str, list[int]]]:
+    """After the files' fsyncs (``synced``: each one's error or None): close each file and
+    rename the synced ones to their final names; the others are removed. Returns each file's
+    error and the directories now to fsync, with the files in each."""
+    errors: list[OSError | None] = list(synced)
+    renamed: dict[str, list[int]] = {}
+    for i, f in enumerate(files):
+        os.close(f.fd)
+        if errors[i] is None:
+            try:
+                os.rename(f.tmp, f.final)
+                renamed.setdefault(os.path.dirname(f.final), []).append(i)
+                continue
+            except OSError as e:
+                errors[i] = e
+        _unlink_quietly(f.tmp)
+    return errors, renamed
+
+
+def retract(files: Sequence[Unpublished], errors: list[OSError | None],
+            renamed: dict[str, list[int]], dir_errors: dict[str, OSError | None]) -> None:
+    """A directory whose fsync failed: the files renamed into it are not durable; better none
+    than one we cannot promise (the sender is told to retry)."""
+    for directory, indexes in renamed.items():
+        error = dir_errors.get(directory)
+        if error is not None:
+            for i in indexes:
+                errors[i] = error
+                _unlink_quietly(files[i].final)
+
+
+def abandon(files: Sequence[Unpublished]) -> None:
+    """Written files given up before ``publish`` (an exception, a cancellation)."""
+    for f in files:
+        with contextlib.suppress(OSError):
+            os.close(f.fd)
+        _unlink_quietly(f.tmp)
+
+
+def fsync_each(fds: Sequence[int]) -> list[OSError | None]:
+    """fsync each descriptor, one after the other; the error of each, or None."""
+    return [_error_of(os.fsync, fd) for fd in fds]
+
+
+def fsync_dirs(dirs: Sequence[str]) -> dict[str, OSError | None]:
+    """fsync each directory once, one after the other; the error of each, or None."""
+    return {d: _error_of(fsync_dir, d) for d in dirs}
+
+
+def commit_files(files: Sequence[Unpublished]) -> list[OSError | None]:
+    """Make written files durable under their final names (blocking): fsync each, rename,
+    fsync each directory once; each file's error, or None."""
+    errors, renamed = publish(files, fsync_each([f.fd for f in files]))
+    retract(files, errors, renamed, fsync_dirs(list(renamed)))
+    return errors
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` all at once (``commit_files`` of one file)."""
+    final = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.{os.getpid()}.tmp")
+    _unlink_quietly(tmp)
+    [error] = commit_files([write_unpublished(tmp, final, data, mode)])
+    if error is not None:
+        raise error
 
 
 def ensure_dir(path: str | os.PathLike[str], mode: int = 0o700,
@@ -165,6 +232,14 @@ def ensure_dir(path: str | os.PathLike[str], mode: int = 0o700,
 def _unlink_quietly(path: str | os.PathLike[str]) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+def _error_of(fn: Callable[[T], object], arg: T) -> OSError | None:
+    try:
+        fn(arg)
+    except OSError as e:
+        return e
+    return None
 
 
 def wait_for_lock(fd: int, lock: Callable[[int, int], None], timeout: float,
