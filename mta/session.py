@@ -321,8 +321,8 @@ class SMTPHandler(Handler):
             return replies.DIRECTORY_UNAVAILABLE
         if not members:
             return replies.EXPN_UNKNOWN.format(addr=address)
-        lines = [f"250-2.1.5 <{m}>" for m in members[:-1]] + [f"250 2.1.5 <{members[-1]}>"]
-        return "\r\n".join(lines)
+        return "\r\n".join(replies.EXPN_MEMBER.format(sep="-" if i < len(members) - 1 else " ",
+                                                      addr=m) for i, m in enumerate(members))
 
 
 async def commit_and_announce(spool: Spool, env: Envelope, message: bytes | MessageParts,

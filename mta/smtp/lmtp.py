@@ -48,10 +48,10 @@ class LMTPProtocol(BaseSMTP):
         await BaseSMTP.smtp_EHLO(self, arg)
 
     async def smtp_HELO(self, arg: str) -> None:
-        await self.push('500 5.5.1 Error: command "HELO" not recognized, this is LMTP')
+        await self.push(replies.NOT_LMTP.format(verb="HELO"))
 
     async def smtp_EHLO(self, arg: str) -> None:
-        await self.push('500 5.5.1 Error: command "EHLO" not recognized, this is LMTP')
+        await self.push(replies.NOT_LMTP.format(verb="EHLO"))
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:

@@ -143,7 +143,8 @@ class SMTPProtocol(BaseSMTP):
 
     async def push(self, status: str | bytes) -> None:
         await super().push(status)
-        if isinstance(status, str) and status[:1] == "5" and not status.startswith("502 5.5.1 Too"):
+        if (isinstance(status, str) and replies.code_of(status) >= 500
+                and status != replies.AIOSMTPD_BOGUS_LIMIT):
             self.errors += 1
             if self.max_errors and self.errors >= self.max_errors:
                 log.info("%s: too many errors, closing", self.peer_ip)

@@ -8,6 +8,12 @@ the MSA and the MDA use it; aiosmtpd's own replies are rewritten with an enhance
 
 from __future__ import annotations
 
+
+def code_of(reply: str) -> int:
+    """The reply code of a reply line (0 if it has none)."""
+    head = reply[:3]
+    return int(head) if head.isdigit() else 0
+
 SENDER_OK = "250 2.1.0 Sender OK"
 RCPT_OK = "250 2.1.5 Recipient OK"
 QUEUED = "250 2.0.0 Ok: queued as {id}"
@@ -49,7 +55,10 @@ DNSBL_LISTED = "554 5.7.1 Service unavailable; client [{ip}] blocked using {zone
 PREGREET = "554 5.7.1 Protocol error: talking before the greeting"
 
 # -- commands and the message (wire layer) ----------------------------------------------------
+# aiosmtpd sends this one itself, then closes: not counted as one more error (protocol.py).
+AIOSMTPD_BOGUS_LIMIT = "502 5.5.1 Too many unrecognized commands, goodbye."
 NEED_RCPT = "503 5.5.1 Need RCPT command first"
+START_DATA = "354 End data with <CR><LF>.<CR><LF>"
 DATA_SYNTAX = "501 5.5.4 Syntax: DATA"
 EXPN_SYNTAX = "501 5.5.4 Syntax: EXPN <list>"
 BAD_RET = "501 5.5.4 RET must be FULL or HDRS"
@@ -70,6 +79,7 @@ AUTHCHECK_TEMPERROR = "451 4.7.0 Temporary DNS failure checking authentication, 
 VRFY_UNKNOWN = "550 5.1.1 <{addr}> No such user here"
 VRFY_OK = "250 2.1.5 <{addr}>"
 EXPN_UNKNOWN = "550 5.1.1 <{addr}> No such mailing list here"
+EXPN_MEMBER = "250{sep}2.1.5 <{addr}>"  # sep "-" on every line but the last
 
 # -- submission (mta/submission.py) -----------------------------------------------------------
 AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
@@ -86,6 +96,7 @@ MESSAGE_RATE = "451 4.7.1 Message rate limit reached for your account, try again
 BAD_QUEUE_ID = "501 5.5.4 Malformed XQUEUEID"
 BDAT_SYNTAX = "501 5.5.4 Syntax: BDAT <size> [LAST]"
 NEED_LHLO = "503 5.5.1 Error: send LHLO first"
+NOT_LMTP = '500 5.5.1 Error: command "{verb}" not recognized, this is LMTP'
 NEED_MAIL_AND_RCPT = "503 5.5.1 Need MAIL and an accepted RCPT first"
 CHUNK_RECEIVED = "250 2.0.0 {size} octets received"
 LMTP_SENDER_OK = "250 2.1.0 Sender OK"

@@ -427,7 +427,7 @@ class BaseSMTP(SMTP):
         if arg:
             await self.push(replies.DATA_SYNTAX)
             return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        await self.push(replies.START_DATA)
         with self.reading_data():
             result = await read_data(self._reader, self.data_size_limit, self._reset_timeout,
                                      self.handler.data_sink)
