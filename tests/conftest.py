@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +9,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-sys.path.insert(0, str(Path(__file__).parent))
+from tests.support.pochta import POSTGRES_URL
 
-POSTGRES_URL = os.environ.get("POCHTA_TEST_POSTGRES", "")
 BACKENDS = ["sqlite"] + (["postgres"] if POSTGRES_URL else [])
 
 
@@ -48,22 +44,6 @@ def directory(database_url: str):
     db = Database(database_url)
     yield Directory(db)
     db.dispose()
-
-
-def pochta_bin() -> str:
-    exe = Path(sys.executable).parent / "pochta"
-    return str(exe) if exe.exists() else "pochta"
-
-
-def run_pochta(config: Path | None, *args: str, stdin: str | None = None,
-               env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    cmd = [pochta_bin()]
-    if config is not None:
-        cmd += ["--config", str(config)]
-    full_env = {k: v for k, v in os.environ.items() if k != "POCHTA_CONFIG"}
-    full_env.update(env or {})
-    return subprocess.run(cmd + list(args), input=stdin, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 import pytest
-from fakes import FakeDNS, SinkMX
-from stack import Stack, free_port
-from test_mta import wait_for
+
+from tests.support.fakes import FakeDNS, SinkMX
+from tests.support.smtp import wait_for
+from tests.support.stack import Stack, free_port
 
 POWERFS = Path(__file__).with_name("powerfs.py")
 

@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import POSTGRES_URL
-from stack import Stack, mail_files
-from test_mta import wait_for
+
+from tests.support.pochta import POSTGRES_URL
+from tests.support.smtp import wait_for
+from tests.support.stack import Stack, mail_files
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")
 

@@ -7,29 +7,12 @@ import signal
 import threading
 
 import pytest
-from lmtp_raw import RawLMTP
-from stack import Stack, mail_files
+
+from tests.support.lmtp_raw import RawLMTP, lmtp_send
+from tests.support.stack import Stack, mail_files
 
 MSG = (b"From: Sender <sender@remote.test>\r\nTo: bob@example.com\r\nSubject: caf\xc3\xa9 \xe2\x98\x95\r\n"
        b"Message-ID: <m1@remote.test>\r\n\r\nBody line one\r\n.leading dot\r\n8-bit: \xff\xfe\r\n")
-
-
-def lmtp_send(addr, mail_from, rcpts, data, mail_params=""):
-    """One transaction; (RCPT replies, DATA replies) read from the socket ourselves."""
-    c = RawLMTP(addr)
-    assert c.greeting.startswith("220 ")
-    assert c.cmd("LHLO client.test").startswith("250")
-    assert c.cmd(f"MAIL FROM:<{mail_from}>{mail_params}").startswith("250")
-    rcpt_replies = [c.cmd(f"RCPT TO:<{r}>") for r in rcpts]
-    accepted = sum(r.startswith("250") for r in rcpt_replies)
-    data_replies = []
-    if accepted:
-        assert c.cmd("DATA").startswith("354")
-        stuffed = data.replace(b"\r\n.", b"\r\n..")
-        c.send_data(stuffed + b".\r\n")
-        data_replies = [c.reply() for _ in range(accepted)]
-    c.close()
-    return rcpt_replies, data_replies
 
 
 @pytest.fixture

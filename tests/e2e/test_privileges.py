@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from stack import Stack, mail_files, wait_listening
-from test_mta import wait_for
+
+from tests.support.smtp import wait_for
+from tests.support.stack import Stack, mail_files, wait_listening
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
 

@@ -10,9 +10,10 @@ import ssl
 import time
 
 import pytest
-from fakes import FakeDNS, ScriptedMX, SinkMX
-from stack import Stack, free_port, mail_files
-from test_mta import Raw, wait_for
+
+from tests.support.fakes import FakeDNS, ScriptedMX, SinkMX
+from tests.support.smtp import Raw, wait_for
+from tests.support.stack import Stack, free_port, mail_files
 
 PW = "correct horse"
 
@@ -284,11 +285,10 @@ def test_a_copy_delivered_just_before_a_crash_is_not_delivered_again(tmp_path):
     """The runner died after the MDA stored bob's copy and before it recorded that: after the
     restart the message is found in the spool and retried; the MDA recognises bob's copy
     (same queue id and recipient) and makes amy's only."""
-    from lmtp_raw import RawLMTP
-    from test_mta import send
-
     from mta.envelope import Envelope, Recipient, new_id
     from mta.spool import Spool
+    from tests.support.lmtp_raw import RawLMTP
+    from tests.support.smtp import send
 
     s = Stack(tmp_path)
     try:
@@ -423,7 +423,7 @@ def test_a_message_at_the_size_limit_is_delivered_with_the_headers_we_add(tmp_pa
     """The MTA takes a message just under its limit and adds Received: the MDA, whose own
     limit is the same number, must still take it (it allows for what we prepend) rather
     than refuse it after we said 250 (a bounce of mail we accepted)."""
-    from test_mta import send
+    from tests.support.smtp import send
 
     s = Stack(tmp_path, mta={"max_message_size": 100_000}, mda={"max_message_size": 100_000})
     try:

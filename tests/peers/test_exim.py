@@ -16,11 +16,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from fakes import FakeDNS
-from stack import Stack, free_port
-from test_mta import wait_for
 
-EXIM = Path(__file__).resolve().parents[1] / ".cache" / "peers" / "exim" / "usr" / "sbin" / "exim4"
+from tests.support.fakes import FakeDNS
+from tests.support.smtp import wait_for
+from tests.support.stack import Stack, free_port
+
+EXIM = Path(__file__).resolve().parents[2] / ".cache" / "peers" / "exim" / "usr" / "sbin" / "exim4"
 PW = "correct horse"
 
 

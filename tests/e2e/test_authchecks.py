@@ -15,9 +15,10 @@ from pathlib import Path
 
 import dkim
 import pytest
-from fakes import FakeDNS, SinkMX
-from stack import Stack, free_port, mail_files
-from test_mta import Raw, wait_for, wait_mail
+
+from tests.support.fakes import FakeDNS, SinkMX
+from tests.support.smtp import Raw, wait_for, wait_mail
+from tests.support.stack import Stack, free_port, mail_files
 
 PW = "pw"
 

@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import pochta_bin, run_pochta
-from fakes import FakeDNS
+from tests.support.fakes import FakeDNS
+from tests.support.pochta import pochta_bin, run_pochta
 
 _quiet_dns: FakeDNS | None = None
 

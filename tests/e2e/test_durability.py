@@ -11,8 +11,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from stack import Stack
-from test_mta import wait_for
+from tests.support.smtp import wait_for
+from tests.support.stack import Stack
 
 N_CLIENTS = 10
 N_MESSAGES = 200

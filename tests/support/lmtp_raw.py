@@ -45,3 +45,21 @@ class RawLMTP:
         except OSError:
             pass
         self.sock.close()
+
+
+def lmtp_send(addr, mail_from, rcpts, data, mail_params=""):
+    """One transaction; (RCPT replies, DATA replies) read from the socket ourselves."""
+    c = RawLMTP(addr)
+    assert c.greeting.startswith("220 ")
+    assert c.cmd("LHLO client.test").startswith("250")
+    assert c.cmd(f"MAIL FROM:<{mail_from}>{mail_params}").startswith("250")
+    rcpt_replies = [c.cmd(f"RCPT TO:<{r}>") for r in rcpts]
+    accepted = sum(r.startswith("250") for r in rcpt_replies)
+    data_replies = []
+    if accepted:
+        assert c.cmd("DATA").startswith("354")
+        stuffed = data.replace(b"\r\n.", b"\r\n..")
+        c.send_data(stuffed + b".\r\n")
+        data_replies = [c.reply() for _ in range(accepted)]
+    c.close()
+    return rcpt_replies, data_replies

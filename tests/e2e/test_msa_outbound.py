@@ -11,9 +11,10 @@ import subprocess
 import time
 
 import pytest
-from fakes import FakeDNS, SinkMX
-from stack import Stack, free_port, mail_files
-from test_mta import Raw, wait_for
+
+from tests.support.fakes import FakeDNS, SinkMX
+from tests.support.smtp import Raw, wait_for
+from tests.support.stack import Stack, free_port, mail_files
 
 PW = "correct horse"
 

@@ -1,7 +1,8 @@
 """The real `pochta` command in a subprocess: output, exit codes, one-line errors."""
 
 import pytest
-from conftest import run_pochta
+
+from tests.support.pochta import run_pochta
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from stack import free_port, wait_listening
+from tests.support.stack import free_port, wait_listening
 
 DOVECOT = shutil.which("dovecot") or (
     "/usr/sbin/dovecot" if Path("/usr/sbin/dovecot").exists() else None)

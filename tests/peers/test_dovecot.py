@@ -10,9 +10,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from dovecot_peer import DOVECOT, Dovecot
-from stack import Stack
-from test_mda import lmtp_send
+
+from tests.support.dovecot import DOVECOT, Dovecot
+from tests.support.lmtp_raw import lmtp_send
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.skipif(DOVECOT is None, reason="no dovecot binary (apt install dovecot-imapd)")
 

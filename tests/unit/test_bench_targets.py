@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 _spec = importlib.util.spec_from_file_location(
-    "bench_run", Path(__file__).resolve().parent.parent / "bench" / "run.py")
+    "bench_run", Path(__file__).resolve().parents[2] / "bench" / "run.py")
 assert _spec is not None and _spec.loader is not None
 bench = importlib.util.module_from_spec(_spec)
 sys.modules["bench_run"] = bench  # dataclasses look their module up by name
