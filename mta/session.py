@@ -179,6 +179,11 @@ class SMTPHandler(Handler):
                 targets = await lookup(self.directory, "resolve", rcpt)
             elif session.authenticated:
                 targets = [rcpt]
+            elif not self.mode.submission and in_networks(server.peer_ip,
+                                                          self.cfg.mta.relay_networks):
+                log.info("%s: relay for a client of relay_networks to <%s>", server.peer_ip, rcpt)
+                targets = [rcpt]
+                envelope.relayed_for_network = True
             else:
                 log.info("%s: relay denied to <%s>", server.peer_ip, rcpt)
                 return replies.RELAY_DENIED.format(addr=address)
@@ -259,8 +264,9 @@ class SMTPHandler(Handler):
         except Exception:
             log.exception("%s: cannot spool message", qid)
             return replies.SPOOL_ERROR
-        log.info("%s: from=<%s> size=%d nrcpt=%d client=%s proto=%s", qid, env.mail_from,
-                 env.size, len(env.recipients), server.peer_ip or "local", protocol)
+        log.info("%s: from=<%s> size=%d nrcpt=%d client=%s proto=%s%s", qid, env.mail_from,
+                 env.size, len(env.recipients), server.peer_ip or "local", protocol,
+                 " relay=network" if envelope.relayed_for_network else "")
         return replies.QUEUED.format(id=qid)
 
     async def check_message(self, session: Session, content: bytes) -> bytes | str:

@@ -9,6 +9,7 @@ with a ``ConfigError`` naming the key, so a typo never silently falls back to a 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -32,6 +33,10 @@ class MTAConfig:
     idle_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: at least 5 minutes
     max_errors: int = 10
     min_free_space: int = 104857600  # bytes free in spool_dir before MAIL gets 452 4.3.1
+    # Clients that may relay to any domain on port 25 without AUTH (Postfix's mynetworks), and
+    # that may ETRN without AUTH. Empty: nobody.
+    relay_networks: list[str] = field(default_factory=list)
+    etrn_networks: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -265,14 +270,15 @@ def _validate(cfg: Config) -> None:
     if cfg.checks.temperror not in ("accept", "defer"):
         raise ConfigError(f"config key 'checks.temperror': expected \"accept\" or \"defer\", "
                           f"got {cfg.checks.temperror!r}")
-    import ipaddress
-
-    for i, net in enumerate(cfg.checks.local_networks):
-        try:
-            ipaddress.ip_network(net, strict=False)
-        except ValueError:
-            raise ConfigError(f"config key 'checks.local_networks[{i}]': "
-                              f"not a network: {net!r}") from None
+    for key, nets in (("checks.local_networks", cfg.checks.local_networks),
+                      ("mta.etrn_networks", cfg.mta.etrn_networks)):
+        for i, net in enumerate(nets):
+            _network(f"{key}[{i}]", net)
+    for i, net in enumerate(cfg.mta.relay_networks):
+        parsed = _network(f"mta.relay_networks[{i}]", net)
+        if parsed.prefixlen < (8 if parsed.version == 4 else 32):
+            raise ConfigError(f"config key 'mta.relay_networks[{i}]': {net!r} is wider than /"
+                              f"{8 if parsed.version == 4 else 32}: that is an open relay")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"config key 'log_level': expected debug, info, warning or error, "
                           f"got {cfg.log_level!r}")
@@ -323,3 +329,10 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     cfg = _fill_paths(cfg)
     _validate(cfg)
     return cfg
+
+
+def _network(key: str, value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ConfigError(f"config key {key!r}: not a network: {value!r}") from None

@@ -95,6 +95,7 @@ class SMTPEnvelope(Envelope):
         self.recipients: list[Any] = []  # the handler's per-RCPT records, parallel to rcpt_tos
         self.dsn_ret: str | None = None  # RFC 3461 MAIL parameters
         self.dsn_envid: str | None = None
+        self.relayed_for_network = False  # a recipient relayed for a client of relay_networks
 
 
 # The common case of a path: <dot-atom@domain> in ASCII, then parameters.
