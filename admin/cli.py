@@ -13,7 +13,7 @@ import typer
 
 from admin import dovecot, queue_cmds, serve
 from admin.context import Context, UserError, context, table
-from store.config import ConfigError
+from store.config import ConfigError, parse_host_port
 from store.directory import DirectoryError, DirectoryUnavailable
 
 app = typer.Typer(
@@ -27,11 +27,14 @@ db_app = typer.Typer(help="The directory database.", no_args_is_help=True)
 domain_app = typer.Typer(help="Domains we receive mail for.", no_args_is_help=True)
 user_app = typer.Typer(help="Mailbox users.", no_args_is_help=True)
 alias_app = typer.Typer(help="Aliases; '@domain' is the catch-all.", no_args_is_help=True)
+relay_recipient_app = typer.Typer(
+    help="Recipients a relay domain accepts (none listed: all).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(domain_app, name="domain")
 app.add_typer(user_app, name="user")
 app.add_typer(alias_app, name="alias")
 app.add_typer(queue_cmds.queue_app, name="queue")
+app.add_typer(relay_recipient_app, name="relay-recipient")
 app.command("serve")(serve.serve)
 app.command("up")(serve.up)
 app.command("dovecot-config")(dovecot.dovecot_config)
@@ -80,15 +83,43 @@ def db_upgrade(ctx: typer.Context) -> None:
 
 
 @domain_app.command("add")
-def domain_add(ctx: typer.Context, domain: str) -> None:
-    """Receive mail for DOMAIN."""
-    typer.echo(f"added domain {context(ctx).directory.add_domain(domain)}")
+def domain_add(
+    ctx: typer.Context, domain: str,
+    relay: bool = typer.Option(False, "--relay",
+                               help="A domain we are backup MX for: queue its mail, pass it on."),
+    to: str = typer.Option("", "--to", metavar="HOST[:PORT]",
+                           help="With --relay: pass its mail to this host, not to its MX hosts."),
+    hold: bool = typer.Option(False, "--hold",
+                              help="With --relay: keep its mail until released (ETRN, "
+                                   "pochta queue flush --domain)."),
+) -> None:
+    """Receive mail for DOMAIN (with --relay: as its backup MX)."""
+    directory = context(ctx).directory
+    if not relay:
+        if to or hold:
+            raise UserError("--to and --hold are for a relay domain: add --relay")
+        typer.echo(f"added domain {directory.add_domain(domain)}")
+        return
+    if to:
+        try:
+            parse_host_port(to)
+        except ValueError as e:
+            raise UserError(f"--to: {e}") from None
+    name = directory.add_relay_domain(domain, to=to, hold=hold)
+    typer.echo(f"added relay domain {name}"
+               + (f", passed on to {to}" if to else ", passed on to its better MX hosts")
+               + (", held until released" if hold else ""))
 
 
 @domain_app.command("list")
 def domain_list(ctx: typer.Context) -> None:
-    rows = context(ctx).directory.list_domains()
-    table(["DOMAIN", "USERS", "ALIASES"], [[d, str(u), str(a)] for d, u, a in rows])
+    directory = context(ctx).directory
+    rows = [[d, str(u), str(a), "local", "-"] for d, u, a in directory.list_domains()]
+    for r in directory.list_relay_domains():
+        route = (r.to or "mx") + (" hold" if r.hold else "") + \
+            (" listed-recipients" if r.restricted else "")
+        rows.append([r.domain, "-", "-", "relay", route])
+    table(["DOMAIN", "USERS", "ALIASES", "KIND", "ROUTE"], sorted(rows))
 
 
 @domain_app.command("remove")
@@ -98,6 +129,28 @@ def domain_remove(
 ) -> None:
     context(ctx).directory.remove_domain(domain, force=force)
     typer.echo(f"removed domain {domain}")
+
+
+# --- relay-recipient -----------------------------------------------------------------------
+
+
+@relay_recipient_app.command("add")
+def relay_recipient_add(ctx: typer.Context, address: str) -> None:
+    """Accept mail for ADDRESS of a relay domain; once one is listed, only listed ones are."""
+    typer.echo(f"added relay recipient {context(ctx).directory.add_relay_recipient(address)}")
+
+
+@relay_recipient_app.command("remove")
+def relay_recipient_remove(ctx: typer.Context, address: str) -> None:
+    context(ctx).directory.remove_relay_recipient(address)
+    typer.echo(f"removed relay recipient {address}")
+
+
+@relay_recipient_app.command("list")
+def relay_recipient_list(ctx: typer.Context,
+                         domain: str | None = typer.Argument(None)) -> None:
+    for address in context(ctx).directory.list_relay_recipients(domain):
+        typer.echo(address)
 
 
 # --- user ----------------------------------------------------------------------------------

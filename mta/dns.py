@@ -45,6 +45,15 @@ class RouteError(Exception):
     text: str
 
 
+def better_than(by_pref: dict[int, list[str]], ourselves: str) -> dict[int, list[str]]:
+    """The MX hosts by preference, less ours and those no better than ours."""
+    me = ourselves.lower().rstrip(".")
+    mine = [pref for pref, names in by_pref.items() if me and me in (n.lower() for n in names)]
+    if not mine:
+        return by_pref
+    return {pref: names for pref, names in by_pref.items() if pref < min(mine)}
+
+
 class Resolver:
     def __init__(self, server: str = "", timeout: float = 5.0) -> None:
         self.r = configured(dns.asyncresolver.Resolver, server, timeout)
@@ -75,7 +84,9 @@ class Resolver:
             out += [a.to_text() for a in answers or []]
         return out
 
-    async def route(self, domain: str) -> list[Host]:
+    async def route(self, domain: str, ourselves: str = "") -> list[Host]:
+        """``ourselves``: our host name, when we may be one of the domain's MX hosts (a backup
+        MX): only hosts better than ours are used (RFC 5321 §5.1), never ourselves."""
         mx = cast("list[MX] | None", await self._query(domain, "MX"))
         if mx is None:
             names = [domain]  # RFC 5321 §5.1: no MX -> the domain itself is the implicit MX
@@ -85,6 +96,10 @@ class Resolver:
             by_pref: dict[int, list[str]] = {}
             for rr in mx:
                 by_pref.setdefault(rr.preference, []).append(rr.exchange.to_text().rstrip("."))
+            by_pref = better_than(by_pref, ourselves)
+            if not by_pref:
+                raise RouteError(False, "4.4.6", f"mail for {domain} loops back to us: "
+                                                 "no MX host better than ours")
             names = []
             for pref in sorted(by_pref):
                 group = by_pref[pref]

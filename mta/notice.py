@@ -4,7 +4,8 @@ Senders are the MTA and MSA (ids of messages they just committed, ``Notifier``) 
 (``pochta queue flush``, ``send_command``). A datagram holds either queue ids separated by
 spaces or one command starting with ``!``:
 
-- ``!flush`` / ``!flush DOMAIN``: make every deferred recipient (of DOMAIN) due now;
+- ``!flush`` / ``!flush DOMAIN`` / ``!flush @DOMAIN``: make every deferred recipient (of
+  DOMAIN, and of its subdomains) due now, releasing held relay domains' mail;
 - ``!rescan``: list the spool and load what the runner does not know (a sender had to drop ids).
 
 Nothing is lost when no runner listens: a message is committed before its notice is sent, and a
@@ -43,6 +44,7 @@ class Notice:
     ids: list[str] = field(default_factory=list)
     flush: bool = False
     flush_domain: str | None = None  # with flush: only this domain's recipients
+    subdomains: bool = False  # and those of its subdomains (ETRN "@domain")
     rescan: bool = False
 
 
@@ -53,8 +55,11 @@ def parse_notice(data: bytes) -> Notice:
         command, args = words[0], words[1:]
         if command == "!flush" and not args:
             return Notice(flush=True)
-        if command == "!flush" and len(args) == 1 and DOMAIN.fullmatch(args[0]):
-            return Notice(flush=True, flush_domain=args[0].lower().rstrip("."))
+        if command == "!flush" and len(args) == 1:
+            sub = args[0].startswith("@")
+            name = args[0][1:] if sub else args[0]
+            if DOMAIN.fullmatch(name):
+                return Notice(flush=True, flush_domain=name.lower().rstrip("."), subdomains=sub)
         if command == "!rescan" and not args:
             return Notice(rescan=True)
         return Notice()

@@ -35,6 +35,8 @@ from store.directory import Directory, DirectoryUnavailable, lookup
 
 log = logging.getLogger("pochta.queue")
 
+HELD = "held"  # the relay of a reply for a recipient of a held relay domain: not attempted
+
 class QueueRunner:
     """The scheduler: which message is attempted when, and how many at once.
 
@@ -70,6 +72,8 @@ class QueueRunner:
         self.recovered: set[str] = set()
         self.notices: NoticeSocket | None = None
         self.commands: deque[Notice] = deque()  # flush and rescan requests, in order
+        # (id, recipient) of held relay domains released by a flush or ETRN, until attempted
+        self.released: set[tuple[str, str]] = set()
         self.per_destination = per_destination
         self.in_flight: Counter[str] = Counter()  # remote domain -> attempts delivering there
         self.waiting: defaultdict[str, deque[str]] = defaultdict(deque)  # domain -> ids
@@ -199,13 +203,14 @@ class QueueRunner:
         if notice.flush:
             domain = notice.flush_domain
             log.info("flush: every deferred recipient%s is due now",
-                     f" at {domain}" if domain else "")
+                     f" at {'*.' if notice.subdomains else ''}{domain}" if domain else "")
             now = self.clock()
             for env in self.items.values():
                 touched = False
                 for r in env.pending:
-                    if domain is None or addresses.domain_of(r.address) == domain:
+                    if flushes(addresses.domain_of(r.address), domain, notice.subdomains):
                         r.next_attempt = min(r.next_attempt, now)
+                        self.released.add((env.id, r.address))
                         touched = True
                 if touched:
                     self._schedule(env)
@@ -359,18 +364,27 @@ class QueueRunner:
                               ) -> dict[str, Reply]:
         local: list[Recipient] = []
         remote: list[Recipient] = []
+        results: dict[str, Reply] = {}
+        released = {r.address for r in rcpts if (env.id, r.address) in self.released}
+        self.released.difference_update((env.id, a) for a in released)
         try:
             for r in rcpts:
                 domain = addresses.domain_of(r.address)
                 ours = await lookup(self.directory, "is_local_domain", domain)
-                (local if ours else remote).append(r)
                 if ours:
+                    local.append(r)
                     if len(self.local_domains) >= 10_000:
                         self.local_domains.clear()
                     self.local_domains.add(domain)
+                    continue
+                route = await lookup(self.directory, "relay_route", domain)
+                if route is not None and route.hold and r.address not in released:
+                    results[r.address] = Reply(451, f"4.3.2 held for {domain} until released "
+                                                    "(ETRN)", HELD)
+                    continue
+                remote.append(r)
         except DirectoryUnavailable as e:
             return {r.address: Reply(451, f"4.3.0 directory unavailable: {e}") for r in rcpts}
-        results: dict[str, Reply] = {}
         groups: list[tuple[list[Recipient], str, Awaitable[dict[str, Reply]]]] = []
         if local:
             retry = env.id in self.recovered or any(r.attempts for r in local)
@@ -398,10 +412,13 @@ class QueueRunner:
         delayed = []
         for r in rcpts:
             reply = results.get(r.address, Reply(451, "4.3.0 no result for this recipient"))
-            r.attempts += 1
+            held = reply.relay == HELD  # not an attempt: nothing was tried
+            r.attempts += 0 if held else 1
             r.last_reply = reply.line
             relay = r.last_relay = reply.relay or "mda"
-            if reply.ok:
+            if held and now - env.created < d.max_queue_lifetime:
+                r.next_attempt = now + d.retry_max  # until a release makes it due at once
+            elif reply.ok:
                 r.status = SENT
                 r.dsn_passed = reply.dsn_passed
             elif reply.permanent:
@@ -414,9 +431,17 @@ class QueueRunner:
                         and now - env.created >= d.delay_warning):
                     r.delay_notified = True
                     delayed.append(r)
-            status = {SENT: "sent", FAILED: "bounced", EXPIRED: "expired"}.get(r.status, "deferred")
+            status = {SENT: "sent", FAILED: "bounced", EXPIRED: "expired"}.get(
+                r.status, "held" if held else "deferred")
             log.info("%s: to=<%s>%s relay=%s delay=%.2f attempts=%d status=%s (%s)", env.id,
                      r.address, f" orig_to=<{r.original}>" if r.original != r.address else "",
                      relay, now - env.created, r.attempts, status, reply.line)
         return delayed
 
+
+def flushes(rcpt_domain: str, domain: str | None, subdomains: bool) -> bool:
+    """Whether a flush of ``domain`` (None: all; ``subdomains``: ETRN's "@domain") covers a
+    recipient at ``rcpt_domain``."""
+    if domain is None or rcpt_domain == domain:
+        return True
+    return subdomains and rcpt_domain.endswith("." + domain)

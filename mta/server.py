@@ -72,7 +72,8 @@ async def run_queue(cfg: Config, stop: asyncio.Event) -> None:
     directory = CachedDirectory(db, cfg.directory_cache_ttl)
     spool = Spool(cfg.spool_dir, cfg.sync_method == "auto")
     bouncer = Bouncer(cfg.hostname, spool, directory)
-    runner = QueueRunner(cfg, spool, directory, LocalDelivery(cfg), Outbound(cfg),
+    runner = QueueRunner(cfg, spool, directory, LocalDelivery(cfg),
+                         Outbound(cfg, directory=directory),
                          bouncer)
     bouncer.enqueue = runner.add
     if os.environ.get(PARENT_PIPE):

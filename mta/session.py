@@ -27,6 +27,7 @@ from mta import policy
 from mta.abuse import Greylister, PregreetMemory, RateLimiter, dnsbl_listed, in_networks
 from mta.authcheck import InboundChecks, strip_forged_results
 from mta.envelope import Envelope, Recipient, new_id
+from mta.notice import NoRunner, send_command
 from mta.smtp import Session, replies
 from mta.smtp.protocol import BadCommandLine, SMTPEnvelope, SMTPProtocol
 from mta.smtp.server import BaseSMTP, Handler
@@ -120,14 +121,46 @@ class SMTPHandler(Handler):
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         out = [r for r in responses[:-1] if not (r.startswith("250-AUTH") and not self.offers_auth)]
-        out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN", responses[-1]]
-        return out
+        out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN"]
+        if not self.mode.submission:
+            out.append("250-ETRN")  # RFC 1985: backup MX clients; the networks are checked
+        return [*out, responses[-1]]
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, BadCommandLine):
             return error.reply
         log.exception("session error: %r", error)
         return replies.LOCAL_ERROR
+
+    async def handle_ETRN(self, server: SMTPProtocol, session: Session, envelope: SMTPEnvelope,
+                          node: str) -> str:
+        """RFC 1985: release and deliver a relay domain's queued mail now (port 25 only)."""
+        if self.mode.submission:
+            return replies.NOT_IMPLEMENTED
+        if node.startswith("#"):
+            return replies.ETRN_NAMED_QUEUE.format(node=node)
+        subdomains = node.startswith("@")
+        try:
+            domain = addresses.normalize_domain(node[1:] if subdomains else node)
+        except addresses.AddressError:
+            return replies.ETRN_SYNTAX
+        if not in_networks(server.peer_ip, self.cfg.mta.etrn_networks):
+            log.info("%s: ETRN %s refused: not in etrn_networks", server.peer_ip, node)
+            return replies.ETRN_NOT_ALLOWED
+        try:
+            route = await lookup(self.directory, "relay_route", domain)
+        except DirectoryUnavailable:
+            return replies.ETRN_UNABLE.format(node=node)
+        if route is None:
+            return replies.ETRN_NOT_RELAY.format(node=node)
+        try:
+            await asyncio.to_thread(send_command, self.spool.dir,
+                                    f"!flush {'@' if subdomains else ''}{domain}")
+        except NoRunner as e:
+            log.warning("%s: ETRN %s: %s", server.peer_ip, node, e)
+            return replies.ETRN_UNABLE.format(node=node)
+        log.info("%s: ETRN %s: queuing started", server.peer_ip, node)
+        return replies.ETRN_STARTED.format(node=node)
 
     # -- transaction --------------------------------------------------------------------------
 
@@ -174,9 +207,15 @@ class SMTPHandler(Handler):
         except ValueError:
             return replies.BAD_NOTIFY
         try:
-            local = await lookup(self.directory, "is_local_domain", addresses.domain_of(rcpt))
+            domain = addresses.domain_of(rcpt)
+            local = await lookup(self.directory, "is_local_domain", domain)
+            relay = None if local else await lookup(self.directory, "relay_route", domain)
             if local:
                 targets = await lookup(self.directory, "resolve", rcpt)
+            elif relay is not None:  # we are its backup MX: its recipients, or the listed ones
+                listed = not relay.restricted or await lookup(
+                    self.directory, "is_relay_recipient", rcpt)
+                targets = [rcpt] if listed else []
             elif session.authenticated:
                 targets = [rcpt]
             elif not self.mode.submission and in_networks(server.peer_ip,

@@ -230,6 +230,25 @@ def parse_address(value: str, key: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def parse_host_port(value: str, default_port: int = 25) -> tuple[str, int]:
+    """"host", "host:port", "[v6]" or "[v6]:port" (a relay domain's --to); ValueError if not."""
+    value = value.strip()
+    closed = True
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        closed = bool(sep)
+        port = rest[1:] if rest.startswith(":") else ("" if not rest else "x")
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    else:
+        host, port = value, ""
+    if not host or not closed or (":" in host and not value.startswith("[")):
+        raise ValueError(f"expected HOST[:PORT], got {value!r}")
+    if port and (not port.isdigit() or not 0 < int(port) <= 65535):
+        raise ValueError(f"expected HOST[:PORT], got {value!r}")
+    return host, int(port) if port else default_port
+
+
 def _validate(cfg: Config) -> None:
     for i, addr in enumerate(cfg.mta.listen):
         parse_address(addr, f"mta.listen[{i}]")

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from store import addresses, passwords
 from store.addresses import AddressError
 from store.db import Database
-from store.models import Alias, Domain, User
+from store.models import Alias, Domain, RelayDomain, RelayRecipient, User
 
 log = logging.getLogger("pochta.directory")
 
@@ -45,6 +45,16 @@ class UserInfo:
     enabled: bool
     created: datetime
     quota_bytes: int | None
+
+
+@dataclass(frozen=True)
+class RelayRoute:
+    """How mail for a relay domain (we are its backup MX) is passed on."""
+
+    domain: str
+    to: str  # "host[:port]"; empty: the domain's MX hosts better than ours
+    hold: bool  # nothing attempted until released (ETRN, queue flush --domain)
+    restricted: bool  # only the listed relay recipients are accepted
 
 
 def catch_all(domain: str) -> str:
@@ -90,6 +100,30 @@ class Directory:
         with self._read() as s:
             u = s.scalar(select(User).where(User.address == addr, User.enabled.is_(True)))
             return None if u is None else UserInfo(u.address, u.enabled, u.created, u.quota_bytes)
+
+    def relay_route(self, domain: str) -> RelayRoute | None:
+        """The route of a relay domain, or None if ``domain`` is not one."""
+        try:
+            name = addresses.normalize_domain(domain)
+        except AddressError:
+            return None
+        with self._read() as s:
+            d = s.scalar(select(RelayDomain).where(RelayDomain.name == name))
+            if d is None:
+                return None
+            listed = s.scalar(select(RelayRecipient.id)
+                              .where(RelayRecipient.relay_domain_id == d.id).limit(1))
+            return RelayRoute(d.name, d.to, d.hold, listed is not None)
+
+    def is_relay_recipient(self, address: str) -> bool:
+        """Whether ``address`` is listed for its relay domain (see RelayRoute.restricted)."""
+        try:
+            name = addresses.normalize(address)
+        except AddressError:
+            return False
+        with self._read() as s:
+            return s.scalar(select(RelayRecipient.id)
+                            .where(RelayRecipient.address == name)) is not None
 
     def resolve(self, address: str) -> list[str]:
         """The final mailboxes and foreign addresses mail to ``address`` goes to.
@@ -163,10 +197,56 @@ class Directory:
     def add_domain(self, name: str) -> str:
         domain = self.domain_arg(name)
         with self._write() as s:
-            if s.scalar(select(Domain.id).where(Domain.name == domain)) is not None:
-                raise DirectoryError(f"domain {domain} already exists")
+            self._check_new_domain(s, domain)
             s.add(Domain(name=domain))
         return domain
+
+    def add_relay_domain(self, name: str, to: str = "", hold: bool = False) -> str:
+        domain = self.domain_arg(name)
+        with self._write() as s:
+            self._check_new_domain(s, domain)
+            s.add(RelayDomain(name=domain, to=to, hold=hold, odmr_user=""))
+        return domain
+
+    @staticmethod
+    def _check_new_domain(s: Session, domain: str) -> None:
+        if s.scalar(select(Domain.id).where(Domain.name == domain)) is not None:
+            raise DirectoryError(f"domain {domain} already exists")
+        if s.scalar(select(RelayDomain.id).where(RelayDomain.name == domain)) is not None:
+            raise DirectoryError(f"domain {domain} already exists (a relay domain)")
+
+    def list_relay_domains(self) -> list[RelayRoute]:
+        with self._read() as s:
+            listed = set(s.scalars(select(RelayRecipient.relay_domain_id)))
+            return [RelayRoute(d.name, d.to, d.hold, d.id in listed)
+                    for d in s.scalars(select(RelayDomain).order_by(RelayDomain.name))]
+
+    def add_relay_recipient(self, address: str) -> str:
+        addr = self._address_arg(address)
+        domain = addresses.domain_of(addr)
+        with self._write() as s:
+            d = s.scalar(select(RelayDomain).where(RelayDomain.name == domain))
+            if d is None:
+                raise DirectoryError(f"domain {domain} is not a relay domain "
+                                     f"(pochta domain add {domain} --relay)")
+            if s.scalar(select(RelayRecipient.id)
+                        .where(RelayRecipient.address == addr)) is not None:
+                raise DirectoryError(f"relay recipient {addr} already exists")
+            s.add(RelayRecipient(address=addr, relay_domain_id=d.id))
+        return addr
+
+    def remove_relay_recipient(self, address: str) -> None:
+        addr = self._address_arg(address)
+        with self._write() as s:
+            if _deleted(s, delete(RelayRecipient).where(RelayRecipient.address == addr)) == 0:
+                raise DirectoryError(f"no relay recipient {addr}")
+
+    def list_relay_recipients(self, domain: str | None = None) -> list[str]:
+        with self._read() as s:
+            q = select(RelayRecipient.address).order_by(RelayRecipient.address)
+            if domain:
+                q = q.join(RelayDomain).where(RelayDomain.name == self.domain_arg(domain))
+            return list(s.scalars(q))
 
     def list_domains(self) -> list[tuple[str, int, int]]:
         """(domain, number of users, number of alias rows), sorted by name."""
@@ -188,7 +268,17 @@ class Directory:
         with self._write() as s:
             d = s.scalar(select(Domain).where(Domain.name == domain))
             if d is None:
-                raise DirectoryError(f"domain {domain} does not exist")
+                relay = s.scalar(select(RelayDomain).where(RelayDomain.name == domain))
+                if relay is None:
+                    raise DirectoryError(f"domain {domain} does not exist")
+                n = s.scalar(select(func.count()).where(
+                    RelayRecipient.relay_domain_id == relay.id)) or 0
+                if n and not force:
+                    raise DirectoryError(f"relay domain {domain} still has {n} relay "
+                                         "recipient(s); remove them first or use --force")
+                s.execute(delete(RelayRecipient).where(RelayRecipient.relay_domain_id == relay.id))
+                s.delete(relay)
+                return
             n_users = s.scalar(select(func.count()).where(User.domain_id == d.id)) or 0
             n_alias = s.scalar(select(func.count()).where(Alias.domain_id == d.id)) or 0
             if (n_users or n_alias) and not force:
@@ -297,6 +387,13 @@ class Directory:
         """``name`` as a normalised domain, or a DirectoryError saying what is wrong."""
         try:
             return addresses.normalize_domain(name)
+        except AddressError as e:
+            raise DirectoryError(str(e)) from None
+
+    @staticmethod
+    def _address_arg(address: str) -> str:
+        try:
+            return addresses.normalize(address)
         except AddressError as e:
             raise DirectoryError(str(e)) from None
 
@@ -439,11 +536,19 @@ class CachedDirectory(Directory):
         return self._cached("mailbox", address, lambda: super(
             CachedDirectory, self).mailbox(address))
 
+    def relay_route(self, domain: str) -> RelayRoute | None:
+        return self._cached("relay", domain, lambda: super(
+            CachedDirectory, self).relay_route(domain))
+
+    def is_relay_recipient(self, address: str) -> bool:
+        return self._cached("relay_rcpt", address, lambda: super(
+            CachedDirectory, self).is_relay_recipient(address))
+
 
 async def lookup(directory: Directory, kind: str, key: str) -> Any:
     """``directory.<kind>(key)`` from async code: from the cache when fresh, else in a thread.
 
-    kind is "is_local_domain", "resolve" or "mailbox".
+    kind is one of _CACHE_KIND's keys.
     """
     if isinstance(directory, CachedDirectory):
         hit, value = directory.peek(_CACHE_KIND[kind], key)
@@ -452,4 +557,5 @@ async def lookup(directory: Directory, kind: str, key: str) -> Any:
     return await asyncio.to_thread(getattr(directory, kind), key)
 
 
-_CACHE_KIND = {"is_local_domain": "domain", "resolve": "resolve", "mailbox": "mailbox"}
+_CACHE_KIND = {"is_local_domain": "domain", "resolve": "resolve", "mailbox": "mailbox",
+               "relay_route": "relay", "is_relay_recipient": "relay_rcpt"}

@@ -86,3 +86,30 @@ class Greylist(Base):
     first_seen: Mapped[float] = mapped_column(Float)  # unix time
     last_seen: Mapped[float] = mapped_column(Float, index=True)
     passed: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class RelayDomain(Base):
+    """A domain we are backup MX (or relay) for: its mail is queued and passed on, to ``to``
+    ("host[:port]") or else to its MX hosts better than ours. ``hold``: nothing is attempted
+    until released (ETRN, ``pochta queue flush --domain``)."""
+
+    __tablename__ = "relay_domains"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    to: Mapped[str] = mapped_column(String(300), default="")
+    hold: Mapped[bool] = mapped_column(Boolean, default=False)
+    odmr_user: Mapped[str] = mapped_column(String(320), default="")
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RelayRecipient(Base):
+    """When a relay domain has any, only these recipients are accepted for it (a backup MX
+    must not accept what the primary would refuse: that is backscatter)."""
+
+    __tablename__ = "relay_recipients"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    address: Mapped[str] = mapped_column(String(320), unique=True)
+    relay_domain_id: Mapped[int] = mapped_column(ForeignKey("relay_domains.id"), index=True)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -12,6 +12,7 @@ so does one larger than its SIZE. Concurrency is capped per domain and in total.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import ssl
@@ -25,7 +26,8 @@ from mta.envelope import Envelope, Recipient
 from mta.reply import LOCAL_DECISION, Reply
 from mta.spool import SpooledMessage
 from store import addresses
-from store.config import Config, parse_address
+from store.config import Config, parse_address, parse_host_port
+from store.directory import Directory, lookup
 
 log = logging.getLogger("pochta.outbound")
 
@@ -76,8 +78,11 @@ class Outbound:
     queue runner's decision (mta/queue.py); ``total`` only caps the connections of one
     message's many destinations."""
 
-    def __init__(self, cfg: Config, resolver: Resolver | None = None, total: int = 64) -> None:
+    def __init__(self, cfg: Config, resolver: Resolver | None = None, total: int = 64,
+                 directory: Directory | None = None) -> None:
+        """``directory``: where relay domains (we are their backup MX) are looked up."""
         self.cfg = cfg
+        self.directory = directory
         self.resolver = resolver or Resolver(cfg.delivery.resolver)
         self.port = cfg.delivery.smtp_port
         self.smarthost = (parse_address(cfg.delivery.smarthost, "delivery.smarthost")
@@ -121,21 +126,33 @@ class Outbound:
     async def _domain(self, env: Envelope, domain: str, rcpts: list[Recipient], data: bytes
                       ) -> dict[str, Reply]:
         async with self.total:
-            if self.smarthost:
-                hosts = [Host(self.smarthost[0], self.smarthost[0])]
-                port = self.smarthost[1]
-            else:
-                try:
+            relay = (await lookup(self.directory, "relay_route", domain)
+                     if self.directory is not None else None)
+            to_smarthost = self.smarthost is not None and relay is None
+            try:
+                if self.smarthost and to_smarthost:
+                    hosts = [Host(self.smarthost[0], self.smarthost[0])]
+                    port = self.smarthost[1]
+                elif relay is not None and relay.to:
+                    # A backup MX's configured primary; the smarthost is for the internet.
+                    name, port = parse_host_port(relay.to)
+                    hosts = [Host(name, ip) for ip in await self._addresses(name)]
+                elif relay is not None:
+                    hosts = await self.resolver.route(addresses.ascii_domain(domain),
+                                                      ourselves=self.cfg.hostname)
+                    port = self.port
+                else:
                     hosts = await self.resolver.route(addresses.ascii_domain(domain))
-                except RouteError as e:
-                    code = 550 if e.permanent else 451
-                    return {r.address: Reply(code, f"{e.status} {e.text}", "dns") for r in rcpts}
-                port = self.port
+                    port = self.port
+            except RouteError as e:
+                code = 550 if e.permanent else 451
+                return {r.address: Reply(code, f"{e.status} {e.text}", "dns") for r in rcpts}
             pending = list(rcpts)
             results: dict[str, Reply] = {}
             for host in hosts:
                 try:
-                    got = await self._session(env, host, port, pending, data)
+                    got = await self._session(env, host, port, pending, data,
+                                              smarthost=to_smarthost)
                 except _Retry as e:
                     log.info("%s: %s[%s]:%d: %s", env.id, host.name, host.ip, port, e.reply.line)
                     got = {r.address: e.reply for r in pending}
@@ -145,8 +162,20 @@ class Outbound:
                     break
             return results
 
+    async def _addresses(self, name: str) -> list[str]:
+        try:
+            ipaddress.ip_address(name)
+            return [name]
+        except ValueError:
+            pass
+        found = await self.resolver.addresses(name)
+        if not found:
+            raise RouteError(False, "4.4.4", f"no address for {name}")
+        return found
+
     async def _session(self, env: Envelope, host: Host, port: int, rcpts: list[Recipient],
-                       data: bytes, use_tls: bool = True) -> dict[str, Reply]:
+                       data: bytes, use_tls: bool = True, smarthost: bool = False
+                       ) -> dict[str, Reply]:
         relay = f"{host.name}[{host.ip}]:{port}"
 
         def reply(code: int, text: str) -> Reply:
@@ -162,8 +191,8 @@ class Outbound:
             raise _Retry(reply(451, f"4.4.1 cannot connect: {e or 'timed out'}")) from None
         # To the smarthost TLS is verified unless configured otherwise: it gets our password
         # and all our mail. To MX hosts it is opportunistic (RFC 7435).
-        verify = self.smarthost is not None and self.smarthost_tls != "starttls-unverified"
-        implicit = self.smarthost is not None and self.smarthost_tls == "implicit"
+        verify = smarthost and self.smarthost_tls != "starttls-unverified"
+        implicit = smarthost and self.smarthost_tls == "implicit"
         context = self.verified_tls if verify else self.tls
         smtp = aiosmtplib.SMTP(sock=sock, hostname=host.name if implicit else None,
                                local_hostname=self.cfg.hostname, timeout=self.timeouts["greeting"],
@@ -198,12 +227,13 @@ class Outbound:
                 except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
                     log.info("%s: %s: STARTTLS failed (%s); retrying without TLS", env.id, relay, e)
                     smtp.close()
-                    return await self._session(env, host, port, rcpts, data, use_tls=False)
+                    return await self._session(env, host, port, rcpts, data, use_tls=False,
+                                               smarthost=smarthost)
                 # RFC 3207 §4.2: what the server said before TLS is forgotten (aiosmtplib clears
                 # it); its extensions are those of a new EHLO over the encrypted channel.
                 await smtp.ehlo()
             d = self.cfg.delivery
-            if self.smarthost and d.smarthost_user:
+            if smarthost and d.smarthost_user:
                 if smtp.get_transport_info("ssl_object") is None:
                     raise _Retry(reply(454, "4.7.0 smarthost offers no TLS; "
                                        "not sending credentials in the clear"))

@@ -24,7 +24,7 @@ from mta.smtp.server import BaseSMTP
 log = logging.getLogger("pochta.smtp")
 
 # Commands a client may repeat this often per connection before we hang up (421).
-CALL_LIMITS = {"NOOP": 100, "RSET": 500, "VRFY": 30, "EXPN": 30, "HELP": 30, "EHLO": 30,
+CALL_LIMITS = {"NOOP": 100, "RSET": 500, "VRFY": 30, "EXPN": 30, "HELP": 30, "EHLO": 30, "ETRN": 10,
                "HELO": 30, "STARTTLS": 5, "AUTH": 10, "*": 1_000_000}
 
 
@@ -174,6 +174,15 @@ class SMTPProtocol(BaseSMTP):
             return
         status = await self._call_handler_hook("EXPN", arg.strip())
         await self.push(replies.EXPN_DISABLED if status is MISSING else status)
+
+    @syntax("ETRN [@]<domain>")
+    async def smtp_ETRN(self, arg: str) -> None:
+        """RFC 1985: start delivery of a relay domain's queued mail; the handler decides."""
+        if not arg or not arg.strip():
+            await self.push(replies.ETRN_SYNTAX)
+            return
+        status = await self._call_handler_hook("ETRN", arg.strip())
+        await self.push(replies.NOT_IMPLEMENTED if status is MISSING else status)
 
     async def smtp_TURN(self, arg: str) -> None:
         await self.push(replies.NOT_IMPLEMENTED)  # RFC 5321 §4.1.1: TURN is obsolete, unsafe

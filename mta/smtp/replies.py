@@ -81,6 +81,14 @@ VRFY_OK = "250 2.1.5 <{addr}>"
 EXPN_UNKNOWN = "550 5.1.1 <{addr}> No such mailing list here"
 EXPN_MEMBER = "250{sep}2.1.5 <{addr}>"  # sep "-" on every line but the last
 
+# -- ETRN, RFC 1985 §5 (mta/session.py) --------------------------------------------------------
+ETRN_SYNTAX = "501 5.5.4 Syntax: ETRN [@]domain"
+ETRN_STARTED = "250 2.0.0 Queuing for node {node} started"
+ETRN_NAMED_QUEUE = "458 4.3.0 Unable to queue messages for node {node}: named queues not supported"
+ETRN_UNABLE = "458 4.3.0 Unable to queue messages for node {node}, try again later"
+ETRN_NOT_RELAY = "459 4.7.1 Node {node} not allowed: not a relay domain here"
+ETRN_NOT_ALLOWED = "554 5.7.1 ETRN not allowed from your address"
+
 # -- submission (mta/submission.py) -----------------------------------------------------------
 AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
 AUTH_TOO_MANY_FAILURES = "454 4.7.0 Too many authentication failures, try later"

@@ -37,9 +37,9 @@ def test_domain_user_alias_round_trip(cfg):
     ok(cfg, "alias", "add", "@example.com", "alice@example.com")
 
     domains = ok(cfg, "domain", "list").splitlines()
-    assert domains[0].split() == ["DOMAIN", "USERS", "ALIASES"]
-    assert domains[1].split() == ["bücher.de", "1", "0"]
-    assert domains[2].split() == ["example.com", "1", "3"]
+    assert domains[0].split() == ["DOMAIN", "USERS", "ALIASES", "KIND", "ROUTE"]
+    assert domains[1].split() == ["bücher.de", "1", "0", "local", "-"]
+    assert domains[2].split() == ["example.com", "1", "3", "local", "-"]
     users = ok(cfg, "user", "list", "example.com")
     assert "alice@example.com" in users and "jürgen" not in users
     aliases = ok(cfg, "alias", "list")
