@@ -6,32 +6,22 @@ from __future__ import annotations
 import email
 import email.policy
 import smtplib
-import ssl
 import time
 
 import pytest
 
 from tests.support.fakes import FakeDNS, ScriptedMX, SinkMX
-from tests.support.smtp import Raw, wait_for
+from tests.support.smtp import Raw, client_tls, server_tls, wait_for
 from tests.support.stack import Stack, free_port, mail_files
 
 PW = "correct horse"
 
 
-def client_tls() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """DNS, a scripted raw peer (bad.test), a TLS sink (tls.test), and pochta up."""
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    sink_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("mx.tls.test").configure_cert(sink_ctx)
+    pytest.importorskip("trustme")
+    sink_ctx = server_tls("mx.tls.test")
     dns_server = FakeDNS()
     port = free_port("127.0.0.6")
     scripted = ScriptedMX("127.0.0.6", port)

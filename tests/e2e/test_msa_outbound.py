@@ -13,26 +13,17 @@ import time
 import pytest
 
 from tests.support.fakes import FakeDNS, SinkMX
-from tests.support.smtp import Raw, wait_for
+from tests.support.smtp import Raw, client_tls, server_tls, wait_for
 from tests.support.stack import Stack, free_port, mail_files
 
 PW = "correct horse"
 
 
-def client_tls() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """DNS on 127.0.0.1, sinks on 127.0.0.2 and 127.0.0.3, and pochta up."""
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    sink_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("mx1.remote.test").configure_cert(sink_ctx)
+    pytest.importorskip("trustme")
+    sink_ctx = server_tls("mx1.remote.test")
     dns_server = FakeDNS()
     port = free_port("127.0.0.2")
     mx1 = SinkMX("127.0.0.2", port, tls_context=sink_ctx)

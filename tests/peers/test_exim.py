@@ -10,7 +10,6 @@ import email.policy
 import os
 import shutil
 import smtplib
-import ssl
 import subprocess
 import tempfile
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.fakes import FakeDNS
-from tests.support.smtp import wait_for
+from tests.support.smtp import client_tls, wait_for
 from tests.support.stack import Stack, free_port
 
 EXIM = Path(__file__).resolve().parents[2] / ".cache" / "peers" / "exim" / "usr" / "sbin" / "exim4"
@@ -36,13 +35,6 @@ def exim_usable() -> str:
 
 
 pytestmark = pytest.mark.skipif(bool(exim_usable()), reason=exim_usable() or "ok")
-
-
-def client_tls() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import smtplib
 import socket
+import ssl
 import time
 
 from tests.support.stack import Stack, mail_files
@@ -67,3 +68,20 @@ def send(stack, sender, rcpts, body: bytes, **kw):
     with smtplib.SMTP("127.0.0.1", stack.mta_port, timeout=15) as c:
         c.ehlo("client.test")
         return c.sendmail(sender, rcpts, body, **kw)
+
+
+def client_tls() -> ssl.SSLContext:
+    """A client's TLS that checks nothing: our test certificates are self-signed."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def server_tls(name: str) -> ssl.SSLContext:
+    """A peer's server TLS with a certificate for ``name`` from a throw-away CA (trustme)."""
+    import trustme
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert(name).configure_cert(ctx)
+    return ctx
