@@ -90,6 +90,9 @@ def test_root_binds_low_ports_then_every_process_runs_as_pochta_for_good():
 
         assert wait_for(lambda: len(processes()) == 4, 10), (processes(), s.log("up"))
         serving = processes()
+        # A process drops once it has bound (a just-started queue runner may still be
+        # importing): wait for that, then check each for good.
+        wait_for(lambda: all(status(p)["Uid"].split()[0] != "0" for p in serving), 20)
         assert status(up.pid)["Uid"].split() == ["0"] * 4  # the supervisor: restarts binders
         for pid in serving:
             st = status(pid)
