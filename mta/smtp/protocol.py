@@ -184,6 +184,21 @@ class SMTPProtocol(BaseSMTP):
         status = await self._call_handler_hook("ETRN", arg.strip())
         await self.push(replies.NOT_IMPLEMENTED if status is MISSING else status)
 
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str) -> None:
+        """RFC 5321 §4.1.1.8: answered before AUTH too (aiosmtpd refuses it while AUTH is
+        required)."""
+        required, self._auth_required = self._auth_required, False
+        try:
+            await super().smtp_HELP(arg)
+        finally:
+            self._auth_required = required
+
+    async def smtp_SEND(self, arg: str) -> None:
+        await self.push(replies.NOT_IMPLEMENTED)  # RFC 5321 §4.1.1: obsolete; not "unknown"
+
+    smtp_SOML = smtp_SAML = smtp_SEND
+
     async def smtp_TURN(self, arg: str) -> None:
         await self.push(replies.NOT_IMPLEMENTED)  # RFC 5321 §4.1.1: TURN is obsolete, unsafe
 

@@ -440,3 +440,14 @@ def test_smarthost_gets_verified_tls_before_credentials(tmp_path, trusted):
     finally:
         s.stop_all()
         sink.stop()
+
+
+def test_help_is_answered_before_auth(world):
+    s, _, _, _ = world
+    r = Raw(s.msa_port)
+    try:
+        r.cmd("EHLO client.test")
+        assert r.cmd("HELP").startswith("250 Supported commands")
+        assert r.cmd("MAIL FROM:<alice@example.com>").startswith("530")  # AUTH still needed
+    finally:
+        r.close()

@@ -479,3 +479,18 @@ def test_large_message_streams_through_the_spool(stack):
     big = next(m for m in got if b"big-one" in m)
     assert big.endswith(body.replace(b"\r\n", b"\n"))
     assert not list((stack.base / "spool").glob(".data-*"))
+
+
+def test_help_per_command_and_the_obsolete_verbs(stack):
+    r = Raw(stack.mta_port)
+    try:
+        r.cmd("EHLO client.test")
+        listing = r.cmd("HELP")
+        assert listing.startswith("250") and "ETRN" in listing and "SEND" not in listing
+        assert r.cmd("HELP ETRN").startswith("250 Syntax: ETRN")
+        assert r.cmd("HELP FROB").startswith("501")
+        for verb in ("SEND", "SOML", "SAML"):
+            assert r.cmd(f"{verb} FROM:<a@b.test>").startswith("502 5.5.1")
+        assert r.cmd("NOOP").startswith("250")  # still talking: none counted as unknown
+    finally:
+        r.close()
