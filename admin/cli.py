@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from admin import dovecot, queue_cmds, serve
+from admin import dovecot, queue_cmds, serve, units
 from admin.context import Context, UserError, context, table
 from store.config import ConfigError, parse_host_port
 from store.directory import DirectoryError, DirectoryUnavailable
@@ -38,6 +38,7 @@ app.add_typer(relay_recipient_app, name="relay-recipient")
 app.command("serve")(serve.serve)
 app.command("up")(serve.up)
 app.command("dovecot-config")(dovecot.dovecot_config)
+app.command("systemd-units")(units.systemd_units)
 
 
 @app.callback()

@@ -24,6 +24,7 @@ from typing import Any
 
 import typer
 
+from admin import sdnotify
 from admin.context import context
 from mta.supervision import restart_delay
 from store.config import Config, ConfigError, parse_address
@@ -55,8 +56,14 @@ async def _serve(cfg: Config, role: str, config_path: str | None) -> None:
     # fsync and SQL run in threads; more of them lets concurrent sessions' fsyncs overlap
     # (the file system merges them into one journal commit: group commit for free).
     loop.set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix=role))
+
+    def stopping() -> None:
+        if not stop.is_set():
+            sdnotify.notify("STOPPING=1")
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping)
     if role == "mda":
         from mda.server import run
     elif role == "mta":
@@ -68,7 +75,7 @@ async def _serve(cfg: Config, role: str, config_path: str | None) -> None:
     else:
         from mta.server import run_msa as run
     freeze_imported_objects()
-    await run(cfg, stop)
+    await run(cfg, stop, ready=functools.partial(sdnotify.notify, "READY=1"))
 
 
 def freeze_imported_objects() -> None:

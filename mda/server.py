@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from mda.deliver import Deliverer
 from mda.session import LMTPHandler
@@ -18,7 +19,8 @@ from store.privileges import drop as drop_privileges
 log = logging.getLogger("pochta.mda")
 
 
-async def run(cfg: Config, stop: asyncio.Event) -> None:
+async def run(cfg: Config, stop: asyncio.Event,
+              ready: Callable[[], object] = lambda: None) -> None:
     db = Database(cfg.database_url)
     deliverer = Deliverer(cfg.mda, cfg.hostname, use_syncfs=cfg.sync_method == "auto")
     handler = LMTPHandler(CachedDirectory(db, cfg.directory_cache_ttl), deliverer)
@@ -37,6 +39,7 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
     drop_privileges(cfg, "mda")
     log.info("mda ready: LMTP on %s, %s in %s", cfg.mda.listen, cfg.mda.format,
              cfg.mda.mailbox_root)
+    ready()
     try:
         await stop.wait()
     finally:

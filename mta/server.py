@@ -66,7 +66,8 @@ async def _serve_until(stop: asyncio.Event, servers: list[asyncio.base_events.Se
 PARENT_PIPE = "POCHTA_QUEUE_PARENT_PIPE"  # set by serve mta: our stdin is a pipe from it
 
 
-async def run_queue(cfg: Config, stop: asyncio.Event) -> None:
+async def run_queue(cfg: Config, stop: asyncio.Event,
+                    ready: Callable[[], object] = lambda: None) -> None:
     drop_privileges(cfg, "queue")  # it binds nothing
     db = Database(cfg.database_url)
     directory = CachedDirectory(db, cfg.directory_cache_ttl)
@@ -81,6 +82,7 @@ async def run_queue(cfg: Config, stop: asyncio.Event) -> None:
     await runner.listen()  # before the scan: what is committed from now on comes as a notice
     await runner.recover()
     log.info("queue ready: spool %s, local delivery to %s", cfg.spool_dir, cfg.mda.listen)
+    ready()
     try:
         await runner.run(stop)
     finally:
@@ -109,7 +111,9 @@ async def supervise_queue(config_path: str | None, stop: asyncio.Event) -> None:
         # Its own session: a Ctrl-C on the terminal reaches us, and we stop it in order.
         proc = await asyncio.create_subprocess_exec(
             *cmd, "serve", "queue", stdin=asyncio.subprocess.PIPE,
-            env={**os.environ, PARENT_PIPE: "1"}, start_new_session=True)
+            # NOTIFY_SOCKET is the MTA's: systemd hears the unit's main process only.
+            env={**{k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
+                 PARENT_PIPE: "1"}, start_new_session=True)
         exited = asyncio.create_task(proc.wait())
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait([exited, stopping], return_when=asyncio.FIRST_COMPLETED)
@@ -131,7 +135,8 @@ async def supervise_queue(config_path: str | None, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), delay)
 
 
-async def run_mta(cfg: Config, stop: asyncio.Event, config_path: str | None = None) -> None:
+async def run_mta(cfg: Config, stop: asyncio.Event, config_path: str | None = None,
+                  ready: Callable[[], object] = lambda: None) -> None:
     db = Database(cfg.database_url)
     directory = CachedDirectory(db, cfg.directory_cache_ttl)
     spool = Spool(cfg.spool_dir, cfg.sync_method == "auto")
@@ -159,6 +164,7 @@ async def run_mta(cfg: Config, stop: asyncio.Event, config_path: str | None = No
         key="mta.listen")
     drop_privileges(cfg, "mta")
     log.info("mta ready: SMTP on %s, spool %s", " ".join(cfg.mta.listen), cfg.spool_dir)
+    ready()
     try:
         await _serve_until(stop, servers, connections, cfg.hostname)
     finally:
@@ -170,7 +176,8 @@ async def run_mta(cfg: Config, stop: asyncio.Event, config_path: str | None = No
         log.info("mta stopped")
 
 
-async def run_msa(cfg: Config, stop: asyncio.Event) -> None:
+async def run_msa(cfg: Config, stop: asyncio.Event,
+                  ready: Callable[[], object] = lambda: None) -> None:
     from mta.submission import SubmissionHandler
 
     db = Database(cfg.database_url)
@@ -197,6 +204,7 @@ async def run_msa(cfg: Config, stop: asyncio.Event) -> None:
     drop_privileges(cfg, "msa")
     log.info("msa ready: submission on %s (STARTTLS), %s (TLS)", " ".join(cfg.msa.listen),
              " ".join(cfg.msa.listen_tls))
+    ready()
     try:
         await _serve_until(stop, servers, connections, cfg.hostname)
     finally:

@@ -148,10 +148,11 @@ class Stack:
         for u in users:
             self.pochta("user", "add", u, "--password-stdin", stdin=password + "\n")
 
-    def start(self, role: str, listen: list[str] | None = None, preexec=None) -> subprocess.Popen:
+    def start(self, role: str, listen: list[str] | None = None, preexec=None,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
         log = self.base / f"{role}.log"
         self.logs[role] = log
-        env = {k: v for k, v in os.environ.items() if k != "POCHTA_CONFIG"}
+        env = {**{k: v for k, v in os.environ.items() if k != "POCHTA_CONFIG"}, **(env or {})}
         args = ["up"] if role == "up" else ["serve", role]
         with open(log, "ab") as err:  # the child keeps its own copy of the descriptor
             proc = subprocess.Popen([pochta_bin(), "--config", str(self.config), *args],
