@@ -86,6 +86,7 @@ class SMTPHandler(Handler):
         self.spool = spool
         self.announce = announce
         self.offers_auth = mode.submission
+        self.offers_etrn = not mode.submission
         self.defences = defences or Defences()
         self.limits: ListenerLimits = cfg.msa if mode.submission else cfg.mta
 
@@ -122,7 +123,7 @@ class SMTPHandler(Handler):
         session.host_name = hostname
         out = [r for r in responses[:-1] if not (r.startswith("250-AUTH") and not self.offers_auth)]
         out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN"]
-        if not self.mode.submission:
+        if self.offers_etrn:
             out.append("250-ETRN")  # RFC 1985: backup MX clients; the networks are checked
         return [*out, responses[-1]]
 
@@ -135,8 +136,6 @@ class SMTPHandler(Handler):
     async def handle_ETRN(self, server: SMTPProtocol, session: Session, envelope: SMTPEnvelope,
                           node: str) -> str:
         """RFC 1985: release and deliver a relay domain's queued mail now (port 25 only)."""
-        if self.mode.submission:
-            return replies.NOT_IMPLEMENTED
         if node.startswith("#"):
             return replies.ETRN_NAMED_QUEUE.format(node=node)
         subdomains = node.startswith("@")

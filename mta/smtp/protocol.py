@@ -175,9 +175,16 @@ class SMTPProtocol(BaseSMTP):
         status = await self._call_handler_hook("EXPN", arg.strip())
         await self.push(replies.EXPN_DISABLED if status is MISSING else status)
 
-    @syntax("ETRN [@]<domain>")
+    @property
+    def etrn_offered(self) -> bool:
+        return bool(self.handler.offers_etrn)
+
+    @syntax("ETRN [@]<domain>", when="etrn_offered")
     async def smtp_ETRN(self, arg: str) -> None:
         """RFC 1985: start delivery of a relay domain's queued mail; the handler decides."""
+        if not self.handler.offers_etrn:
+            await self.push(replies.NOT_IMPLEMENTED)
+            return
         if not arg or not arg.strip():
             await self.push(replies.ETRN_SYNTAX)
             return

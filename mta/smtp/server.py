@@ -145,6 +145,7 @@ class Handler:
     named ``auth_*`` or ``handle_*``: aiosmtpd would take it for a mechanism or a hook."""
 
     offers_auth = False  # AUTH exists on this listener (submission)
+    offers_etrn = False  # ETRN exists on this listener (port 25)
 
     async def on_connect(self, server: BaseSMTP) -> str | None:
         """Before the greeting: a refusal reply, or None to go on."""

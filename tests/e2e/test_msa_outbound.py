@@ -447,7 +447,9 @@ def test_help_is_answered_before_auth(world):
     r = Raw(s.msa_port)
     try:
         r.cmd("EHLO client.test")
-        assert r.cmd("HELP").startswith("250 Supported commands")
+        listing = r.cmd("HELP")
+        assert listing.startswith("250 2.0.0 Supported commands") and "ETRN" not in listing
+        assert r.cmd("ETRN example.com").startswith("502 5.5.1")  # port 25 only
         assert r.cmd("MAIL FROM:<alice@example.com>").startswith("530")  # AUTH still needed
     finally:
         r.close()

@@ -487,7 +487,7 @@ def test_help_per_command_and_the_obsolete_verbs(stack):
         r.cmd("EHLO client.test")
         listing = r.cmd("HELP")
         assert listing.startswith("250") and "ETRN" in listing and "SEND" not in listing
-        assert r.cmd("HELP ETRN").startswith("250 Syntax: ETRN")
+        assert r.cmd("HELP ETRN").startswith("250 2.0.0 Syntax: ETRN")
         assert r.cmd("HELP FROB").startswith("501")
         for verb in ("SEND", "SOML", "SAML"):
             assert r.cmd(f"{verb} FROM:<a@b.test>").startswith("502 5.5.1")
