@@ -6,14 +6,17 @@ it never races an attempt in progress; ``flush`` is a notice to the runner (mta/
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
 
 import typer
 
 from admin.context import UserError, context, table
+from mta.envelope import HELD, Envelope
 from mta.notice import DOMAIN, NoRunner, send_command
 from mta.spool import DAMAGED_DIR, Spool, SpoolError
+from store import addresses
 
 queue_app = typer.Typer(help="The mail queue (spool).", no_args_is_help=True)
 
@@ -32,28 +35,90 @@ def _valid_id(qid: str) -> str:
     return qid
 
 
+STATES = ("new", "deferred", "held", "damaged")
+
+
+def message_state(env: Envelope) -> str:
+    """new: not tried yet; held: its pending recipients wait for a release (a held relay
+    domain); deferred: tried, to be tried again."""
+    pending = env.pending
+    if pending and all(r.last_relay == HELD for r in pending):
+        return "held"
+    if any(r.attempts or r.last_reply for r in pending):
+        return "deferred"
+    return "new"
+
+
+def _matches(env: Envelope, domain: str, older_than: float | None, state: str,
+             now: float) -> bool:
+    if domain and not any(addresses.domain_of(r.address) == domain for r in env.pending):
+        return False
+    if older_than is not None and now - env.created < older_than:
+        return False
+    return not state or message_state(env) == state
+
+
+def _as_json(env: Envelope) -> dict[str, object]:
+    return {"id": env.id, "arrived": _when(env.created), "arrived_unix": env.created,
+            "size": env.size, "from": env.mail_from, "state": message_state(env),
+            "recipients": [{"address": r.address, "original": r.original, "status": r.status,
+                            "attempts": r.attempts,
+                            "next_attempt": _when(r.next_attempt) if r.status == "pending"
+                            else None,
+                            "last_reply": r.last_reply, "last_relay": r.last_relay}
+                           for r in env.recipients]}
+
+
 @queue_app.command("list")
-def queue_list(ctx: typer.Context) -> None:
+def queue_list(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    domain: str = typer.Option("", "--domain", help="Only messages with a pending recipient "
+                                                    "at this domain."),
+    older_than: float | None = typer.Option(None, "--older-than", metavar="SECONDS", min=0,
+                                            help="Only messages queued longer than this."),
+    state: str = typer.Option("", "--state", help="Only messages in this state: "
+                                                  + ", ".join(STATES) + "."),
+) -> None:
     """Messages waiting in the queue, with their pending recipients."""
+    state = state.strip().lower()
+    if state and state not in STATES:
+        raise UserError(f"--state: expected one of {', '.join(STATES)}, got {state!r}")
+    domain = domain.strip().lower().rstrip(".")
     spool = _spool(ctx)
-    rows = []
+    now = time.time()
+    envelopes = []
     for qid in spool.ids():
         try:
             env = spool.load(qid)
         except (OSError, SpoolError):
             continue  # delivered meanwhile, or damaged: the runner puts it aside
+        if _matches(env, domain, older_than, state, now):
+            envelopes.append(env)
+    damaged = [] if (domain or older_than is not None or state not in ("", "damaged")) \
+        else spool.damaged()
+    if state == "damaged":
+        envelopes = []
+    if as_json:
+        typer.echo(json.dumps({
+            "messages": [_as_json(e) for e in envelopes],
+            "damaged": [{"id": qid, "size": size, "state": "damaged",
+                         "kept_in": str(spool.dir / DAMAGED_DIR)} for qid, size in damaged]},
+            ensure_ascii=False, indent=2))
+        return
+    rows = []
+    for env in envelopes:
         pending = env.pending
         nxt = min((r.next_attempt for r in pending), default=0.0)
-        due = "now" if nxt <= time.time() else _when(nxt)
-        rows.append([qid, _when(env.created), str(env.size), f"<{env.mail_from}>",
+        due = "now" if nxt <= now else _when(nxt)
+        rows.append([env.id, _when(env.created), str(env.size), f"<{env.mail_from}>",
                      ", ".join(r.address for r in pending) or "-", due,
                      (pending[0].last_reply[:60] if pending else "")])
-    damaged = spool.damaged()
     for qid, size in damaged:
         rows.append([qid, "-", str(size), "-", "-", "-",
                      f"DAMAGED: unreadable, kept in {spool.dir / DAMAGED_DIR}"])
     table(["ID", "ARRIVED", "SIZE", "FROM", "PENDING", "NEXT", "LAST REPLY"], rows)
-    typer.echo(f"{len(rows) - len(damaged)} message(s) in the queue"
+    typer.echo(f"{len(envelopes)} message(s) in the queue"
                + (f", {len(damaged)} damaged (see the log)" if damaged else ""))
 
 

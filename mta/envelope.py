@@ -31,6 +31,9 @@ class EnvelopeError(ValueError):
     """Bytes that are not an envelope of a version we know."""
 
 
+HELD = "held"  # last_relay of a recipient of a held relay domain: waiting, not attempted
+
+
 @dataclass
 class Recipient:
     address: str

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from mta import policy
 from mta.courier import Courier
 from mta.dsn import Bouncer, wants
-from mta.envelope import EXPIRED, FAILED, SENT, Envelope, Recipient
+from mta.envelope import EXPIRED, FAILED, HELD, SENT, Envelope, Recipient
 from mta.notice import Notice, NoticeSocket
 from mta.reply import Reply
 from mta.spool import Spool, SpooledMessage, SpoolError
@@ -34,8 +34,6 @@ from store.config import Config
 from store.directory import Directory, DirectoryUnavailable, lookup
 
 log = logging.getLogger("pochta.queue")
-
-HELD = "held"  # the relay of a reply for a recipient of a held relay domain: not attempted
 
 class QueueRunner:
     """The scheduler: which message is attempted when, and how many at once.

@@ -3,6 +3,7 @@ and relay domains (we are their backup MX) with ETRN (RFC 1985)."""
 
 from __future__ import annotations
 
+import json
 import smtplib
 
 import pytest
@@ -127,6 +128,14 @@ def test_held_mail_waits_for_etrn_and_is_delivered_once(backup):
     send25(s, "user@held.test", "held-1")
     assert wait_for(lambda: any("status=held" in ln for ln in log_lines(s, "to=<user@held.test>")))
     assert "held" in s.pochta("queue", "list").stdout
+    held = json.loads(s.pochta("queue", "list", "--json", "--state", "held").stdout)["messages"]
+    assert [[r["address"] for r in m["recipients"]] for m in held] == [["user@held.test"]]
+    assert held[0]["state"] == "held" and held[0]["recipients"][0]["attempts"] == 0
+    for args in (("--domain", "other.test"), ("--older-than", "3600"), ("--state", "new")):
+        found = json.loads(s.pochta("queue", "list", "--json", *args).stdout)["messages"]
+        assert "user@held.test" not in str(found), args
+    r = s.pochta("queue", "list", "--state", "stuck", check=False)
+    assert r.returncode == 1 and "--state" in r.stderr and "Traceback" not in r.stderr
     # Nobody else may release it, and ETRN is only for relay domains.
     assert etrn("held.test", s, source="127.0.0.9").startswith("554 5.7.1")
     assert etrn("example.com", s).startswith("459")
