@@ -39,10 +39,10 @@ STATES = ("new", "deferred", "held", "damaged")
 
 
 def message_state(env: Envelope) -> str:
-    """new: not tried yet; held: its pending recipients wait for a release (a held relay
-    domain); deferred: tried, to be tried again."""
+    """new: not tried yet; held: waits for a release (`queue hold`, or a held relay domain);
+    deferred: tried, to be tried again."""
     pending = env.pending
-    if pending and all(r.last_relay == HELD for r in pending):
+    if env.held or (pending and all(r.last_relay == HELD for r in pending)):
         return "held"
     if any(r.attempts or r.last_reply for r in pending):
         return "deferred"
@@ -154,6 +154,74 @@ def queue_flush(ctx: typer.Context,
         raise UserError(f"{e}: start it (pochta up) and flush again") from None
     what = f" to {domain}" if domain else ""
     typer.echo(f"flush requested: the queue runner retries every deferred message{what} now")
+
+
+def _target(qid: str | None, every: bool) -> str:
+    if every == (qid is not None):
+        raise UserError("name one message ID or --all")
+    return "*" if every else _valid_id(qid or "")
+
+
+def _hold_offline(spool: Spool, target: str, held: bool) -> int:
+    """No runner: set the flag in the envelopes themselves (under each item's lock)."""
+    count = 0
+    for qid in spool.ids() if target == "*" else [target]:
+        try:
+            env = spool.load(qid)
+        except FileNotFoundError:
+            if target != "*":
+                raise UserError(f"no message {qid} in the queue") from None
+            continue
+        except (OSError, SpoolError) as e:
+            raise UserError(f"message {qid}: {e}") from None
+        env.held = held
+        try:
+            count += spool.save(env)
+        except SpoolError as e:
+            raise UserError(str(e)) from None
+    return count
+
+
+def _hold_or_release(ctx: typer.Context, qid: str | None, every: bool, held: bool) -> None:
+    spool = _spool(ctx)
+    target = _target(qid, every)
+    if target != "*" and not spool.committed(target):
+        raise UserError(f"no message {target} in the queue")
+    verb = "hold" if held else "release"
+    try:
+        send_command(spool.dir, f"!{verb} {target}")
+    except NoRunner:
+        _hold_offline(spool, target, held)
+    what = "every message" if target == "*" else target
+    typer.echo(f"{'held' if held else 'released'} {what}")
+
+
+@queue_app.command("hold")
+def queue_hold(ctx: typer.Context, qid: str | None = typer.Argument(None),
+               every: bool = typer.Option(False, "--all", help="Every queued message.")) -> None:
+    """Keep a message (or all) queued, not attempted, until released."""
+    _hold_or_release(ctx, qid, every, True)
+
+
+@queue_app.command("release")
+def queue_release(ctx: typer.Context, qid: str | None = typer.Argument(None),
+                  every: bool = typer.Option(False, "--all", help="Every held message.")) -> None:
+    """Release a held message (or all): it is tried now."""
+    _hold_or_release(ctx, qid, every, False)
+
+
+@queue_app.command("bounce")
+def queue_bounce(ctx: typer.Context, qid: str) -> None:
+    """Return a message to its sender now (a DSN for every pending recipient)."""
+    spool = _spool(ctx)
+    _valid_id(qid)
+    if not spool.committed(qid):
+        raise UserError(f"no message {qid} in the queue")
+    try:
+        send_command(spool.dir, f"!bounce {qid}")
+    except NoRunner as e:
+        raise UserError(f"{e}: start it (pochta up) and bounce again") from None
+    typer.echo(f"bouncing {qid}: its sender gets a report for every pending recipient")
 
 
 @queue_app.command("delete")

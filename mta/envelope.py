@@ -60,6 +60,7 @@ class Envelope:
     body: str = "7BIT"
     client: dict[str, Any] = field(default_factory=dict)
     dsn: dict[str, Any] = field(default_factory=dict)
+    held: bool = False  # `pochta queue hold`: not attempted until released
     version: int = FORMAT_VERSION
     # Every recipient is final but the sender's report could not be spooled yet: try again
     # then. The message stays in the queue until its report is durable.

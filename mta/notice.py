@@ -6,7 +6,8 @@ spaces or one command starting with ``!``:
 
 - ``!flush`` / ``!flush DOMAIN`` / ``!flush @DOMAIN``: make every deferred recipient (of
   DOMAIN, and of its subdomains) due now, releasing held relay domains' mail;
-- ``!rescan``: list the spool and load what the runner does not know (a sender had to drop ids).
+- ``!rescan``: list the spool and load what the runner does not know (a sender had to drop ids);
+- ``!hold ID|*``, ``!release ID|*``, ``!bounce ID``: the admin's ``pochta queue`` verbs.
 
 Nothing is lost when no runner listens: a message is committed before its notice is sent, and a
 runner binds the socket before it scans the spool at start, so whatever was committed before it
@@ -46,6 +47,7 @@ class Notice:
     flush_domain: str | None = None  # with flush: only this domain's recipients
     subdomains: bool = False  # and those of its subdomains (ETRN "@domain")
     rescan: bool = False
+    admin: tuple[str, str] | None = None  # ("hold"|"release"|"bounce", queue id or "*")
 
 
 def parse_notice(data: bytes) -> Notice:
@@ -62,6 +64,9 @@ def parse_notice(data: bytes) -> Notice:
                 return Notice(flush=True, flush_domain=name.lower().rstrip("."), subdomains=sub)
         if command == "!rescan" and not args:
             return Notice(rescan=True)
+        if command in ("!hold", "!release", "!bounce") and len(args) == 1 and (
+                QUEUE_ID.fullmatch(args[0]) or (args[0] == "*" and command != "!bounce")):
+            return Notice(admin=(command[1:], args[0]))
         return Notice()
     return Notice(ids=[w for w in words if QUEUE_ID.fullmatch(w)])
 

@@ -27,7 +27,7 @@ from mta.courier import Courier
 from mta.dsn import Bouncer, wants
 from mta.envelope import EXPIRED, FAILED, HELD, SENT, Envelope, Recipient
 from mta.notice import Notice, NoticeSocket
-from mta.reply import Reply
+from mta.reply import LOCAL_DECISION, Reply
 from mta.spool import Spool, SpooledMessage, SpoolError
 from store import addresses
 from store.config import Config
@@ -72,6 +72,7 @@ class QueueRunner:
         self.commands: deque[Notice] = deque()  # flush and rescan requests, in order
         # (id, recipient) of held relay domains released by a flush or ETRN, until attempted
         self.released: set[tuple[str, str]] = set()
+        self.bouncing: set[str] = set()  # ids the admin bounced: failed at their next attempt
         self.per_destination = per_destination
         self.in_flight: Counter[str] = Counter()  # remote domain -> attempts delivering there
         self.waiting: defaultdict[str, deque[str]] = defaultdict(deque)  # domain -> ids
@@ -91,6 +92,8 @@ class QueueRunner:
     def _schedule(self, env: Envelope) -> None:
         """Queue ``env`` for its next attempt: now, or when its first pending recipient is due
         (a parked one's recipients for its full destination wait for that to have room)."""
+        if env.held:
+            return  # until released
         parked = self.parked.get(env.id)
         if parked is None:
             due = env.due
@@ -132,7 +135,7 @@ class QueueRunner:
                     continue
                 self.fresh.add(qid)
                 self.ready.append(qid)
-            if notice.rescan or notice.flush:
+            if notice.rescan or notice.flush or notice.admin:
                 self.commands.append(notice)
         self.wake.set()
 
@@ -163,7 +166,7 @@ class QueueRunner:
             while self.ready and len(self.busy) < self.concurrency:
                 qid = self.ready.popleft()
                 env = self.items.get(qid)
-                if env is None or qid in self.busy or qid in self.parked:
+                if env is None or qid in self.busy or qid in self.parked or env.held:
                     continue
                 due = env.due
                 if due is None:
@@ -198,6 +201,8 @@ class QueueRunner:
 
     async def _command(self, notice: Notice) -> None:
         await self._rescan()  # a flush also covers what was queued while no runner listened
+        if notice.admin:
+            await self._admin(*notice.admin)
         if notice.flush:
             domain = notice.flush_domain
             log.info("flush: every deferred recipient%s is due now",
@@ -212,6 +217,29 @@ class QueueRunner:
                         touched = True
                 if touched:
                     self._schedule(env)
+
+    async def _admin(self, verb: str, target: str) -> None:
+        """`pochta queue hold|release|bounce`: held messages are not attempted (the flag is in
+        the envelope, so it outlives the runner); a bounced one fails every pending recipient
+        at its next attempt, now, with the usual DSN."""
+        envs = list(self.items.values()) if target == "*" else \
+            [e for e in [self.items.get(target)] if e is not None]
+        now = self.clock()
+        for env in envs:
+            env.held = verb == "hold"
+            if verb == "bounce":
+                self.bouncing.add(env.id)
+            if verb != "hold":
+                for r in env.pending:
+                    r.next_attempt = min(r.next_attempt, now)
+            if env.id not in self.busy:  # else the attempt under way records it
+                try:
+                    await asyncio.to_thread(self.spool.save, env)
+                except (OSError, SpoolError) as e:
+                    log.error("%s: cannot record %s: %s", env.id, verb, e)
+                self._schedule(env)
+            log.info("%s: %s by the administrator", env.id,
+                     {"hold": "held", "release": "released", "bounce": "returned"}[verb])
 
     async def _rescan(self) -> None:
         """Load what the spool holds and this runner does not know."""
@@ -321,7 +349,12 @@ class QueueRunner:
         reported = False
         try:
             due = self._due(env, blocked)
-            results = await self._route_and_send(env, due, data) if due else {}
+            if env.id in self.bouncing:
+                self.bouncing.discard(env.id)
+                results = {r.address: Reply(550, "5.0.0 returned to the sender by the "
+                                                 "postmaster", LOCAL_DECISION) for r in due}
+            else:
+                results = await self._route_and_send(env, due, data) if due else {}
             delayed = self._record(env, due, results)
             if delayed:
                 await self._report_delays(env, data, delayed)

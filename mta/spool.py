@@ -244,6 +244,13 @@ class Spool:
         tmp = f"{self._dir}/.{env.id}.tmp"
         return Unpublished(write_parts(tmp, [head, *parts]), tmp, self._msg(env.id))
 
+    def save(self, env: Envelope) -> bool:
+        """``update`` under the item's lock (from outside an attempt); False if it is gone."""
+        with self.locked(env.id) as present:
+            if present:
+                self.update(env)
+            return present
+
     def update(self, env: Envelope) -> None:
         atomic_write(self._json(env.id), env.to_json())
 

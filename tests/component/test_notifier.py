@@ -30,6 +30,11 @@ def qid(i: int) -> str:
     (b"!flush a b", Notice()),
     (b"!flush a/b", Notice()),
     (b"!rescan", Notice(rescan=True)),
+    (b"!hold 0123456789abcdef0123", Notice(admin=("hold", "0123456789abcdef0123"))),
+    (b"!release *", Notice(admin=("release", "*"))),
+    (b"!bounce *", Notice()),  # one message at a time
+    (b"!hold ../x", Notice()),
+    (b"!flush @Example.net", Notice(flush=True, flush_domain="example.net", subdomains=True)),
     (b"!rm -rf", Notice()),
     (b"\xff\xfe", Notice()),
     (b"", Notice()),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import smtplib
 import ssl
@@ -494,3 +495,39 @@ def test_help_per_command_and_the_obsolete_verbs(stack):
         assert r.cmd("NOOP").startswith("250")  # still talking: none counted as unknown
     finally:
         r.close()
+
+
+def test_queue_hold_release_and_bounce(tmp_path):
+    """A held message stays through a flush (a later sentinel arrives, it does not) until
+    released; a bounced one comes back to its sender as a DSN at once."""
+    s = Stack(tmp_path, delivery={"retry_initial": 3600, "retry_max": 3600})  # no retry alone
+    s.setup_users(DOMAIN, "bob@example.com", "alice@example.com")
+    s.start("mta")  # no MDA yet: everything waits
+    try:
+        send(s, "alice@example.com", ["bob@example.com"], b"Subject: kept\r\n\r\nx\r\n")
+        send(s, "alice@example.com", ["bob@example.com"], b"Subject: returned\r\n\r\nx\r\n")
+        assert wait_for(lambda: s.pochta("queue", "list").stdout.count("4.4.1") == 2, 10)
+        listed = json.loads(s.pochta("queue", "list", "--json").stdout)["messages"]
+        ids = {m["id"]: m for m in listed}
+        shown = {i: (tmp_path / "spool" / f"{i}.msg").read_bytes() for i in ids}
+        kept = next(i for i, data in shown.items() if b"Subject: kept" in data)
+        returned = next(i for i in ids if i != kept)
+        r = s.pochta("queue", "hold", check=False)
+        assert r.returncode == 1 and "--all" in r.stderr
+        assert s.pochta("queue", "hold", kept).stdout.strip() == f"held {kept}"
+        assert wait_for(lambda: [m["id"] for m in json.loads(s.pochta(
+            "queue", "list", "--json", "--state", "held").stdout)["messages"]] == [kept], 10)
+        s.start("mda")
+        s.pochta("queue", "bounce", returned)
+        [dsn] = wait_mail(s, "alice@example.com", 1)
+        assert b"returned to the sender by the postmaster" in dsn and b"5.0.0" in dsn
+        s.pochta("queue", "flush")
+        send(s, "alice@example.com", ["bob@example.com"], b"Subject: sentinel\r\n\r\nx\r\n")
+        [m] = wait_mail(s, "bob@example.com", 1)
+        assert b"sentinel" in m  # the held one did not go with the flush
+        s.pochta("queue", "release", "--all")
+        got = wait_mail(s, "bob@example.com", 2)
+        assert any(b"Subject: kept" in m for m in got)
+        assert not any(b"Subject: returned" in m for m in got)
+    finally:
+        s.stop_all()
