@@ -200,7 +200,10 @@ class QueueRunner:
         await self.remote.close()
 
     async def _command(self, notice: Notice) -> None:
-        await self._rescan()  # a flush also covers what was queued while no runner listened
+        # Only a sender that dropped ids asks for a rescan: whatever was committed while no
+        # runner listened was found by this one's start-up scan.
+        if notice.rescan:
+            await self._rescan()
         if notice.admin:
             await self._admin(*notice.admin)
         if notice.flush:
@@ -444,7 +447,8 @@ class QueueRunner:
         for r in rcpts:
             reply = results.get(r.address, Reply(451, "4.3.0 no result for this recipient"))
             held = reply.relay == HELD  # not an attempt: nothing was tried
-            r.attempts += 0 if held else 1
+            if not held:
+                r.attempts += 1
             r.last_reply = reply.line
             relay = r.last_relay = reply.relay or "mda"
             if held and now - env.created < d.max_queue_lifetime:
