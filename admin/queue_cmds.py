@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import typer
 
 from admin.context import UserError, context, table
-from mta.envelope import HELD, Envelope
+from mta.envelope import Envelope
 from mta.notice import DOMAIN, NoRunner, send_command
 from mta.spool import DAMAGED_DIR, Spool, SpoolError
 from store import addresses
@@ -38,29 +38,18 @@ def _valid_id(qid: str) -> str:
 STATES = ("new", "deferred", "held", "damaged")
 
 
-def message_state(env: Envelope) -> str:
-    """new: not tried yet; held: waits for a release (`queue hold`, or a held relay domain);
-    deferred: tried, to be tried again."""
-    pending = env.pending
-    if env.held or (pending and all(r.last_relay == HELD for r in pending)):
-        return "held"
-    if any(r.attempts or r.last_reply for r in pending):
-        return "deferred"
-    return "new"
-
-
 def _matches(env: Envelope, domain: str, older_than: float | None, state: str,
              now: float) -> bool:
     if domain and not any(addresses.domain_of(r.address) == domain for r in env.pending):
         return False
     if older_than is not None and now - env.created < older_than:
         return False
-    return not state or message_state(env) == state
+    return not state or env.state == state
 
 
 def _as_json(env: Envelope) -> dict[str, object]:
     return {"id": env.id, "arrived": _when(env.created), "arrived_unix": env.created,
-            "size": env.size, "from": env.mail_from, "state": message_state(env),
+            "size": env.size, "from": env.mail_from, "state": env.state,
             "recipients": [{"address": r.address, "original": r.original, "status": r.status,
                             "attempts": r.attempts,
                             "next_attempt": _when(r.next_attempt) if r.status == "pending"

@@ -27,6 +27,7 @@ import typer
 from admin import sdnotify
 from admin.context import context
 from mta.supervision import restart_delay
+from store import telemetry
 from store.config import Config, ConfigError, parse_address
 
 ROLES = ("mda", "mta", "msa")
@@ -70,6 +71,8 @@ async def _serve(cfg: Config, role: str, config_path: str | None) -> None:
         from mta.server import run_mta
 
         run = functools.partial(run_mta, config_path=config_path)
+        if cfg.metrics.listen and not os.environ.get(telemetry.SERVED_BY_PARENT):
+            start_metrics(cfg)  # the MTA on its own (a unit of its own) serves the stack's
     elif role == "queue":
         from mta.server import run_queue as run
     else:
@@ -116,9 +119,13 @@ def serve(ctx: typer.Context, role: Role) -> None:
     cfg = c.config
     setup_logging(cfg, role.value)
     raise_file_limit()
-    from store.privileges import prepare
+    if cfg.metrics.listen:
+        telemetry.enable(cfg.data_dir)  # before any metric exists (the imports below)
+    from store.privileges import metrics_folder, prepare
 
     prepare(cfg, role.value)  # as root: state to its users, before anything is opened
+    if cfg.metrics.listen:
+        metrics_folder(cfg, telemetry.folder(cfg.data_dir))
     try:
         run_loop(_serve(cfg, role.value, c.config_path), cfg.event_loop)
     except OSError as e:
@@ -241,4 +248,24 @@ def up(ctx: typer.Context) -> None:
     cfg = c.config
     setup_logging(cfg, "up")
     roles = [r for r in ROLES if listen_addresses(cfg, r)]
+    if cfg.metrics.listen:
+        try:
+            start_metrics(cfg)
+        except OSError as e:
+            logging.getLogger("pochta.up").error("cannot serve metrics on %s: %s",
+                                                 cfg.metrics.listen, e)
+            raise SystemExit(1) from None
+        os.environ[telemetry.SERVED_BY_PARENT] = "1"  # the MTA we start does not serve them
     raise SystemExit(Supervisor(cfg, c.config_path, roles).run())
+
+
+def start_metrics(cfg: Config) -> object:
+    """The stack's /metrics endpoint in this process (`up`, or `serve mta` on its own): its
+    folder made for every process's files, those of processes gone removed."""
+    from store.privileges import metrics_folder
+
+    path = metrics_folder(cfg, telemetry.enable(cfg.data_dir))
+    telemetry.prune(path, counters_too=True)
+    server = telemetry.serve(cfg.metrics.listen, path)
+    logging.getLogger("pochta").info("metrics on http://%s/metrics", cfg.metrics.listen)
+    return server

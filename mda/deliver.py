@@ -19,6 +19,7 @@ from mda.mbox import MboxWriter
 from mda.message import stored_message
 from mda.paths import UnsafeAddress, mailbox_path
 from mta.smtp import replies
+from store import metrics
 from store.batching import DiskSync
 from store.config import MDAConfig
 from store.directory import UserInfo
@@ -199,6 +200,7 @@ class Deliverer:
             return self._failed(job.rcpt, path, e)
         if used + size > quota:
             log.info("to=<%s> status=deferred (over quota %d)", job.rcpt, quota)
+            metrics.MAILBOX_WRITES.labels("deferred").inc()
             return replies.MAILBOX_FULL.format(addr=job.rcpt)
         return ""
 
@@ -226,6 +228,7 @@ class Deliverer:
     @staticmethod
     def _delivered(rcpt: str, size: int, where: str) -> str:
         log.info("to=<%s> size=%d status=sent (%s)", rcpt, size, where)
+        metrics.MAILBOX_WRITES.labels("sent").inc()
         return replies.DELIVERED.format(addr=rcpt)
 
     @staticmethod
@@ -236,6 +239,7 @@ class Deliverer:
     @staticmethod
     def _failed(rcpt: str, path: Path, e: OSError) -> str:
         log.error("to=<%s> status=deferred (%s: %s)", rcpt, path, e.strerror or e)
+        metrics.MAILBOX_WRITES.labels("failed").inc()
         if e.errno in STORAGE_FULL:
             return replies.MAILBOX_STORAGE_FULL.format(addr=rcpt)
         return replies.MAILBOX_LOCAL_ERROR.format(addr=rcpt)

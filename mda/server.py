@@ -31,7 +31,7 @@ async def run(cfg: Config, stop: asyncio.Event,
 
     def factory() -> LMTPProtocol:
         return LMTPProtocol(
-            handler, connections=connections, hostname=cfg.hostname, ident="LMTP",
+            handler, connections=connections, listener="lmtp", hostname=cfg.hostname, ident="LMTP",
             data_size_limit=size_limit, enable_SMTPUTF8=True,
             decode_data=False, timeout=cfg.mda.idle_timeout)
 

@@ -82,6 +82,17 @@ class Envelope:
     def finished(self) -> bool:
         return all(r.status in FINAL for r in self.recipients)
 
+    @property
+    def state(self) -> str:
+        """new: not tried yet; held: waits for a release (`queue hold`, or a held relay
+        domain); deferred: tried, to be tried again."""
+        pending = self.pending
+        if self.held or (pending and all(r.last_relay == HELD for r in pending)):
+            return "held"
+        if any(r.attempts or r.last_reply for r in pending):
+            return "deferred"
+        return "new"
+
     def to_json(self) -> bytes:
         raw = dict(vars(self))
         raw["recipients"] = [vars(r) for r in self.recipients]

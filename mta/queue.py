@@ -29,11 +29,13 @@ from mta.envelope import EXPIRED, FAILED, HELD, SENT, Envelope, Recipient
 from mta.notice import Notice, NoticeSocket
 from mta.reply import LOCAL_DECISION, Reply
 from mta.spool import Spool, SpooledMessage, SpoolError
-from store import addresses
+from store import addresses, metrics
 from store.config import Config
 from store.directory import Directory, DirectoryUnavailable, lookup
 
 log = logging.getLogger("pochta.queue")
+
+HEARTBEAT_INTERVAL = 5.0  # seconds between the queue gauges' updates and heartbeats
 
 class QueueRunner:
     """The scheduler: which message is attempted when, and how many at once.
@@ -78,6 +80,8 @@ class QueueRunner:
         self.waiting: defaultdict[str, deque[str]] = defaultdict(deque)  # domain -> ids
         self.parked: dict[str, str] = {}  # id -> the full domain it waits for
         self.local_domains: set[str] = set()  # learnt from routing: no destination limit
+        smarthost = cfg.delivery.smarthost
+        self.smarthost_prefix = smarthost.rpartition(":")[0].strip("[]") + "[" if smarthost else ""
 
     def add(self, env: Envelope, maybe_sent: bool = False) -> None:
         """A message this process just spooled (a DSN): deliver it now. ``maybe_sent``: it
@@ -151,6 +155,7 @@ class QueueRunner:
 
     async def run(self, stop: asyncio.Event) -> None:
         next_gc = time.monotonic() + 3600.0
+        next_beat = 0.0
         stopping = asyncio.create_task(stop.wait())
         stopping.add_done_callback(lambda _: self.wake.set())
         while not stop.is_set():
@@ -160,6 +165,9 @@ class QueueRunner:
                 next_gc = time.monotonic() + 3600.0
                 await asyncio.to_thread(self.spool.collect_garbage)
                 await self._rescan()  # a safety net: nothing stays unknown for long
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + HEARTBEAT_INTERVAL
+                self._heartbeat()
             now = self.clock()
             while self.timers and self.timers[0][0] <= now:
                 self.ready.append(heapq.heappop(self.timers)[1])
@@ -183,7 +191,8 @@ class QueueRunner:
                 task.add_done_callback(self.tasks.discard)
             # A finished attempt, a notice or stop sets wake; else the earliest timer (capped:
             # the wall clock may be set back).
-            wait = 60.0 if not self.timers else min(60.0, self.timers[0][0] - now)
+            wait = HEARTBEAT_INTERVAL if not self.timers else min(HEARTBEAT_INTERVAL,
+                                                                  self.timers[0][0] - now)
             try:
                 await asyncio.wait_for(self.wake.wait(), max(0.0, wait))
             except TimeoutError:
@@ -468,10 +477,36 @@ class QueueRunner:
                     delayed.append(r)
             status = {SENT: "sent", FAILED: "bounced", EXPIRED: "expired"}.get(
                 r.status, "held" if held else "deferred")
+            if not held:
+                kind = self._relay_kind(relay)
+                metrics.DELIVERIES.labels(kind, status).inc()
+                if status == "sent":
+                    metrics.DELIVERY_DELAY.labels(kind).observe(max(0.0, now - env.created))
             log.info("%s: to=<%s>%s relay=%s delay=%.2f attempts=%d status=%s (%s)", env.id,
                      r.address, f" orig_to=<{r.original}>" if r.original != r.address else "",
                      relay, now - env.created, r.attempts, status, reply.line)
         return delayed
+
+    def _heartbeat(self) -> None:
+        """The queue gauges, and the heartbeat `pochta status` reads: this loop turns."""
+        by_state = Counter(env.state for env in self.items.values())
+        for state in ("new", "deferred", "held"):
+            metrics.QUEUE_MESSAGES.labels(state).set(by_state[state])
+        now = self.clock()
+        oldest = min((env.created for env in self.items.values()), default=now)
+        metrics.QUEUE_OLDEST.set(max(0.0, now - oldest))
+        try:
+            self.spool.beat()
+        except OSError as e:
+            log.warning("cannot write the queue heartbeat: %s", e)
+
+    def _relay_kind(self, relay: str) -> str:
+        """The metrics' relay label of a reply's relay ("mda", "host[ip]:port", "dns"...)."""
+        if relay == "mda":
+            return "local"
+        if self.smarthost_prefix and relay.startswith(self.smarthost_prefix):
+            return "smarthost"
+        return "remote"
 
 
 def flushes(rcpt_domain: str, domain: str | None, subdomains: bool) -> bool:

@@ -39,10 +39,12 @@ log = logging.getLogger("pochta.server")
 
 def protocol_factory(cfg: Config, limits: ListenerLimits, handler: SMTPHandler,
                      connections: Connections, tls: object, *, require_auth: bool,
-                     implicit_tls: bool = False) -> Callable[[], SMTPProtocol]:
+                     implicit_tls: bool = False, listener: str = "smtp"
+                     ) -> Callable[[], SMTPProtocol]:
     def factory() -> SMTPProtocol:
         return SMTPProtocol(
-            handler, connections=connections, hostname=cfg.hostname, ident="ESMTP",
+            handler, connections=connections, listener=listener, hostname=cfg.hostname,
+            ident="ESMTP",
             data_size_limit=limits.max_message_size or None, enable_SMTPUTF8=True,
             decode_data=False, tls_context=tls, timeout=limits.idle_timeout,
             max_errors=limits.max_errors, auth_required=require_auth,
@@ -195,11 +197,12 @@ async def run_msa(cfg: Config, stop: asyncio.Event,
                               exempt=lambda ip: in_networks(ip, cfg.checks.local_networks))
     tls = server_context(cfg)
     servers = await start_listeners(
-        cfg.msa.listen, protocol_factory(cfg, cfg.msa, handler, connections, tls, require_auth=True),
+        cfg.msa.listen, protocol_factory(cfg, cfg.msa, handler, connections, tls, require_auth=True,
+                                      listener="submission"),
         key="msa.listen")
     servers += await start_listeners(
         cfg.msa.listen_tls, protocol_factory(cfg, cfg.msa, handler, connections, None, require_auth=True,
-                                          implicit_tls=True),
+                                          implicit_tls=True, listener="submissions"),
         ssl_context=tls, connections=connections, key="msa.listen_tls")
     drop_privileges(cfg, "msa")
     log.info("msa ready: submission on %s (STARTTLS), %s (TLS)", " ".join(cfg.msa.listen),

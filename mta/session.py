@@ -32,7 +32,7 @@ from mta.smtp import Session, replies
 from mta.smtp.protocol import BadCommandLine, SMTPEnvelope, SMTPProtocol
 from mta.smtp.server import BaseSMTP, Handler
 from mta.spool import MessageParts, Spool, read_header_section
-from store import addresses
+from store import addresses, metrics
 from store.config import Config, ListenerLimits
 from store.directory import Directory, DirectoryUnavailable, lookup
 
@@ -103,15 +103,18 @@ class SMTPHandler(Handler):
             return None  # as Postfix's mynetworks: our own hosts are not rate limited
         if d.connection_rate is not None and d.connection_rate.hit(ip):
             log.warning("%s: connection rate limit", ip)
+            metrics.DEFENCE_HITS.labels("connection_rate").inc()
             return replies.CONNECTION_RATE
         if d.dnsbl_resolver is not None and self.cfg.checks.dnsbl:
             zone = await dnsbl_listed(ip, self.cfg.checks.dnsbl, d.dnsbl_resolver)
             if zone:
                 log.warning("%s: listed in %s", ip, zone)
+                metrics.DEFENCE_HITS.labels("dnsbl").inc()
                 return replies.DNSBL_LISTED.format(ip=ip, zone=zone)
         if d.pregreet is not None and not d.pregreet.known(ip):
             if await server.talks_before_greeting(self.cfg.checks.pregreet_delay):
                 log.warning("%s: pregreet: spoke before the greeting", ip)
+                metrics.DEFENCE_HITS.labels("pregreet").inc()
                 return replies.PREGREET
             d.pregreet.add(ip)
         return None
@@ -240,6 +243,7 @@ class SMTPHandler(Handler):
                 wait = 0.0  # fail open: greylisting is a filter, not a guarantee
             if wait > 0:
                 log.info("%s: greylisted from=<%s> to=<%s>", server.peer_ip, sender, rcpt)
+                metrics.DEFENCE_HITS.labels("greylist").inc()
                 return replies.GREYLISTED.format(addr=address, wait=wait)
         envelope.rcpt_tos.append(rcpt)
         envelope.recipients.append(RcptRecord(rcpt, targets, notify, params.get("ORCPT")))
@@ -277,6 +281,9 @@ class SMTPHandler(Handler):
             verdict = await asyncio.to_thread(checks.check, server.peer_ip,
                                               session.host_name or "", sender, content,
                                               spilled is None)
+            for method in ("spf", "dkim", "dmarc"):
+                if method in verdict.results:
+                    metrics.AUTH_RESULTS.labels(method, verdict.results[method]).inc()
             if verdict.reply is not None:
                 log.info("%s: refused by authentication checks %s: %s", server.peer_ip,
                          verdict.results, verdict.reply)
@@ -302,6 +309,9 @@ class SMTPHandler(Handler):
         except Exception:
             log.exception("%s: cannot spool message", qid)
             return replies.SPOOL_ERROR
+        metrics.MESSAGES.labels(server.listener).inc()
+        metrics.MESSAGE_BYTES.labels(server.listener).inc(env.size)
+        metrics.RECIPIENTS.labels(server.listener).inc(len(env.recipients))
         log.info("%s: from=<%s> size=%d nrcpt=%d client=%s proto=%s%s", qid, env.mail_from,
                  env.size, len(env.recipients), server.peer_ip or "local", protocol,
                  " relay=network" if envelope.relayed_for_network else "")

@@ -51,6 +51,7 @@ log = logging.getLogger("pochta.spool")
 GARBAGE_AGE = 3600.0  # seconds an uncommitted spool file must be idle before it is garbage
 INLINE_MAX = 1 << 20  # messages up to this size are written from the event loop (page cache)
 DAMAGED_DIR = "damaged"  # committed items that cannot be read: kept aside for the admin
+HEARTBEAT = "runner.heartbeat"  # the queue runner's pid, rewritten every few seconds
 
 
 class SpoolError(Exception):
@@ -447,6 +448,24 @@ class Spool:
             yield self._still_committed(qid, path, os.fstat(fd))
         finally:
             os.close(fd)
+
+    def beat(self) -> None:
+        """The queue runner's heartbeat: its pid in a file whose mtime says it is alive (read
+        by `pochta status`; not a message: no fsync)."""
+        tmp = f"{self._dir}/.{HEARTBEAT}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, f"{self._dir}/{HEARTBEAT}")
+
+    def heartbeat(self) -> tuple[int, float] | None:
+        """(pid, seconds since the runner's last beat), or None if it never beat."""
+        path = f"{self._dir}/{HEARTBEAT}"
+        try:
+            with open(path) as f:
+                pid = int(f.read().strip() or 0)
+            return pid, time.time() - os.stat(path).st_mtime
+        except (OSError, ValueError):
+            return None
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.dir)

@@ -26,7 +26,7 @@ from mta.policy import header_fields, header_section
 from mta.session import SMTPHandler
 from mta.smtp import MISSING, AuthResult, Session, replies
 from mta.smtp.protocol import SMTPEnvelope, SMTPProtocol
-from store import addresses
+from store import addresses, metrics
 from store.directory import DirectoryUnavailable
 
 log = logging.getLogger("pochta.msa")
@@ -110,6 +110,7 @@ class SubmissionHandler(SMTPHandler):
         ip = server.peer_ip
         if self.failed_logins.over(ip):
             log.warning("%s: too many authentication failures", ip)
+            metrics.DEFENCE_HITS.labels("auth_rate").inc()
             return AuthResult(success=False, handled=False,
                               message=replies.AUTH_TOO_MANY_FAILURES)
         if authzid and authzid.lower() != login.lower():
@@ -125,6 +126,7 @@ class SubmissionHandler(SMTPHandler):
             self.brake.failed(ip, login)
             self.failed_logins.hit(ip)
             log.info("auth failed from %s for %r; braking %.2f s", ip, login[:64], delay)
+            metrics.AUTH_FAILURES.labels(server.listener).inc()
             await asyncio.sleep(delay)
             return AuthResult(success=False, handled=False, message=replies.AUTH_FAILED)
         self.brake.succeeded(ip, ok)
@@ -194,6 +196,7 @@ class SubmissionHandler(SMTPHandler):
             return replies.SENDER_NOT_OWNED.format(addr=address, login=login)
         if self.messages_per_user.hit(login):
             log.warning("%s: message rate limit reached", login)
+            metrics.DEFENCE_HITS.labels("message_rate").inc()
             return replies.MESSAGE_RATE
         return await super().handle_MAIL(server, session, envelope, address, mail_options)
 

@@ -143,6 +143,11 @@ class DKIMConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""  # "host:port": the Prometheus endpoint (/metrics) of the whole stack
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str = "localhost"
     # Started as root, every mail process binds its ports and then runs as this user (the MDA
@@ -166,6 +171,7 @@ class Config:
     checks: ChecksConfig = field(default_factory=ChecksConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     dkim: DKIMConfig = field(default_factory=DKIMConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "(embedded defaults)"  # where this config came from, for messages
 
 
@@ -270,6 +276,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key 'mda.mail_owner': no user {cfg.mda.mail_owner!r}") from None
     if cfg.delivery.resolver:
         parse_address(cfg.delivery.resolver, "delivery.resolver")
+    if cfg.metrics.listen:
+        parse_address(cfg.metrics.listen, "metrics.listen")
     if cfg.delivery.smarthost:
         parse_address(cfg.delivery.smarthost, "delivery.smarthost")
     if cfg.delivery.smarthost_tls not in ("starttls", "implicit", "starttls-unverified"):

@@ -142,6 +142,19 @@ def prepare(cfg: Config, role: str) -> None:
         give([Path(cfg.mda.mailbox_root)], account)
 
 
+def metrics_folder(cfg: Config, path: Path) -> Path:
+    """The folder every process writes its metrics into: the service user's, group-writable
+    (an MDA running as mail_owner keeps that group)."""
+    from store.fsio import ensure_dir
+
+    service = service_account(cfg)
+    ensure_dir(path, 0o770)
+    if service is not None:
+        os.chown(path, service.uid, service.gid)
+    os.chmod(path, 0o770)
+    return path
+
+
 def drop(cfg: Config, role: str) -> None:
     """Become ``role``'s account for good (after binding); a no-op unless root started us."""
     account = account_for(cfg, role)

@@ -32,6 +32,7 @@ from aiosmtpd.smtp import SMTP, _AuthMechAttr, login_always_fail, syntax
 from mta.smtp import replies
 from mta.smtp.data import CHUNK as DATA_CHUNK
 from mta.smtp.data import SinkFactory, read_data
+from store import metrics
 from store.config import parse_address
 
 log = logging.getLogger("pochta.smtp")
@@ -70,6 +71,17 @@ def with_enhanced_code(line: str) -> str:
         return line
     sep, text = line[3:4] or " ", line[4:]
     return f"{code}{sep}{DEFAULT_ENHANCED[code]} {text}".rstrip()
+
+
+def enhanced_status(line: bytes) -> str:
+    """"5.7.1" of b"550 5.7.1 text"; the basic code when there is none (a greeting)."""
+    parts = line.split(b" ", 2)
+    if len(parts) > 1 and _ENHANCED_ONLY.fullmatch(parts[1]):
+        return parts[1].decode()
+    return line[:3].decode(errors="replace")
+
+
+_ENHANCED_ONLY = re.compile(rb"[245]\.\d{1,3}\.\d{1,3}")
 
 
 class Connections:
@@ -206,9 +218,11 @@ def _introspect(proto: SMTP, handler: Any) -> tuple[dict[str, tuple[str, bool]],
 class BaseSMTP(SMTP):
     """aiosmtpd's SMTP with enhanced status codes, connection limits and a polite timeout."""
 
-    def __init__(self, handler: Handler, *, connections: Connections, **kwargs: Any) -> None:
+    def __init__(self, handler: Handler, *, connections: Connections, listener: str = "smtp",
+                 **kwargs: Any) -> None:
         self._fast_init(handler, **kwargs)
         self.connections = connections
+        self.listener = listener  # the metrics' label: smtp, submission, submissions, lmtp
         self.peer_ip = ""
         self._in_greeting_reply = False
         self._held: list[bytes] = []  # replies not sent yet: they go out with the next one
@@ -306,6 +320,8 @@ class BaseSMTP(SMTP):
             peer = transport.get_extra_info("peername")
             self.peer_ip = peer[0] if isinstance(peer, tuple) else ""
         super().connection_made(transport)
+        if not first and self._original_transport is not None:  # STARTTLS's handshake done
+            count_tls(self.listener, transport)
 
     async def _handle_client(self) -> None:
         refusal = self.connections.admit(self)
@@ -315,6 +331,8 @@ class BaseSMTP(SMTP):
             self._close_transport()
             return
         self._admitted = True
+        metrics.CONNECTIONS.labels(self.listener).inc()
+        metrics.SESSIONS.labels(self.listener).inc()
         refusal = await self.handler.on_connect(self)
         if refusal is not None:
             log.info("refused connection from %s: %s", self.peer_ip or "local", refusal)
@@ -334,6 +352,9 @@ class BaseSMTP(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self.connections.release(self)
+        if self._admitted:
+            self._admitted = False
+            metrics.SESSIONS.labels(self.listener).dec()
         super().connection_lost(error)
         task = self._handler_coroutine  # cancelled by aiosmtpd: it ends on the next turn
         if task is None or task.done():
@@ -398,6 +419,9 @@ class BaseSMTP(SMTP):
                 with_enhanced_code(line) for line in status.split("\r\n"))
         data = (status if isinstance(status, bytes) else status.encode(
             "utf-8" if self.enable_SMTPUTF8 else "ascii")) + b"\r\n"
+        if data[0] in b"45":
+            for line in data.split(b"\r\n")[-2:-1]:  # the last line carries the final code
+                metrics.REFUSALS.labels(self.listener, enhanced_status(line)).inc()
         self._held.append(data)
         if self._hold_all or (data[:3] in HOLDABLE and self._pipelined()):
             return
@@ -524,7 +548,14 @@ class ImplicitTLSGate(asyncio.Protocol):
             self.connections.end_handshake(ip)
         if tls is None or tls.is_closing():
             return
+        count_tls(getattr(protocol, "listener", "?"), tls)
         protocol.connection_made(tls)
+
+
+def count_tls(listener: str, transport: asyncio.BaseTransport) -> None:
+    obj = transport.get_extra_info("ssl_object")
+    if obj is not None:
+        metrics.TLS_SESSIONS.labels(listener, obj.version() or "unknown").inc()
 
 
 async def start_listeners(

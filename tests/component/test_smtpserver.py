@@ -35,6 +35,7 @@ def _compare(cls, handler, **kwargs):
         SMTP.__init__(theirs, handler, **kwargs)
         theirs.connections = ours.connections
         theirs.peer_ip, theirs._in_greeting_reply, theirs._admitted = "", False, False
+        theirs.listener = "smtp"
         theirs._held, theirs._hold_all, theirs._deadline = [], False, 0.0
         if hasattr(ours, "errors"):
             theirs.max_errors, theirs.errors = ours.max_errors, ours.errors
