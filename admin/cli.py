@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from admin import dovecot, queue_cmds, serve, units
+from admin import dovecot, queue_cmds, serve, status, units
 from admin.context import Context, UserError, context, table
 from store.config import ConfigError, parse_host_port
 from store.directory import DirectoryError, DirectoryUnavailable
@@ -39,6 +39,7 @@ app.command("serve")(serve.serve)
 app.command("up")(serve.up)
 app.command("dovecot-config")(dovecot.dovecot_config)
 app.command("systemd-units")(units.systemd_units)
+app.command("status")(status.status)
 
 
 @app.callback()
