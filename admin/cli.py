@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from admin import dovecot, queue_cmds, serve, status, units
+from admin import dovecot, logs, queue_cmds, runfiles, serve, status, units
 from admin.context import Context, UserError, context, table
 from store.config import ConfigError, parse_host_port
 from store.directory import DirectoryError, DirectoryUnavailable
@@ -29,7 +29,10 @@ user_app = typer.Typer(help="Mailbox users.", no_args_is_help=True)
 alias_app = typer.Typer(help="Aliases; '@domain' is the catch-all.", no_args_is_help=True)
 relay_recipient_app = typer.Typer(
     help="Recipients a relay domain accepts (none listed: all).", no_args_is_help=True)
+log_app = typer.Typer(help="The log.", no_args_is_help=True)
+log_app.command("summary")(logs.summary)
 app.add_typer(db_app, name="db")
+app.add_typer(log_app, name="log")
 app.add_typer(domain_app, name="domain")
 app.add_typer(user_app, name="user")
 app.add_typer(alias_app, name="alias")
@@ -40,6 +43,7 @@ app.command("up")(serve.up)
 app.command("dovecot-config")(dovecot.dovecot_config)
 app.command("systemd-units")(units.systemd_units)
 app.command("status")(status.status)
+app.command("reload")(runfiles.reload)
 
 
 @app.callback()

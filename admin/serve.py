@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import logging
@@ -16,7 +17,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
@@ -24,11 +24,13 @@ from typing import Any
 
 import typer
 
-from admin import sdnotify
+from admin import runfiles, sdnotify
 from admin.context import context
+from admin.logs import reopen_logs, setup_logging
 from mta.supervision import restart_delay
 from store import telemetry
-from store.config import Config, ConfigError, parse_address
+from store.config import Config, ConfigError, LiveConfig, parse_address, reloaded
+from store.config import load as load_config
 
 ROLES = ("mda", "mta", "msa")
 
@@ -40,20 +42,10 @@ class Role(StrEnum):
     queue = "queue"
 
 
-def setup_logging(cfg: Config, role: str) -> None:
-    logging.basicConfig(
-        level=cfg.log_level.upper(), stream=sys.stderr,
-        format=f"%(asctime)s {role}[{os.getpid()}]: %(message)s", datefmt="%Y-%m-%dT%H:%M:%S",
-        force=True)
-    # aiosmtpd's per-command chatter; we log sessions and messages ourselves.
-    logging.getLogger("mail.log").setLevel(logging.ERROR)
-    # aiosmtpd warns about AUTH without STARTTLS; our implicit-TLS listener is all TLS.
-    warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
-
-
 async def _serve(cfg: Config, role: str, config_path: str | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    live = LiveConfig(cfg)
     # fsync and SQL run in threads; more of them lets concurrent sessions' fsyncs overlap
     # (the file system merges them into one journal commit: group commit for free).
     loop.set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix=role))
@@ -65,6 +57,8 @@ async def _serve(cfg: Config, role: str, config_path: str | None) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping)
+    loop.add_signal_handler(signal.SIGUSR1, reopen_logs)
+    loop.add_signal_handler(signal.SIGHUP, functools.partial(reload, live, role, config_path))
     if role == "mda":
         from mda.server import run
     elif role == "mta":
@@ -78,7 +72,34 @@ async def _serve(cfg: Config, role: str, config_path: str | None) -> None:
     else:
         from mta.server import run_msa as run
     freeze_imported_objects()
-    await run(cfg, stop, ready=functools.partial(sdnotify.notify, "READY=1"))
+    runfiles.record(cfg, role)
+    try:
+        await run(cfg, stop, ready=functools.partial(sdnotify.notify, "READY=1"), live=live)
+    finally:
+        runfiles.forget(live.current, role)
+
+
+def reload(live: LiveConfig, role: str, config_path: str | None) -> None:
+    """SIGHUP: the config file read again and its live keys applied (store/config.py
+    LIVE_KEYS); a broken file changes nothing. The log file is reopened too (logrotate)."""
+    log = logging.getLogger("pochta.reload")
+    reopen_logs()
+    try:
+        loaded = load_config(config_path)
+    except ConfigError as e:
+        log.error("reload refused, the running config stays: %s", e)
+        return
+    new, later = reloaded(live.current, loaded)
+    try:
+        live.publish(new)
+    except Exception:
+        log.exception("reload failed part way: restart %s", role)
+        return
+    logging.getLogger().setLevel(new.log_level.upper())
+    with contextlib.suppress(OSError):
+        runfiles.record(new, role, later)
+    log.info("config reloaded from %s%s", new.source,
+             f"; changed keys that need a restart: {', '.join(later)}" if later else "")
 
 
 def freeze_imported_objects() -> None:
@@ -121,11 +142,12 @@ def serve(ctx: typer.Context, role: Role) -> None:
     raise_file_limit()
     if cfg.metrics.listen:
         telemetry.enable(cfg.data_dir)  # before any metric exists (the imports below)
-    from store.privileges import metrics_folder, prepare
+    from store.privileges import prepare, shared_folder
 
     prepare(cfg, role.value)  # as root: state to its users, before anything is opened
+    shared_folder(cfg, runfiles.run_dir(cfg))
     if cfg.metrics.listen:
-        metrics_folder(cfg, telemetry.folder(cfg.data_dir))
+        shared_folder(cfg, telemetry.folder(cfg.data_dir))
     try:
         run_loop(_serve(cfg, role.value, c.config_path), cfg.event_loop)
     except OSError as e:
@@ -199,6 +221,8 @@ class Supervisor:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        for sig in (signal.SIGHUP, signal.SIGUSR1):  # `pochta reload` signals the others
+            signal.signal(sig, lambda _s, _f: reopen_logs())
         for role in self.roles:
             self.spawn(role)
             if not self.wait_ready(role):
@@ -256,15 +280,23 @@ def up(ctx: typer.Context) -> None:
                                                  cfg.metrics.listen, e)
             raise SystemExit(1) from None
         os.environ[telemetry.SERVED_BY_PARENT] = "1"  # the MTA we start does not serve them
-    raise SystemExit(Supervisor(cfg, c.config_path, roles).run())
+    from store.privileges import shared_folder
+
+    shared_folder(cfg, runfiles.run_dir(cfg))
+    runfiles.record(cfg, "up")  # `pochta reload` reopens our log too
+    try:
+        code = Supervisor(cfg, c.config_path, roles).run()
+    finally:
+        runfiles.forget(cfg, "up")
+    raise SystemExit(code)
 
 
 def start_metrics(cfg: Config) -> object:
     """The stack's /metrics endpoint in this process (`up`, or `serve mta` on its own): its
     folder made for every process's files, those of processes gone removed."""
-    from store.privileges import metrics_folder
+    from store.privileges import shared_folder
 
-    path = metrics_folder(cfg, telemetry.enable(cfg.data_dir))
+    path = shared_folder(cfg, telemetry.enable(cfg.data_dir))
     telemetry.prune(path, counters_too=True)
     server = telemetry.serve(cfg.metrics.listen, path)
     logging.getLogger("pochta").info("metrics on http://%s/metrics", cfg.metrics.listen)

@@ -487,6 +487,14 @@ class QueueRunner:
                      relay, now - env.created, r.attempts, status, reply.line)
         return delayed
 
+    def reconfigure(self, cfg: Config, remote: Courier) -> None:
+        """A reload: new attempts use ``cfg`` and ``remote``; those under way finish as they
+        began."""
+        self.cfg = cfg
+        self.remote = remote
+        smarthost = cfg.delivery.smarthost
+        self.smarthost_prefix = smarthost.rpartition(":")[0].strip("[]") + "[" if smarthost else ""
+
     def _heartbeat(self) -> None:
         """The queue gauges, and the heartbeat `pochta status` reads: this loop turns."""
         by_state = Counter(env.state for env in self.items.values())

@@ -28,23 +28,35 @@ from mta.smtp.protocol import SMTPProtocol
 from mta.smtp.server import Connections, start_listeners
 from mta.spool import Spool
 from mta.supervision import restart_delay
-from store.config import Config, ListenerLimits
+from store.config import Config, ListenerLimits, LiveConfig
 from store.db import Database
 from store.directory import CachedDirectory
 from store.privileges import drop as drop_privileges
-from store.tlscert import server_context
+from store.tlscert import reload_certificate, server_context, watch_certificate
 
 log = logging.getLogger("pochta.server")
 
 
-def protocol_factory(cfg: Config, limits: ListenerLimits, handler: SMTPHandler,
-                     connections: Connections, tls: object, *, require_auth: bool,
-                     implicit_tls: bool = False, listener: str = "smtp"
+class Serving:
+    """What a new connection gets: the config and handler of the last (re)load. Sessions
+    already open finish with what they started with."""
+
+    def __init__(self, cfg: Config, handler: SMTPHandler) -> None:
+        self.cfg = cfg
+        self.handler = handler
+
+    def limits(self) -> ListenerLimits:
+        return self.cfg.msa if self.handler.mode.submission else self.cfg.mta
+
+
+def protocol_factory(serving: Serving, connections: Connections, tls: object, *,
+                     require_auth: bool, implicit_tls: bool = False, listener: str = "smtp"
                      ) -> Callable[[], SMTPProtocol]:
     def factory() -> SMTPProtocol:
+        limits = serving.limits()
         return SMTPProtocol(
-            handler, connections=connections, listener=listener, hostname=cfg.hostname,
-            ident="ESMTP",
+            serving.handler, connections=connections, listener=listener,
+            hostname=serving.cfg.hostname, ident="ESMTP",
             data_size_limit=limits.max_message_size or None, enable_SMTPUTF8=True,
             decode_data=False, tls_context=tls, timeout=limits.idle_timeout,
             max_errors=limits.max_errors, auth_required=require_auth,
@@ -52,6 +64,11 @@ def protocol_factory(cfg: Config, limits: ListenerLimits, handler: SMTPHandler,
             # STARTTLS-only check cannot see.
             auth_require_tls=implicit_tls is False)
     return factory
+
+
+def apply_limits(connections: Connections, limits: ListenerLimits) -> None:
+    connections.max_total = limits.max_connections
+    connections.max_per_ip = limits.max_connections_per_ip
 
 
 async def _serve_until(stop: asyncio.Event, servers: list[asyncio.base_events.Server],
@@ -69,7 +86,8 @@ PARENT_PIPE = "POCHTA_QUEUE_PARENT_PIPE"  # set by serve mta: our stdin is a pip
 
 
 async def run_queue(cfg: Config, stop: asyncio.Event,
-                    ready: Callable[[], object] = lambda: None) -> None:
+                    ready: Callable[[], object] = lambda: None,
+                    live: LiveConfig | None = None) -> None:
     drop_privileges(cfg, "queue")  # it binds nothing
     db = Database(cfg.database_url)
     directory = CachedDirectory(db, cfg.directory_cache_ttl)
@@ -79,6 +97,13 @@ async def run_queue(cfg: Config, stop: asyncio.Event,
                          Outbound(cfg, directory=directory),
                          bouncer)
     bouncer.enqueue = runner.add
+
+    def apply(new: Config) -> None:
+        directory.ttl = new.directory_cache_ttl
+        runner.reconfigure(new, Outbound(new, directory=directory))
+
+    if live is not None:
+        live.subscribe(apply)
     if os.environ.get(PARENT_PIPE):
         _stop_when_parent_exits(stop)
     await runner.listen()  # before the scan: what is committed from now on comes as a notice
@@ -138,38 +163,61 @@ async def supervise_queue(config_path: str | None, stop: asyncio.Event) -> None:
 
 
 async def run_mta(cfg: Config, stop: asyncio.Event, config_path: str | None = None,
-                  ready: Callable[[], object] = lambda: None) -> None:
+                  ready: Callable[[], object] = lambda: None,
+                  live: LiveConfig | None = None) -> None:
     db = Database(cfg.database_url)
     directory = CachedDirectory(db, cfg.directory_cache_ttl)
     spool = Spool(cfg.spool_dir, cfg.sync_method == "auto")
     notifier = Notifier(spool.dir)
-    c = cfg.checks
-    defences = Defences(
-        checks=InboundChecks(cfg.hostname, cfg.delivery.resolver, spf_enabled=c.spf,
-                             dkim_enabled=c.dkim, dmarc_enabled=c.dmarc,
-                             dmarc_enforce=c.dmarc_enforce, temperror=c.temperror)
-        if (c.spf or c.dkim or c.dmarc) else None,
-        greylist=Greylister(db, c.greylist_delay, c.greylist_expiry) if c.greylist else None,
-        dnsbl_resolver=make_async_resolver(cfg.delivery.resolver) if c.dnsbl else None,
-        pregreet=PregreetMemory(c.pregreet_remember) if c.pregreet else None,
-        connection_rate=RateLimiter(cfg.limits.connections_per_ip_per_minute,
-                                    60.0 * cfg.limits.window_scale))
-    handler = SMTPHandler(cfg, Mode("mta", submission=False, vrfy=cfg.mta.vrfy, expn=cfg.mta.expn),
-                          directory, spool, announce=notifier.notify, defences=defences)
+
+    def build(cfg: Config, old: SMTPHandler | None) -> SMTPHandler:
+        c = cfg.checks
+        kept = old.defences if old is not None and old.cfg.checks == c else None
+        defences = Defences(
+            checks=InboundChecks(cfg.hostname, cfg.delivery.resolver, spf_enabled=c.spf,
+                                 dkim_enabled=c.dkim, dmarc_enabled=c.dmarc,
+                                 dmarc_enforce=c.dmarc_enforce, temperror=c.temperror)
+            if (c.spf or c.dkim or c.dmarc) else None,
+            greylist=Greylister(db, c.greylist_delay, c.greylist_expiry) if c.greylist else None,
+            dnsbl_resolver=make_async_resolver(cfg.delivery.resolver) if c.dnsbl else None,
+            # What a client proved (pregreet) or used up (rate) survives a reload.
+            pregreet=(kept.pregreet if kept is not None else PregreetMemory(c.pregreet_remember))
+            if c.pregreet else None,
+            connection_rate=kept.connection_rate
+            if kept is not None and old is not None and old.cfg.limits == cfg.limits
+            else RateLimiter(cfg.limits.connections_per_ip_per_minute,
+                             60.0 * cfg.limits.window_scale))
+        return SMTPHandler(cfg, Mode("mta", submission=False, vrfy=cfg.mta.vrfy,
+                                     expn=cfg.mta.expn),
+                           directory, spool, announce=notifier.notify, defences=defences)
+
+    serving = Serving(cfg, build(cfg, None))
     connections = Connections(cfg.mta.max_connections, cfg.mta.max_connections_per_ip,
-                              exempt=lambda ip: in_networks(ip, cfg.checks.local_networks))
+                              exempt=lambda ip: in_networks(ip, serving.cfg.checks.local_networks))
     tls = server_context(cfg)
+
+    def apply(new: Config) -> None:
+        serving.handler = build(new, serving.handler)
+        serving.cfg = new
+        apply_limits(connections, new.mta)
+        directory.ttl = new.directory_cache_ttl
+        reload_certificate(tls, new)
+
+    if live is not None:
+        live.subscribe(apply)
     queue_stop = asyncio.Event()
     queue = asyncio.create_task(supervise_queue(config_path, queue_stop))
     servers = await start_listeners(
-        cfg.mta.listen, protocol_factory(cfg, cfg.mta, handler, connections, tls, require_auth=False),
+        cfg.mta.listen, protocol_factory(serving, connections, tls, require_auth=False),
         key="mta.listen")
     drop_privileges(cfg, "mta")
+    watcher = asyncio.create_task(watch_certificate(tls, lambda: serving.cfg, stop))
     log.info("mta ready: SMTP on %s, spool %s", " ".join(cfg.mta.listen), cfg.spool_dir)
     ready()
     try:
         await _serve_until(stop, servers, connections, cfg.hostname)
     finally:
+        watcher.cancel()
         queue_stop.set()  # after the listeners: sessions still finishing get their notices
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(queue, 30)
@@ -179,38 +227,57 @@ async def run_mta(cfg: Config, stop: asyncio.Event, config_path: str | None = No
 
 
 async def run_msa(cfg: Config, stop: asyncio.Event,
-                  ready: Callable[[], object] = lambda: None) -> None:
+                  ready: Callable[[], object] = lambda: None,
+                  live: LiveConfig | None = None) -> None:
     from mta.submission import SubmissionHandler
 
     db = Database(cfg.database_url)
     directory = CachedDirectory(db, cfg.directory_cache_ttl)
     spool = Spool(cfg.spool_dir, cfg.sync_method == "auto")
-
     notifier = Notifier(spool.dir)
-    handler = SubmissionHandler(
-        cfg, Mode("msa", submission=True, vrfy=cfg.msa.vrfy, expn=cfg.msa.expn),
-        directory, spool, announce=notifier.notify,
-        defences=Defences(connection_rate=RateLimiter(cfg.limits.connections_per_ip_per_minute,
-                                                      60.0 * cfg.limits.window_scale)),
-        signer=Signer(cfg.dkim.keys_dir) if cfg.dkim.sign else None)
+
+    def build(cfg: Config, old: SMTPHandler | None) -> SubmissionHandler:
+        handler = SubmissionHandler(
+            cfg, Mode("msa", submission=True, vrfy=cfg.msa.vrfy, expn=cfg.msa.expn),
+            directory, spool, announce=notifier.notify,
+            defences=Defences(connection_rate=RateLimiter(
+                cfg.limits.connections_per_ip_per_minute, 60.0 * cfg.limits.window_scale)),
+            signer=Signer(cfg.dkim.keys_dir) if cfg.dkim.sign else None)
+        if isinstance(old, SubmissionHandler) and old.cfg.limits == cfg.limits:
+            handler.keep_counts(old)  # a reload is no way around a rate limit
+        return handler
+
+    serving = Serving(cfg, build(cfg, None))
     connections = Connections(cfg.msa.max_connections, cfg.msa.max_connections_per_ip,
-                              exempt=lambda ip: in_networks(ip, cfg.checks.local_networks))
+                              exempt=lambda ip: in_networks(ip, serving.cfg.checks.local_networks))
     tls = server_context(cfg)
+
+    def apply(new: Config) -> None:
+        serving.handler = build(new, serving.handler)
+        serving.cfg = new
+        apply_limits(connections, new.msa)
+        directory.ttl = new.directory_cache_ttl
+        reload_certificate(tls, new)
+
+    if live is not None:
+        live.subscribe(apply)
     servers = await start_listeners(
-        cfg.msa.listen, protocol_factory(cfg, cfg.msa, handler, connections, tls, require_auth=True,
-                                      listener="submission"),
+        cfg.msa.listen, protocol_factory(serving, connections, tls, require_auth=True,
+                                         listener="submission"),
         key="msa.listen")
     servers += await start_listeners(
-        cfg.msa.listen_tls, protocol_factory(cfg, cfg.msa, handler, connections, None, require_auth=True,
-                                          implicit_tls=True, listener="submissions"),
+        cfg.msa.listen_tls, protocol_factory(serving, connections, None, require_auth=True,
+                                             implicit_tls=True, listener="submissions"),
         ssl_context=tls, connections=connections, key="msa.listen_tls")
     drop_privileges(cfg, "msa")
+    watcher = asyncio.create_task(watch_certificate(tls, lambda: serving.cfg, stop))
     log.info("msa ready: submission on %s (STARTTLS), %s (TLS)", " ".join(cfg.msa.listen),
              " ".join(cfg.msa.listen_tls))
     ready()
     try:
         await _serve_until(stop, servers, connections, cfg.hostname)
     finally:
+        watcher.cancel()
         notifier.close()
         db.dispose()
         log.info("msa stopped")

@@ -232,6 +232,7 @@ class SMTPHandler(Handler):
             log.error("directory unavailable at RCPT <%s>: %s", rcpt, e)
             return replies.DIRECTORY_UNAVAILABLE
         if not targets:
+            log.info("%s: unknown recipient <%s>", server.peer_ip, rcpt)
             return replies.NO_SUCH_USER.format(addr=address)
         if self.defences.greylist is not None and not self.trusted(server, session):
             sender = "" if envelope.mail_from == "<>" else envelope.mail_from or ""

@@ -103,6 +103,14 @@ class SubmissionHandler(SMTPHandler):
         # Not named auth_*: aiosmtpd would advertise any such attribute as a mechanism.
         self.failed_logins = RateLimiter(limits.auth_failures_per_ip_per_hour, hour)
 
+    def keep_counts(self, old: SubmissionHandler) -> None:
+        """After a reload with the same limits: the counts so far still apply."""
+        self.brake = old.brake
+        self.messages_per_user = old.messages_per_user
+        self.failed_logins = old.failed_logins
+        if old.defences.connection_rate is not None:
+            self.defences.connection_rate = old.defences.connection_rate
+
     # -- AUTH ---------------------------------------------------------------------------------
 
     async def _check(self, server: SMTPProtocol, authzid: str, login: str, password: str

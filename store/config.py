@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, get_type_hints
@@ -157,6 +158,9 @@ class Config:
     database_url: str = ""
     spool_dir: str = ""
     log_level: str = "info"
+    # "stderr", "syslog" (/dev/log, facility mail), "syslog:/path/to/socket", or a log file's
+    # absolute path (reopened on SIGHUP and SIGUSR1, for logrotate).
+    log_target: str = "stderr"
     event_loop: str = "asyncio"  # or "uvloop" (pip install uvloop), or "auto": uvloop if installed
     directory_cache_ttl: float = 5.0  # seconds the mail processes remember directory look-ups
     # How a batch of spool files or mailbox copies is made durable: "auto" is one syncfs(2) on
@@ -309,6 +313,16 @@ def _validate(cfg: Config) -> None:
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"config key 'log_level': expected debug, info, warning or error, "
                           f"got {cfg.log_level!r}")
+    target = cfg.log_target
+    if target.startswith("syslog:") and not target[len("syslog:"):].startswith("/"):
+        raise ConfigError(f"config key 'log_target': expected \"syslog:/path/to/socket\", "
+                          f"got {target!r}")
+    if target not in ("stderr", "syslog") and not target.startswith("syslog:"):
+        if not target.startswith("/"):
+            raise ConfigError(f"config key 'log_target': expected \"stderr\", \"syslog\" or "
+                              f"a file's absolute path, got {target!r}")
+        if not os.path.isdir(os.path.dirname(target)):
+            raise ConfigError(f"config key 'log_target': no folder {os.path.dirname(target)!r}")
     if not cfg.hostname or any(c.isspace() for c in cfg.hostname):
         raise ConfigError(f"config key 'hostname': expected a host name, got {cfg.hostname!r}")
 
@@ -363,3 +377,72 @@ def _network(key: str, value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Netw
         return ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise ConfigError(f"config key {key!r}: not a network: {value!r}") from None
+
+
+# -- reload ---------------------------------------------------------------------------------
+
+# Keys a running process takes on at `pochta reload` (SIGHUP); a change to any other key
+# (listeners, paths, the database, the user, the host name...) needs a restart.
+LIVE_KEYS = (
+    "log_level", "directory_cache_ttl",
+    "mta.vrfy", "mta.expn", "mta.max_message_size", "mta.max_recipients",
+    "mta.max_connections", "mta.max_connections_per_ip", "mta.idle_timeout", "mta.max_errors",
+    "mta.min_free_space", "mta.relay_networks", "mta.etrn_networks",
+    "msa.vrfy", "msa.expn", "msa.max_message_size", "msa.max_recipients",
+    "msa.max_connections", "msa.max_connections_per_ip", "msa.idle_timeout", "msa.max_errors",
+    "mda.idle_timeout", "mda.max_message_size",
+    "delivery.", "checks.", "limits.", "dkim.sign",
+)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """{"mta.listen": [...], "hostname": ..., ...}: every key by its dotted name."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            for g in dataclasses.fields(value):
+                out[f"{f.name}.{g.name}"] = getattr(value, g.name)
+        elif f.name != "source":
+            out[f.name] = value
+    return out
+
+
+def is_live(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in LIVE_KEYS)
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return sorted(k for k in new.keys() | old.keys() if old.get(k) != new.get(k))
+
+
+def reloaded(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """The config a process runs with after a reload: ``new``'s live keys, ``old``'s others;
+    and the changed keys that wait for a restart."""
+    later = [k for k in changed_keys(flatten(old), flatten(new)) if not is_live(k)]
+    cfg = new
+    for key in later:
+        section, _, name = key.rpartition(".")
+        old_value = getattr(getattr(old, section), name) if section else getattr(old, name)
+        if section:
+            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(
+                getattr(cfg, section), **{name: old_value})})
+        else:
+            cfg = dataclasses.replace(cfg, **{name: old_value})
+    return cfg, later
+
+
+class LiveConfig:
+    """A process's current config, and what to tell when a reload changes it."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.current = cfg
+        self._subscribers: list[Callable[[Config], None]] = []
+
+    def subscribe(self, apply: Callable[[Config], None]) -> None:
+        self._subscribers.append(apply)
+
+    def publish(self, cfg: Config) -> None:
+        self.current = cfg
+        for apply in self._subscribers:
+            apply(cfg)

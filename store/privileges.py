@@ -138,13 +138,15 @@ def prepare(cfg: Config, role: str) -> None:
                               "put data_dir (or that path) where it can")
         ensure_dir(folder, 0o700, (owner.uid, owner.gid))
     give_state(cfg)
+    if cfg.log_target.startswith("/"):  # a log file: every process appends to it and reopens it
+        give([Path(cfg.log_target)], service, 0o660)
     if role == "mda":
         give([Path(cfg.mda.mailbox_root)], account)
 
 
-def metrics_folder(cfg: Config, path: Path) -> Path:
-    """The folder every process writes its metrics into: the service user's, group-writable
-    (an MDA running as mail_owner keeps that group)."""
+def shared_folder(cfg: Config, path: Path) -> Path:
+    """A folder every process writes into (metrics, run files): the service user's,
+    group-writable (an MDA running as mail_owner keeps that group)."""
     from store.fsio import ensure_dir
 
     service = service_account(cfg)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import ipaddress
+import logging
+import os
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 from store.config import Config, ConfigError
 from store.fsio import atomic_write, ensure_dir
+
+log = logging.getLogger("pochta.tls")
 
 
 def make_self_signed(cert: Path, key: Path, hostname: str) -> None:
@@ -55,3 +62,41 @@ def server_context(cfg: Config) -> ssl.SSLContext:
     except (ssl.SSLError, OSError) as e:
         raise ConfigError(f"config keys 'tls.cert'/'tls.key': cannot load {cert}: {e}") from None
     return ctx
+
+
+CERT_CHECK_INTERVAL = 60.0  # seconds between looks at the certificate files
+
+
+def _stamp(cfg: Config) -> tuple[float, float]:
+    return os.stat(cfg.tls.cert).st_mtime, os.stat(cfg.tls.key).st_mtime
+
+
+def reload_certificate(ctx: ssl.SSLContext, cfg: Config) -> bool:
+    """Load the configured pair into the running context: new handshakes use it, sessions
+    already open keep theirs. A pair that does not load (a half-copied file, a key that does
+    not match) is logged and the old one stays; False then."""
+    try:
+        ctx.load_cert_chain(cfg.tls.cert, cfg.tls.key)
+    except (ssl.SSLError, OSError) as e:
+        log.error("cannot load the certificate %s (the old one stays in use): %s", cfg.tls.cert, e)
+        return False
+    log.info("certificate %s loaded", cfg.tls.cert)
+    return True
+
+
+async def watch_certificate(ctx: ssl.SSLContext, config: Callable[[], Config],
+                            stop: asyncio.Event, interval: float = CERT_CHECK_INTERVAL) -> None:
+    """Reload the pair when its files change on disk (certbot, ACME, an admin's copy)."""
+    try:
+        seen = _stamp(config())
+    except OSError:
+        seen = (0.0, 0.0)
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+        try:
+            now = _stamp(config())
+        except OSError:
+            continue  # being replaced: look again later
+        if now != seen and reload_certificate(ctx, config()):
+            seen = now

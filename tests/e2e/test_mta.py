@@ -402,7 +402,7 @@ def test_spool_leftovers_are_cleaned_and_committed_items_delivered(tmp_path):
         assert wait_for(lambda: not any(p.exists() for p in leftovers), 10)
         assert in_flight.exists()  # young: maybe still being written by another process
         assert wait_for(lambda: sorted(p.name for p in spool_dir.iterdir()) == [
-            in_flight.name, "damaged"], 10)  # both delivered messages left the spool
+            in_flight.name, "damaged", "runner.heartbeat"], 10)  # both delivered ones left
         listing = s.pochta("queue", "list").stdout
         assert "00000000000007abcdef" in listing and "DAMAGED" in listing, listing
         assert "0 message(s) in the queue, 1 damaged" in listing

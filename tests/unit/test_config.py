@@ -56,3 +56,34 @@ def test_bad_config_names_the_key(tmp_path, text, needle):
         load(write(tmp_path, text))
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_reload_takes_live_keys_and_keeps_the_rest_for_a_restart():
+    import dataclasses
+
+    from store.config import Config, reloaded
+
+    old = Config()
+    new = dataclasses.replace(old, hostname="mx.other.test", log_level="debug",
+                              mta=dataclasses.replace(old.mta, listen=["127.0.0.1:2525"],
+                                                      max_recipients=7),
+                              delivery=dataclasses.replace(old.delivery, smarthost="a.test:25"))
+    running, later = reloaded(old, new)
+    assert later == ["hostname", "mta.listen"]
+    assert running.hostname == old.hostname and running.mta.listen == old.mta.listen
+    assert running.mta.max_recipients == 7 and running.log_level == "debug"
+    assert running.delivery.smarthost == "a.test:25"
+
+
+@pytest.mark.parametrize("target, ok", [
+    ("stderr", True), ("syslog", True), ("syslog:/dev/log", True), ("/tmp/pochta.log", True),
+    ("pochta.log", False), ("syslog:dev/log", False), ("/no/such/folder/pochta.log", False),
+])
+def test_log_target(tmp_path, target, ok):
+    path = tmp_path / "p.toml"
+    path.write_text(f'log_target = "{target}"\ndata_dir = "{tmp_path}"\n')
+    if ok:
+        assert load(path).log_target == target
+    else:
+        with pytest.raises(ConfigError, match="log_target"):
+            load(path)
