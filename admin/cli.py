@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from admin import dovecot, logs, queue_cmds, runfiles, serve, status, units
+from admin import backup, dovecot, logs, queue_cmds, runfiles, serve, status, units
 from admin.context import Context, UserError, context, table
 from store.config import ConfigError, parse_host_port
 from store.directory import DirectoryError, DirectoryUnavailable
@@ -44,6 +44,8 @@ app.command("dovecot-config")(dovecot.dovecot_config)
 app.command("systemd-units")(units.systemd_units)
 app.command("status")(status.status)
 app.command("reload")(runfiles.reload)
+app.command("export")(backup.export)
+app.command("import")(backup.import_)
 
 
 @app.callback()
