@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from admin import backup, dovecot, logs, queue_cmds, runfiles, serve, status, units
+from admin import backup, dnscheck, dovecot, logs, queue_cmds, runfiles, serve, status, units
 from admin.context import Context, UserError, context, table
 from store.config import ConfigError, parse_host_port
 from store.directory import DirectoryError, DirectoryUnavailable
@@ -45,6 +45,8 @@ app.command("systemd-units")(units.systemd_units)
 app.command("status")(status.status)
 app.command("reload")(runfiles.reload)
 app.command("export")(backup.export)
+app.command("dns")(dnscheck.dns_records)
+app.command("check")(dnscheck.check)
 app.command("import")(backup.import_)
 
 
@@ -246,11 +248,6 @@ dkim_app = typer.Typer(help="DKIM signing keys.", no_args_is_help=True)
 app.add_typer(dkim_app, name="dkim")
 
 
-def _split_txt(value: str) -> str:
-    """A TXT value as quoted strings of at most 255 octets (RFC 1035 §3.3.14)."""
-    return " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
-
-
 @dkim_app.command("keygen")
 def dkim_keygen(
     ctx: typer.Context, domain: str,
@@ -273,35 +270,4 @@ def dkim_keygen(
         record = dkimsign.generate(Path(c.config.dkim.keys_dir), name, sel, algorithm)
     except dkimsign.DKIMError as e:
         raise UserError(str(e)) from None
-    typer.echo(f"{sel}._domainkey.{ascii_domain(name)}. IN TXT {_split_txt(record)}")
-
-
-@app.command("dns")
-def dns_records(ctx: typer.Context, domain: str) -> None:
-    """Print every DNS record DOMAIN needs (MX, SPF, DKIM, DMARC, the A record of hostname)."""
-    from pathlib import Path
-
-    from mta import dkimsign
-    from store.addresses import ascii_domain
-
-    c = context(ctx)
-    name = c.directory.domain_arg(domain)
-    if not c.directory.is_local_domain(name):
-        raise UserError(f"domain {name} is not a domain of ours (pochta domain add {name})")
-    d, host = ascii_domain(name), c.config.hostname.rstrip(".")
-    lines = [
-        f"; DNS records for {name}, served by {host}",
-        f"{host}. IN A <public IPv4 address of {host}>   ; and AAAA for IPv6; PTR to {host}",
-        f"{d}. IN MX 10 {host}.",
-        f'{d}. IN TXT "v=spf1 mx -all"',
-    ]
-    found = dkimsign.active(Path(c.config.dkim.keys_dir), name)
-    if found:
-        selector, path = found
-        lines.append(f"{selector}._domainkey.{d}. IN TXT "
-                     f"{_split_txt(dkimsign.txt_record(path))}")
-    else:
-        lines.append(f"; no DKIM key yet: run 'pochta dkim keygen {name}'")
-    lines.append(f'_dmarc.{d}. IN TXT "v=DMARC1; p=quarantine; adkim=r; aspf=r; '
-                 f'rua=mailto:postmaster@{d}"')
-    typer.echo("\n".join(lines))
+    typer.echo(f"{sel}._domainkey.{ascii_domain(name)}. IN TXT {dnscheck.split_txt(record)}")
