@@ -33,6 +33,7 @@ from store.config import Config, ConfigError, LiveConfig, parse_address, reloade
 from store.config import load as load_config
 
 ROLES = ("mda", "mta", "msa")
+UNDER_UP = "POCHTA_UNDER_UP"  # set by `pochta up` for the processes it starts
 
 
 class Role(StrEnum):
@@ -65,8 +66,11 @@ async def _serve(cfg: Config, role: str, config_path: str | None) -> None:
         from mta.server import run_mta
 
         run = functools.partial(run_mta, config_path=config_path)
-        if cfg.metrics.listen and not os.environ.get(telemetry.SERVED_BY_PARENT):
-            start_metrics(cfg)  # the MTA on its own (a unit of its own) serves the stack's
+        if not os.environ.get(UNDER_UP):  # the MTA on its own (a unit of its own) serves
+            if cfg.metrics.listen:        # the stack's metrics and certificate
+                start_metrics(cfg)
+            if cfg.acme.enabled:
+                start_acme(cfg)
     elif role == "queue":
         from mta.server import run_queue as run
     else:
@@ -272,14 +276,16 @@ def up(ctx: typer.Context) -> None:
     cfg = c.config
     setup_logging(cfg, "up")
     roles = [r for r in ROLES if listen_addresses(cfg, r)]
-    if cfg.metrics.listen:
-        try:
+    renewer = None
+    try:
+        if cfg.metrics.listen:
             start_metrics(cfg)
-        except OSError as e:
-            logging.getLogger("pochta.up").error("cannot serve metrics on %s: %s",
-                                                 cfg.metrics.listen, e)
-            raise SystemExit(1) from None
-        os.environ[telemetry.SERVED_BY_PARENT] = "1"  # the MTA we start does not serve them
+        if cfg.acme.enabled:
+            renewer = start_acme(cfg)
+    except OSError as e:
+        logging.getLogger("pochta.up").error("cannot start: %s", e)
+        raise SystemExit(1) from None
+    os.environ[UNDER_UP] = "1"  # the MTA we start leaves metrics and ACME to us
     from store.privileges import shared_folder
 
     shared_folder(cfg, runfiles.run_dir(cfg))
@@ -288,7 +294,26 @@ def up(ctx: typer.Context) -> None:
         code = Supervisor(cfg, c.config_path, roles).run()
     finally:
         runfiles.forget(cfg, "up")
+        if renewer is not None:
+            renewer.stop()
     raise SystemExit(code)
+
+
+def start_acme(cfg: Config) -> Any:
+    """The http-01 responder (bound now, as root), a certificate if there is none, and the
+    renewal loop; a renewed certificate is announced to every process (a reload)."""
+    from admin.acme import Renewer
+
+    def installed() -> None:
+        for doc in runfiles.running(cfg):
+            with contextlib.suppress(OSError):
+                os.kill(int(doc["pid"]), signal.SIGHUP)
+
+    renewer = Renewer(cfg, installed)
+    renewer.listen()
+    renewer.first()
+    renewer.start()
+    return renewer
 
 
 def start_metrics(cfg: Config) -> object:

@@ -230,9 +230,17 @@ def certificate_check(cfg: Config, now: datetime.datetime | None = None) -> Chec
     self_signed = cert.issuer == cert.subject
     detail = (f"{path}: expires {expires:%Y-%m-%d} ({days:.0f} days)"
               + (", self-signed" if self_signed else ""))
+    state = OK
+    if cfg.acme.enabled:
+        from admin.acme import state_summary
+
+        healthy, summary = state_summary(cfg)
+        detail += f"; {summary}"
+        if not healthy:
+            state = WARN
     if days < 0:
         return Check("certificate", DOWN, detail.replace("expires", "EXPIRED"))
-    return Check("certificate", WARN if days < CERT_WARN_DAYS else OK, detail)
+    return Check("certificate", WARN if days < CERT_WARN_DAYS else state, detail)
 
 
 def dkim_check(cfg: Config) -> tuple[Check, dict[str, str | None]]:

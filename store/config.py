@@ -144,6 +144,23 @@ class DKIMConfig:
 
 
 @dataclass(frozen=True)
+class AcmeConfig:
+    """Certificates from an ACME CA (admin/acme.py); off unless ``email`` is set."""
+
+    directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    email: str = ""
+    names: list[str] = field(default_factory=list)  # default: [hostname]
+    challenge: str = "http-01"
+    http_listen: str = "0.0.0.0:80"
+    webroot: str = ""  # write the challenges here for a web server already on port 80
+    ca_file: str = ""  # extra CA to trust for the directory (tests: pebble's)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.email)
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str = ""  # "host:port": the Prometheus endpoint (/metrics) of the whole stack
 
@@ -176,6 +193,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     dkim: DKIMConfig = field(default_factory=DKIMConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    acme: AcmeConfig = field(default_factory=AcmeConfig)
     source: str = "(embedded defaults)"  # where this config came from, for messages
 
 
@@ -282,6 +300,23 @@ def _validate(cfg: Config) -> None:
         parse_address(cfg.delivery.resolver, "delivery.resolver")
     if cfg.metrics.listen:
         parse_address(cfg.metrics.listen, "metrics.listen")
+    if cfg.acme.enabled:
+        a = cfg.acme
+        if "@" not in a.email or any(c.isspace() for c in a.email):
+            raise ConfigError(f"config key 'acme.email': expected an address, got {a.email!r}")
+        if a.challenge != "http-01":
+            raise ConfigError(f"config key 'acme.challenge': only \"http-01\" is supported, "
+                              f"got {a.challenge!r}")
+        if not a.directory.startswith("https://"):
+            raise ConfigError(f"config key 'acme.directory': expected an https:// URL, "
+                              f"got {a.directory!r}")
+        if a.webroot:
+            if not os.path.isdir(a.webroot):
+                raise ConfigError(f"config key 'acme.webroot': no folder {a.webroot!r}")
+        else:
+            parse_address(a.http_listen, "acme.http_listen")
+        if a.ca_file and not os.path.isfile(a.ca_file):
+            raise ConfigError(f"config key 'acme.ca_file': no file {a.ca_file!r}")
     if cfg.delivery.smarthost:
         parse_address(cfg.delivery.smarthost, "delivery.smarthost")
     if cfg.delivery.smarthost_tls not in ("starttls", "implicit", "starttls-unverified"):
@@ -335,7 +370,12 @@ def _fill_paths(cfg: Config) -> Config:
     if not mda.mailbox_root:
         mda = dataclasses.replace(mda, mailbox_root=str(data / "mail"))
     tls = cfg.tls
-    if not tls.cert and not tls.key:
+    if cfg.acme.enabled:
+        if tls.cert or tls.key:
+            raise ConfigError("config keys 'tls.cert'/'tls.key': leave them empty when "
+                              "[acme] email is set (ACME provides the certificate)")
+        tls = TLSConfig(cert=str(data / "acme" / "cert.pem"), key=str(data / "acme" / "key.pem"))
+    elif not tls.cert and not tls.key:
         tls = TLSConfig(cert=str(data / "tls" / "cert.pem"), key=str(data / "tls" / "key.pem"))
     elif not (tls.cert and tls.key):
         raise ConfigError("config keys 'tls.cert' and 'tls.key' must be set together")

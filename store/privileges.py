@@ -92,9 +92,10 @@ def give_state(cfg: Config) -> None:
         return
     data = Path(cfg.data_dir)
     spool = Path(cfg.spool_dir)
-    folders = [data, spool, spool / "damaged", data / "tls", Path(cfg.dkim.keys_dir)]
+    folders = [data, spool, spool / "damaged", data / "tls", data / "acme", Path(cfg.dkim.keys_dir)]
     give([p for p in folders if p.is_dir()], service)
-    keys = [p for d in (data / "tls", Path(cfg.dkim.keys_dir)) if d.is_dir() for p in d.iterdir()]
+    keys = [p for d in (data / "tls", data / "acme", Path(cfg.dkim.keys_dir)) if d.is_dir()
+            for p in d.iterdir()]
     give(keys, service)
     db = sqlite_files(cfg.database_url)
     if db:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
-SERVED_BY_PARENT = "POCHTA_METRICS_SERVED"  # set by `pochta up` for its children
 
 
 def folder(data_dir: str) -> Path:

@@ -49,8 +49,9 @@ def make_self_signed(cert: Path, key: Path, hostname: str) -> None:
 def server_context(cfg: Config) -> ssl.SSLContext:
     """The listeners' TLS context; makes the default self-signed pair when it is missing."""
     cert, key = Path(cfg.tls.cert), Path(cfg.tls.key)
-    default_dir = Path(cfg.data_dir) / "tls"
-    if not cert.exists() and not key.exists() and cert.parent == default_dir:
+    # Ours to make: the default pair, or a stand-in until ACME gets the real one.
+    default_dirs = (Path(cfg.data_dir) / "tls", Path(cfg.data_dir) / "acme")
+    if not cert.exists() and not key.exists() and cert.parent in default_dirs:
         make_self_signed(cert, key, cfg.hostname)
     for p, k in ((cert, "tls.cert"), (key, "tls.key")):
         if not p.exists():

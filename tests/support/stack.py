@@ -203,7 +203,8 @@ class Stack:
             "mda": [self.mda_listen],
             "mta": self.settings["mta"]["listen"],
             "msa": self.settings["msa"]["listen"],
-            "up": [self.mda_listen] + self.settings["mta"]["listen"],
+            "up": [self.mda_listen] + self.settings["mta"]["listen"]
+            + self.settings["msa"].get("listen", []),
         }[role]
         for a in addrs:
             wait_listening(a, proc)

@@ -1,0 +1,84 @@
+"""Certificates from an ACME CA: pebble (Let's Encrypt's test CA) on loopback, its
+validations answered by `pochta up`'s http-01 responder; a CA that cannot be reached."""
+
+from __future__ import annotations
+
+import json
+import smtplib
+import ssl
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from tests.support.fakes import FakeDNS
+from tests.support.pebble import Pebble, available
+from tests.support.stack import Stack, free_port
+
+pytestmark = pytest.mark.skipif(not available(), reason="pebble (Debian: pebble) not installed")
+
+
+def served_certificate(port: int) -> x509.Certificate:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+        c.starttls(context=ctx)
+        der = c.sock.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der)
+
+
+def certificate_check(s: Stack) -> dict:
+    r = s.pochta("status", "--json", check=False)
+    return next(c for c in json.loads(r.stdout)["checks"] if c["name"] == "certificate")
+
+
+def test_up_obtains_a_certificate_from_the_ca_and_serves_it(tmp_path):
+    dns = FakeDNS()
+    dns.add("mx.pochta.test", "A", "127.0.0.1")
+    http_port = free_port()
+    pebble = Pebble(tmp_path / "pebble", dns.address, http_port)
+    s = Stack(tmp_path / "pochta", acme={
+        "directory": pebble.directory, "email": "postmaster@example.com",
+        "http_listen": f"127.0.0.1:{http_port}", "ca_file": pebble.ca_file})
+    try:
+        s.setup_users("example.com", "bob@example.com")
+        s.start("up")
+        cert = served_certificate(s.mta_port)
+        issuer = cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        assert "Pebble" in issuer
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert sans.get_values_for_type(x509.DNSName) == ["mx.pochta.test"]
+        assert served_certificate(s.msa_port).serial_number == cert.serial_number
+        key = s.base / "acme" / "key.pem"
+        assert key.stat().st_mode & 0o777 == 0o600
+        check = certificate_check(s)
+        assert check["state"] == "ok" and "succeeded" in check["detail"], check
+        assert "self-signed" not in check["detail"]
+    finally:
+        s.stop_all()
+        pebble.stop()
+        dns.close()
+
+
+def test_an_unreachable_ca_leaves_a_working_certificate_and_status_says_so(tmp_path):
+    s = Stack(tmp_path, acme={"directory": f"https://127.0.0.1:{free_port()}/dir",
+                              "email": "postmaster@example.com",
+                              "http_listen": f"127.0.0.1:{free_port()}"})
+    try:
+        s.setup_users("example.com", "bob@example.com")
+        s.start("up")
+        cert = served_certificate(s.mta_port)  # a stand-in: STARTTLS still works
+        assert cert.issuer == cert.subject
+        check = certificate_check(s)
+        assert check["state"] == "warn" and "failed" in check["detail"], check
+        assert "ACME: no certificate (the current one stays in use)" in s.log("up")
+    finally:
+        s.stop_all()
+
+
+def test_acme_and_a_configured_certificate_are_refused_together(tmp_path):
+    s = Stack(tmp_path, acme={"email": "postmaster@example.com"},
+              tls={"cert": "/etc/ssl/c.pem", "key": "/etc/ssl/k.pem"})
+    r = s.pochta("status", check=False)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "[acme] email" in r.stderr
