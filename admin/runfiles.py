@@ -73,7 +73,12 @@ def reload(ctx: typer.Context) -> None:
     new = flatten(cfg)
     later: set[str] = set()
     signalled = []
+    mta_runs = any(doc.get("role") == "mta" for doc in procs)
     for doc in procs:
+        if doc.get("role") == "queue" and mta_runs:
+            signalled.append(f"queue (pid {doc['pid']}, through the mta)")
+            later.update(doc.get("restart_needed", []))
+            continue  # the MTA passes its reload on to its queue runner
         later.update(k for k in changed_keys(doc.get("config", {}), new) if not is_live(k))
         later.update(doc.get("restart_needed", []))
         try:

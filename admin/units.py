@@ -49,6 +49,10 @@ def writable_paths(cfg: Config, role: str) -> list[str]:
         paths.add(cfg.mda.mailbox_root)
     if cfg.database_url.startswith("sqlite:///"):
         paths.add(os.path.dirname(cfg.database_url.removeprefix("sqlite:///")) or "/")
+    if cfg.log_target.startswith("/"):
+        paths.add(os.path.dirname(cfg.log_target))
+    if role == "mta" and cfg.acme.enabled and cfg.acme.webroot:
+        paths.add(cfg.acme.webroot)
     return sorted(p for p in paths if p)
 
 
@@ -69,6 +73,7 @@ After={after}
 Type=notify
 NotifyAccess=main
 ExecStart={command} --config {config_path} serve {role}
+ExecReload=/bin/kill -HUP $MAINPID
 Restart=on-failure
 RestartSec=2
 TimeoutStopSec=60

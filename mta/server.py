@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -130,7 +131,21 @@ def _stop_when_parent_exits(stop: asyncio.Event) -> None:
     loop.add_reader(0, readable)
 
 
-async def supervise_queue(config_path: str | None, stop: asyncio.Event) -> None:
+class QueueChild:
+    """The queue runner process the MTA runs (supervise_queue), for passing signals on."""
+
+    def __init__(self) -> None:
+        self.proc: asyncio.subprocess.Process | None = None
+
+    def reload(self) -> None:
+        """Our reload is its reload too (systemd's ExecReload signals the MTA alone)."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGHUP)
+
+
+async def supervise_queue(config_path: str | None, stop: asyncio.Event,
+                          child: QueueChild | None = None) -> None:
     """Run ``pochta serve queue`` as our child until ``stop``; restart it if it dies."""
     cmd = [sys.executable, "-m", "admin"] + (["--config", config_path] if config_path else [])
     restarts = 0
@@ -141,6 +156,8 @@ async def supervise_queue(config_path: str | None, stop: asyncio.Event) -> None:
             # NOTIFY_SOCKET is the MTA's: systemd hears the unit's main process only.
             env={**{k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
                  PARENT_PIPE: "1"}, start_new_session=True)
+        if child is not None:
+            child.proc = proc
         exited = asyncio.create_task(proc.wait())
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait([exited, stopping], return_when=asyncio.FIRST_COMPLETED)
@@ -196,17 +213,20 @@ async def run_mta(cfg: Config, stop: asyncio.Event, config_path: str | None = No
                               exempt=lambda ip: in_networks(ip, serving.cfg.checks.local_networks))
     tls = server_context(cfg)
 
+    queue_child = QueueChild()
+
     def apply(new: Config) -> None:
         serving.handler = build(new, serving.handler)
         serving.cfg = new
         apply_limits(connections, new.mta)
         directory.ttl = new.directory_cache_ttl
         reload_certificate(tls, new)
+        queue_child.reload()
 
     if live is not None:
         live.subscribe(apply)
     queue_stop = asyncio.Event()
-    queue = asyncio.create_task(supervise_queue(config_path, queue_stop))
+    queue = asyncio.create_task(supervise_queue(config_path, queue_stop, queue_child))
     servers = await start_listeners(
         cfg.mta.listen, protocol_factory(serving, connections, tls, require_auth=False),
         key="mta.listen")
