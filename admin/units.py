@@ -76,6 +76,7 @@ ExecStart={command} --config {config_path} serve {role}
 ExecReload=/bin/kill -HUP $MAINPID
 Restart=on-failure
 RestartSec=2
+TimeoutStartSec=180
 TimeoutStopSec=60
 LimitNOFILE=65536
 CapabilityBoundingSet={CAPABILITIES}
