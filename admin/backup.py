@@ -8,6 +8,7 @@ The format, version 1 (docs/export-format.md)::
                   "dkim": {"active": "s1" | null,
                            "keys": [{"selector": "s1", "private_key": "<PEM>"}]}}],
      "users": [{"address": "a@example.com", "password_hash": "$argon2id$...",
+                "scram_sha256": "<iterations>,<salt>,<StoredKey>,<ServerKey>" | null,
                 "enabled": true, "quota_bytes": null | int, "created": "<ISO 8601>"}],
      "aliases": [{"source": "x@example.com" | "@example.com", "targets": ["a@..."]}],
      "relay_domains": [{"name": "example.net", "to": "", "hold": false, "odmr_user": "",
@@ -34,7 +35,7 @@ import typer
 from sqlalchemy import delete, select
 
 from admin.context import UserError, context
-from store import addresses
+from store import addresses, passwords
 from store.db import Database
 from store.fsio import atomic_write, ensure_dir
 from store.models import Alias, Domain, Greylist, RelayDomain, RelayRecipient, User
@@ -84,8 +85,9 @@ def export_document(db: Database, keys_root: Path, greylist: bool = False) -> di
             "domains": [{"name": d.name, "created": _iso(d.created),
                          "dkim": dkim_keys(keys_root, d.name)} for d in domains],
             "users": [{"address": u.address, "password_hash": u.password_hash,
-                       "enabled": u.enabled, "quota_bytes": u.quota_bytes,
-                       "created": _iso(u.created)} for u in users],
+                       "scram_sha256": u.scram_sha256, "enabled": u.enabled,
+                       "quota_bytes": u.quota_bytes, "created": _iso(u.created)}
+                      for u in users],
             "aliases": [{"source": src, "targets": t} for src, t in aliases.items()],
             "relay_domains": [{"name": r.name, "to": r.to, "hold": r.hold,
                                "odmr_user": r.odmr_user, "recipients": recipients.get(r.id, [])}
@@ -226,11 +228,17 @@ def check_document(raw: Any) -> Document:
         pw = _typed(u.get("password_hash"), str, f"{where}.password_hash")
         if not _HASH.match(pw):
             raise ImportError_(f"{where}.password_hash: not an argon2 hash")
+        scram = u.get("scram_sha256")
+        if scram is not None:
+            try:
+                passwords.parse_scram_keys(_typed(scram, str, f"{where}.scram_sha256"))
+            except ValueError:
+                raise ImportError_(f"{where}.scram_sha256: not SCRAM-SHA-256 keys") from None
         quota = u.get("quota_bytes")
         if quota is not None and (not isinstance(quota, int) or isinstance(quota, bool)
                                   or quota < 0):
             raise ImportError_(f"{where}.quota_bytes: expected a non-negative integer or null")
-        doc.users.append({"address": address, "password_hash": pw,
+        doc.users.append({"address": address, "password_hash": pw, "scram_sha256": scram,
                           "enabled": _typed(u.get("enabled", True), bool, f"{where}.enabled"),
                           "quota_bytes": quota,
                           "created": _created(u.get("created"), f"{where}.created")})
@@ -329,6 +337,7 @@ def import_document(db: Database, keys_root: Path, doc: Document) -> dict[str, i
                             domain_id=ids[addresses.domain_of(u["address"])])
                 s.add(user)
             user.password_hash, user.enabled = u["password_hash"], u["enabled"]
+            user.scram_sha256 = u["scram_sha256"]
             user.quota_bytes = u["quota_bytes"]
             if u["created"] is not None:
                 user.created = u["created"]

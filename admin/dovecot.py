@@ -2,7 +2,8 @@
 
 Users log in to IMAP/POP3 with their pochta password: Dovecot's SQL passdb reads the same
 ``users`` table, and our argon2id hashes verify under Dovecot's ARGON2ID scheme once prefixed
-with ``{ARGON2ID}``. There is no second user list to keep in step.
+with ``{ARGON2ID}``; a user's SCRAM-SHA-256 keys, stored in Dovecot's own format, serve its
+SCRAM-SHA-256 mechanism (and PLAIN). There is no second user list to keep in step.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ from store.config import Config
 from store.fsio import atomic_write, ensure_dir
 from store.privileges import account_for
 
-PASSWORD_QUERY = ("SELECT address AS user, '{ARGON2ID}' || password_hash AS password "
+# A user's SCRAM keys when there are some (Dovecot then offers SCRAM-SHA-256 and verifies
+# PLAIN/LOGIN passwords against them too), else the argon2id hash.
+PASSWORD_QUERY = ("SELECT address AS user, CASE WHEN scram_sha256 IS NOT NULL "
+                  "THEN '{SCRAM-SHA-256}' || scram_sha256 "
+                  "ELSE '{ARGON2ID}' || password_hash END AS password "
                   "FROM users WHERE address = '%Lu' AND enabled")
 USER_QUERY = "SELECT address AS user FROM users WHERE address = '%Lu' AND enabled"
 ITERATE_QUERY = "SELECT address AS user FROM users WHERE enabled"
@@ -90,7 +95,7 @@ mail_gid = {gid}
 first_valid_uid = {min(uid, 500)}
 first_valid_gid = {min(gid, 500)}
 mbox_write_locks = dotlock fcntl
-auth_mechanisms = plain login
+auth_mechanisms = plain login scram-sha-256
 ssl = required
 ssl_cert = <{cfg.tls.cert}
 ssl_key = <{cfg.tls.key}

@@ -13,7 +13,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import hashlib
+import hmac
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +30,7 @@ from mta.policy import header_fields, header_section
 from mta.session import SMTPHandler
 from mta.smtp import MISSING, AuthResult, Session, replies
 from mta.smtp.protocol import SMTPEnvelope, SMTPProtocol
-from store import addresses, metrics
+from store import addresses, metrics, passwords
 from store.directory import DirectoryUnavailable
 
 log = logging.getLogger("pochta.msa")
@@ -102,12 +106,14 @@ class SubmissionHandler(SMTPHandler):
         self.messages_per_user = RateLimiter(limits.messages_per_user_per_hour, hour)
         # Not named auth_*: aiosmtpd would advertise any such attribute as a mechanism.
         self.failed_logins = RateLimiter(limits.auth_failures_per_ip_per_hour, hour)
+        self.decoy_secret = secrets.token_bytes(32)
 
     def keep_counts(self, old: SubmissionHandler) -> None:
         """After a reload with the same limits: the counts so far still apply."""
         self.brake = old.brake
         self.messages_per_user = old.messages_per_user
         self.failed_logins = old.failed_logins
+        self.decoy_secret = old.decoy_secret
         if old.defences.connection_rate is not None:
             self.defences.connection_rate = old.defences.connection_rate
 
@@ -130,16 +136,23 @@ class SubmissionHandler(SMTPHandler):
                 return AuthResult(success=False, handled=False,
                                   message=replies.AUTH_TEMPORARY)
         if ok is None:
-            delay = self.brake.delay(ip, login)
-            self.brake.failed(ip, login)
-            self.failed_logins.hit(ip)
-            log.info("auth failed from %s for %r; braking %.2f s", ip, login[:64], delay)
-            metrics.AUTH_FAILURES.labels(server.listener).inc()
-            await asyncio.sleep(delay)
-            return AuthResult(success=False, handled=False, message=replies.AUTH_FAILED)
-        self.brake.succeeded(ip, ok)
-        log.info("auth ok from %s as %s", ip, ok)
-        return AuthResult(success=True, auth_data=Login(ok))
+            return await self._failed(server, login)
+        return self._succeeded(server, ok)
+
+    async def _failed(self, server: SMTPProtocol, login: str) -> AuthResult:
+        ip = server.peer_ip
+        delay = self.brake.delay(ip, login)
+        self.brake.failed(ip, login)
+        self.failed_logins.hit(ip)
+        log.info("auth failed from %s for %r; braking %.2f s", ip, login[:64], delay)
+        metrics.AUTH_FAILURES.labels(server.listener).inc()
+        await asyncio.sleep(delay)
+        return AuthResult(success=False, handled=False, message=replies.AUTH_FAILED)
+
+    def _succeeded(self, server: SMTPProtocol, login: str) -> AuthResult:
+        self.brake.succeeded(server.peer_ip, login)
+        log.info("auth ok from %s as %s", server.peer_ip, login)
+        return AuthResult(success=True, auth_data=Login(login))
 
     async def auth_PLAIN(self, server: SMTPProtocol, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -179,6 +192,82 @@ class SubmissionHandler(SMTPHandler):
         except UnicodeDecodeError:
             return AuthResult(success=False, handled=False, message=replies.AUTH_FAILED)
         return await self._check(server, "", login, password)
+
+    async def auth_SCRAM__SHA__256(self, server: SMTPProtocol, args: list[str]) -> AuthResult:
+        return await self._scram(server, args, plus=False)
+
+    async def auth_SCRAM__SHA__256__PLUS(self, server: SMTPProtocol, args: list[str]
+                                         ) -> AuthResult:
+        return await self._scram(server, args, plus=True)
+
+    async def _scram(self, server: SMTPProtocol, args: list[str], plus: bool) -> AuthResult:
+        """SCRAM-SHA-256[-PLUS] (RFC 5802, 7677) by scramp: the server-final message goes
+        in a 334 and the client's empty answer comes before the 235 (RFC 4954 §4). -PLUS
+        binds to our certificate (tls-server-end-point, RFC 5929), the binding Python's TLS
+        gives. An unknown user gets a made-up salt, so a probe learns nothing."""
+        from scramp import ScramException, ScramMechanism
+
+        if self.failed_logins.over(server.peer_ip):
+            metrics.DEFENCE_HITS.labels("auth_rate").inc()
+            return AuthResult(success=False, handled=False,
+                              message=replies.AUTH_TOO_MANY_FAILURES)
+        if len(args) > 1:
+            try:
+                first = b"" if args[1] == "=" else base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                return AuthResult(success=False, handled=False, message=replies.AUTH_BAD_BASE64)
+        else:
+            answer = await server.challenge_auth("", encode_to_b64=False)
+            if answer is MISSING:
+                return AuthResult(success=False, handled=True)
+            first = answer
+        channel = ("tls-server-end-point", self.certificate_pem()) if plus else None
+        name = "SCRAM-SHA-256-PLUS" if plus else "SCRAM-SHA-256"
+        login = ""
+
+        def keys(username: str) -> tuple[bytes, bytes, bytes, int]:
+            nonlocal login
+            login = username
+            stored = self.directory.scram_keys(username)
+            if stored is not None:
+                with contextlib.suppress(ValueError):
+                    return passwords.parse_scram_keys(stored)
+            return self.decoy_keys(username)
+
+        try:
+            scram = ScramMechanism(name).make_server(keys, channel_binding=channel)
+            await asyncio.to_thread(scram.set_client_first, first.decode("utf-8"))
+            final = await server.challenge_auth(scram.get_server_first())
+            if final is MISSING:
+                return AuthResult(success=False, handled=True)
+            try:
+                scram.set_client_final(final.decode("utf-8"))
+            except ScramException:
+                return await self._failed(server, login)
+            done = await server.challenge_auth(scram.get_server_final())
+        except (ScramException, UnicodeDecodeError, ValueError):
+            return await self._failed(server, login or "?")
+        except DirectoryUnavailable:
+            return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPORARY)
+        if done is MISSING:
+            return AuthResult(success=False, handled=True)
+        if done:  # RFC 5802 §7: the client's last answer is empty
+            return await self._failed(server, login)
+        return self._succeeded(server, addresses.normalize(login))
+
+    def decoy_keys(self, username: str) -> tuple[bytes, bytes, bytes, int]:
+        """Keys for a user we do not have: the same salt each time (as a real user's), that
+        no password matches."""
+        salt = hmac.new(self.decoy_secret, username.encode(), hashlib.sha256).digest()[:16]
+        return salt, secrets.token_bytes(32), secrets.token_bytes(32), passwords.SCRAM_ITERATIONS
+
+    def certificate_pem(self) -> str:
+        """Our certificate, for tls-server-end-point."""
+        try:
+            with open(self.cfg.tls.cert, encoding="ascii") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError):
+            return ""
 
     # -- sender rules -------------------------------------------------------------------------
 

@@ -175,22 +175,36 @@ class Directory:
         except AddressError:
             addr = None
         stored: str | None = None
+        scram: str | None = None
         if addr is not None:
             with self._read() as s:
                 user = s.scalar(select(User).where(User.address == addr))
                 if user is not None and user.enabled:
-                    stored = user.password_hash
+                    stored, scram = user.password_hash, user.scram_sha256
         if not passwords.verify_password(stored, password) or stored is None or addr is None:
             return None
-        if passwords.needs_rehash(stored):
+        rehash = passwords.needs_rehash(stored)
+        if rehash or scram is None:  # older parameters, or no SCRAM keys yet: make them now
             try:
                 with self.db.transaction() as s:
                     user = s.scalar(select(User).where(User.address == addr))
                     if user is not None:
-                        user.password_hash = passwords.hash_password(password)
+                        if rehash:
+                            user.password_hash = passwords.hash_password(password)
+                        user.scram_sha256 = passwords.scram_keys(password)
             except SQLAlchemyError:
-                log.warning("could not rehash password of %s", addr)
+                log.warning("could not update the stored password of %s", addr)
         return addr
+
+    def scram_keys(self, address: str) -> str | None:
+        """An enabled user's SCRAM-SHA-256 keys (None: no such user, or none made yet)."""
+        try:
+            addr = addresses.normalize(address)
+        except AddressError:
+            return None
+        with self._read() as s:
+            user = s.scalar(select(User).where(User.address == addr))
+            return user.scram_sha256 if user is not None and user.enabled else None
 
     # --- admin verbs -------------------------------------------------------------------------
 
@@ -293,23 +307,26 @@ class Directory:
         addr = self._mailbox_arg(address)
         _check_password(password)
         pw_hash = passwords.hash_password(password)
+        scram = passwords.scram_keys(password)
         with self._write() as s:
             domain = self._own_domain(s, addr)
             if s.scalar(select(User.id).where(User.address == addr)) is not None:
                 raise DirectoryError(f"user {addr} already exists")
             s.add(User(address=addr, domain_id=domain.id, password_hash=pw_hash,
-                       quota_bytes=quota_bytes))
+                       scram_sha256=scram, quota_bytes=quota_bytes))
         return addr
 
     def set_password(self, address: str, password: str) -> str:
         addr = self._mailbox_arg(address)
         _check_password(password)
         pw_hash = passwords.hash_password(password)
+        scram = passwords.scram_keys(password)
         with self._write() as s:
             user = s.scalar(select(User).where(User.address == addr))
             if user is None:
                 raise DirectoryError(f"user {addr} does not exist")
             user.password_hash = pw_hash
+            user.scram_sha256 = scram
         return addr
 
     def list_users(self, domain: str | None = None) -> list[UserInfo]:

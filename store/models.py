@@ -59,6 +59,9 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(255))
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     quota_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # SCRAM-SHA-256 (RFC 7677) keys, as Dovecot stores them: "iterations,salt,StoredKey,
+    # ServerKey" (base64); made when the password is set or next used with PLAIN/LOGIN.
+    scram_sha256: Mapped[str | None] = mapped_column(String(512), nullable=True)
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     domain: Mapped[Domain] = relationship(back_populates="users")

@@ -6,10 +6,12 @@ import imaplib
 import os
 import poplib
 import shutil
+import sqlite3
 import tempfile
 from pathlib import Path
 
 import pytest
+from scramp import ScramClient
 
 from tests.support.dovecot import DOVECOT, Dovecot
 from tests.support.lmtp_raw import lmtp_send
@@ -47,6 +49,23 @@ def imap_fetch(port: int, user: str, password: str) -> list[bytes]:
             typ, msg = m.fetch(str(i), "(BODY.PEEK[])")
             out.append(msg[0][1])
         return out
+    finally:
+        m.logout()
+
+
+def imap_scram_login(port: int, user: str, password: str) -> None:
+    """AUTHENTICATE SCRAM-SHA-256, the server's proof checked (scramp raises if wrong)."""
+    client = ScramClient(["SCRAM-SHA-256"], user, password)
+    steps = iter([
+        lambda _: client.get_client_first().encode(),
+        lambda challenge: (client.set_server_first(challenge.decode()),
+                           client.get_client_final().encode())[1],
+        lambda challenge: (client.set_server_final(challenge.decode()), b"")[1],
+    ])
+    m = imaplib.IMAP4("127.0.0.1", port, timeout=15)
+    try:
+        typ, _ = m.authenticate("SCRAM-SHA-256", lambda challenge: next(steps)(challenge))
+        assert typ == "OK"
     finally:
         m.logout()
 
@@ -96,7 +115,12 @@ userdb {{
 def test_dovecot_config_logs_users_in_with_pochta_passwords(tmp_path, shared_dir):
     stack = Stack(tmp_path, mda={"mailbox_root": str(shared_dir / "mail"),
                                  "mail_owner": MAIL_OWNER})
-    stack.setup_users("example.com", "bob@example.com", password="imap pass wörd")
+    stack.setup_users("example.com", "bob@example.com", "amy@example.com",
+                      password="imap pass wörd")
+    db = sqlite3.connect(tmp_path / "pochta.db")  # amy: from before SCRAM keys (argon2 only)
+    with db:
+        db.execute("UPDATE users SET scram_sha256 = NULL WHERE address = 'amy@example.com'")
+    db.close()
     stack.start("mda")
     dv = None
     try:
@@ -114,6 +138,10 @@ def test_dovecot_config_logs_users_in_with_pochta_passwords(tmp_path, shared_dir
             [expected("bob@example.com")], dv.log()
         with pytest.raises(imaplib.IMAP4.error):
             imap_fetch(dv.imap_port, "bob@example.com", "wrong")
+        imap_scram_login(dv.imap_port, "bob@example.com", "imap pass wörd")
+        with pytest.raises(imaplib.IMAP4.error):
+            imap_scram_login(dv.imap_port, "bob@example.com", "wrong")
+        assert imap_fetch(dv.imap_port, "amy@example.com", "imap pass wörd") == []
         p = poplib.POP3("127.0.0.1", dv.pop3_port, timeout=15)
         p.user("bob@example.com")
         p.pass_("imap pass wörd")  # poplib sends UTF-8
