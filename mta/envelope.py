@@ -6,7 +6,7 @@ Schema version 1::
     {"version": 1, "id": ..., "created": <unix time>, "mail_from": "a@b" or "",
      "smtputf8": bool, "body": "7BIT"|"8BITMIME", "size": int, "client": {"ip", "helo",
      "protocol", "auth"}, "dsn": {"ret": "FULL"|"HDRS"|null, "envid": str|null},
-     "report_at": <unix time, 0 unless a report is owed>,
+     "report_at": <unix time, 0 unless a report is owed>, "held": bool, "requiretls": bool,
      "recipients": [{"address": final target, "original": RCPT address as given,
                      "orcpt": str|null, "notify": [..]|null, "status": "pending"|"sent"|
                      "failed"|"expired", "attempts": int, "next_attempt": <unix time>,
@@ -61,6 +61,9 @@ class Envelope:
     client: dict[str, Any] = field(default_factory=dict)
     dsn: dict[str, Any] = field(default_factory=dict)
     held: bool = False  # `pochta queue hold`: not attempted until released
+    # RFC 8689: MAIL ... REQUIRETLS: relayed only over TLS to an authenticated next hop that
+    # offers REQUIRETLS too (mta/courier/remote.py), else bounced with 5.7.30.
+    requiretls: bool = False
     version: int = FORMAT_VERSION
     # Every recipient is final but the sender's report could not be spooled yet: try again
     # then. The message stays in the queue until its report is durable.

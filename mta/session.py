@@ -125,9 +125,11 @@ class SMTPHandler(Handler):
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         out = [r for r in responses[:-1] if not (r.startswith("250-AUTH") and not self.offers_auth)]
-        out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN"]
+        out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN", "250-CHUNKING"]
         if self.offers_etrn:
             out.append("250-ETRN")  # RFC 1985: backup MX clients; the networks are checked
+        if server.tls_active:
+            out.append("250-REQUIRETLS")  # RFC 8689 §4: offered on TLS sessions only
         return [*out, responses[-1]]
 
     async def handle_exception(self, error: Exception) -> str:
@@ -345,7 +347,8 @@ class SMTPHandler(Handler):
             smtputf8=bool(envelope.smtp_utf8), body=opts.get("BODY", "7BIT") or "7BIT",
             client={"ip": server.peer_ip, "helo": session.host_name, "protocol": protocol,
                     "auth": session.login_data if session.authenticated else None},
-            dsn={"ret": envelope.dsn_ret, "envid": envelope.dsn_envid})
+            dsn={"ret": envelope.dsn_ret, "envid": envelope.dsn_envid},
+            requiretls=envelope.requiretls)
 
     # -- VRFY / EXPN --------------------------------------------------------------------------
 

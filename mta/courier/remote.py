@@ -129,6 +129,12 @@ class Outbound:
             relay = (await lookup(self.directory, "relay_route", domain)
                      if self.directory is not None else None)
             to_smarthost = self.smarthost is not None and relay is None
+            if env.requiretls and not (to_smarthost and self.smarthost_tls != "starttls-unverified"):
+                # RFC 8689 §4.2.1: only to a next hop whose identity is verified; MX hosts
+                # are verified by MTA-STS or DANE, which we do not check yet.
+                refused = Reply(550, f"5.7.30 REQUIRETLS: no authenticated TLS path to {domain} "
+                                "(MTA-STS and DANE are not supported yet)", LOCAL_DECISION)
+                return {r.address: refused for r in rcpts}
             try:
                 if self.smarthost and to_smarthost:
                     hosts = [Host(self.smarthost[0], self.smarthost[0])]
@@ -274,6 +280,11 @@ class Outbound:
                 refused = refuse(552, f"5.3.4 message size {len(data)} exceeds the host's limit {limit}")
                 return {x.address: refused for x in rcpts}
             options.append(f"SIZE={len(data)}")
+        if env.requiretls:  # (to a verified smarthost only: see _domain)
+            if not smtp.supports_extension("requiretls"):
+                refused = refuse(550, "5.7.30 REQUIRETLS: the smarthost does not offer it")
+                return {x.address: refused for x in rcpts}
+            options.append("REQUIRETLS")
         encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
         dsn = smtp.supports_extension("dsn")
         if dsn:  # RFC 3461 §4: pass the sender's DSN requests on to a host that takes them

@@ -97,23 +97,78 @@ class DataResult:
     path: Path | None = None  # the message spilled to this file (content is then b"")
 
 
-class DataDecoder:
-    """Incremental decoder. ``feed`` returns the offset just past the end marker, or -1."""
+class MessageBuffer:
+    """Where a message's checked bytes go as they arrive: memory, and past ``spill_at`` a file
+    (a 50 MB message must not cost 50 MB of memory per session)."""
 
-    def __init__(self, max_size: int | None, max_line: int = MAX_LINE,
-                 sink_factory: SinkFactory | None = None, spill_at: int = SPILL_AT) -> None:
-        self.max_size = max_size
-        self.max_line = max_line
+    def __init__(self, sink_factory: SinkFactory | None = None, spill_at: int = SPILL_AT) -> None:
         self.sink_factory = sink_factory
         self.spill_at = spill_at
         self.sink: BinaryIO | None = None
         self.sink_path: Path | None = None
         self.held = 0  # bytes in self.parts
+        self.parts: list[bytes] = []
+        self.size = 0  # octets received, for the limit and the log
+        self.error: str | None = None
+
+    def _emit(self, data: bytes) -> None:
+        if self.error:
+            return
+        try:
+            if self.sink is not None:
+                self.sink.write(data)
+                return
+            self.parts.append(data)
+            self.held += len(data)
+            if self.sink_factory is not None and self.held > self.spill_at:
+                self.sink, self.sink_path = self.sink_factory()
+                self.sink.writelines(self.parts)
+                self.parts.clear()
+        except OSError as e:
+            # The message is refused, but read to its end: the rest of it is data, not
+            # commands.
+            self._fail(_write_error(e))
+
+    def _fail(self, why: str) -> None:
+        if self.error is None:
+            self.error = why
+        self.parts.clear()
+        self.discard()
+
+    def discard(self) -> None:
+        """Drop a spilled file (error, or a connection lost mid-message)."""
+        if self.sink is not None:
+            with contextlib.suppress(OSError):
+                self.sink.close()
+            self.sink = None
+        if self.sink_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.sink_path)
+            self.sink_path = None
+
+    def result(self) -> DataResult:
+        if self.sink is not None and self.sink_path is not None and not self.error:
+            try:
+                self.sink.close()  # its buffer's last write may fail too
+            except OSError as e:
+                self.sink = None
+                self._fail(_write_error(e))
+            else:
+                return DataResult(b"", None, self.size, self.sink_path)
+        content = b"" if self.error else b"".join(self.parts)
+        return DataResult(content, self.error, self.size)
+
+
+class DataDecoder(MessageBuffer):
+    """Incremental decoder. ``feed`` returns the offset just past the end marker, or -1."""
+
+    def __init__(self, max_size: int | None, max_line: int = MAX_LINE,
+                 sink_factory: SinkFactory | None = None, spill_at: int = SPILL_AT) -> None:
+        super().__init__(sink_factory, spill_at)
+        self.max_size = max_size
+        self.max_line = max_line
         # Invariant: pending starts at a line start with the CRLF that precedes that line.
         self.pending = bytearray(b"\r\n")
-        self.parts: list[bytes] = []
-        self.size = 0
-        self.error: str | None = None
         self.done = False
 
     def feed(self, chunk: bytes) -> int:
@@ -157,54 +212,51 @@ class DataDecoder:
             return
         self._emit(lines[2:] + b"\r\n")
 
-    def _emit(self, data: bytes) -> None:
+
+class ChunkCollector(MessageBuffer):
+    """The BDAT chunks of one transaction (RFC 3030), checked as DATA is: CRLF only, lines of
+    at most 998 octets, the size limit. Chunks split lines (and CRLFs) anywhere: the part
+    after the last CRLF waits for the next chunk. Over the limit, chunks are counted, not
+    kept."""
+
+    def __init__(self, max_size: int | None, max_line: int = MAX_LINE,
+                 sink_factory: SinkFactory | None = None, spill_at: int = SPILL_AT) -> None:
+        super().__init__(sink_factory, spill_at)
+        self.max_size = max_size
+        self.max_line = max_line
+        self.pending = bytearray()  # always starts at a line start
+
+    def feed(self, chunk: bytes) -> None:
+        self.size += len(chunk)
         if self.error:
             return
-        try:
-            if self.sink is not None:
-                self.sink.write(data)
+        if self.max_size and self.size > self.max_size:
+            self._fail("size")
+            return
+        self.pending += chunk
+        cut = self.pending.rfind(b"\r\n")
+        if cut >= 0:
+            segment = bytes(self.pending[:cut + 2])
+            del self.pending[:cut + 2]
+            problem = line_error(segment, self.max_line - 2)
+            if problem:
+                self._fail(problem)
                 return
-            self.parts.append(data)
-            self.held += len(data)
-            if self.sink_factory is not None and self.held > self.spill_at:
-                # Large message: from here on it goes to disk, so a 50 MB message does not
-                # cost 50 MB of memory per session.
-                self.sink, self.sink_path = self.sink_factory()
-                self.sink.writelines(self.parts)
-                self.parts.clear()
-        except OSError as e:
-            # The message is refused, but read to its end: the rest of it is data, not
-            # commands.
-            self._fail(_write_error(e))
+            self._emit(segment)
+        if len(self.pending) > self.max_line:
+            self._fail("line")
 
-    def _fail(self, why: str) -> None:
-        if self.error is None:
-            self.error = why
-        self.parts.clear()
-        self.discard()
-
-    def discard(self) -> None:
-        """Drop a spilled file (error, or a connection lost mid-DATA)."""
-        if self.sink is not None:
-            with contextlib.suppress(OSError):
-                self.sink.close()
-            self.sink = None
-        if self.sink_path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.sink_path)
-            self.sink_path = None
-
-    def result(self) -> DataResult:
-        if self.sink is not None and self.sink_path is not None and not self.error:
-            try:
-                self.sink.close()  # its buffer's last write may fail too
-            except OSError as e:
-                self.sink = None
-                self._fail(_write_error(e))
+    def finish(self) -> DataResult:
+        """After BDAT LAST: a text message ends with CRLF, as after DATA."""
+        if self.pending and not self.error:
+            rest = bytes(self.pending) + b"\r\n"
+            self.pending.clear()
+            problem = line_error(rest, self.max_line - 2)
+            if problem:
+                self._fail(problem)
             else:
-                return DataResult(b"", None, self.size, self.sink_path)
-        content = b"" if self.error else b"".join(self.parts)
-        return DataResult(content, self.error, self.size)
+                self._emit(rest)
+        return self.result()
 
 
 def _write_error(e: OSError) -> str:

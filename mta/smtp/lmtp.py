@@ -19,11 +19,10 @@ from aiosmtpd.smtp import Envelope, syntax
 
 from mta.smtp import replies
 from mta.smtp.data import MAX_TEXT_LINE, crlf_to_lf
-from mta.smtp.server import DATA_ERRORS, BaseSMTP
+from mta.smtp.server import BDAT_ARGS, DATA_ERRORS, BaseSMTP
 
 log = logging.getLogger("pochta.mda")
 
-BDAT_ARGS = re.compile(r"(\d{1,10})(?: +(LAST))?", re.IGNORECASE)
 QUEUE_ID = re.compile(r"[0-9a-f]{20}")
 
 

@@ -19,7 +19,8 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, Envelope, syntax
 
 from mta.smtp import replies
-from mta.smtp.server import BaseSMTP
+from mta.smtp.data import ChunkCollector
+from mta.smtp.server import BDAT_ARGS, DATA_ERRORS, BaseSMTP
 
 log = logging.getLogger("pochta.smtp")
 
@@ -96,6 +97,8 @@ class SMTPEnvelope(Envelope):
         self.dsn_ret: str | None = None  # RFC 3461 MAIL parameters
         self.dsn_envid: str | None = None
         self.relayed_for_network = False  # a recipient relayed for a client of relay_networks
+        self.chunks: ChunkCollector | None = None  # BDAT (RFC 3030) chunks so far
+        self.requiretls = False  # MAIL ... REQUIRETLS (RFC 8689)
 
 
 # The common case of a path: <dot-atom@domain> in ASCII, then parameters.
@@ -151,7 +154,79 @@ class SMTPProtocol(BaseSMTP):
                 log.info("%s: too many errors, closing", self.peer_ip)
                 self.say_and_close(replies.TOO_MANY_ERRORS)
 
+    def _set_post_data_state(self) -> None:
+        self._drop_chunks()
+        super()._set_post_data_state()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._drop_chunks()
+        super().connection_lost(error)
+
+    def _drop_chunks(self) -> None:
+        envelope = self.envelope
+        if isinstance(envelope, SMTPEnvelope) and envelope.chunks is not None:
+            envelope.chunks.discard()  # a spilled file of a transaction that ends undelivered
+            envelope.chunks = None
+
     # -- commands aiosmtpd lacks or gets wrong ------------------------------------------------
+
+    @syntax("BDAT <size> [LAST]")
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        """RFC 3030 CHUNKING. Each chunk is read whatever the reply (it is data, not
+        commands); the message is checked as after DATA and committed only at LAST. An error
+        ends the transaction: a later BDAT LAST finds no transaction and delivers nothing."""
+        m = BDAT_ARGS.fullmatch((arg or "").strip())
+        if m is None:  # the chunk's length is unknown: what follows cannot be skipped
+            await self.push(replies.BDAT_SYNTAX)
+            self._close_transport()
+            return
+        size, last = int(m.group(1)), m.group(2) is not None
+        envelope = self.envelope
+        assert isinstance(envelope, SMTPEnvelope) and self.session is not None
+        if not self.session.host_name:
+            refusal: str | None = replies.NEED_EHLO
+        elif self._auth_required and not self.session.authenticated:
+            refusal = replies.AUTH_REQUIRED
+        elif not envelope.rcpt_tos:
+            refusal = replies.NEED_MAIL_AND_RCPT
+        else:
+            refusal = None
+            if envelope.chunks is None:
+                envelope.chunks = ChunkCollector(self.data_size_limit or None,
+                                                 sink_factory=self.handler.data_sink)
+        chunks = envelope.chunks if refusal is None else None
+        remaining = size
+        with self.reading_data():
+            while remaining:
+                block = await self._reader.read(min(remaining, 1 << 16))
+                if not block:
+                    raise ConnectionResetError("connection closed within a BDAT chunk")
+                remaining -= len(block)
+                self._reset_timeout()
+                if chunks is not None:
+                    chunks.feed(block)
+        if refusal is not None:
+            await self.push(refusal)
+            return
+        assert chunks is not None
+        if chunks.error is None and not last:
+            await self.push(replies.CHUNK_RECEIVED.format(size=size))
+            return
+        result = chunks.finish() if chunks.error is None else chunks.result()
+        if result.error is not None:
+            log.info("%s: BDAT refused (%s, %d octets)", self.peer_ip, result.error, result.size)
+            self._set_post_data_state()
+            await self.push(DATA_ERRORS[result.error])
+            return
+        envelope.chunks = None  # its file (if any) is the handler's to copy, then ours to drop
+        await self.deliver_message(result)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        envelope = self.envelope
+        if isinstance(envelope, SMTPEnvelope) and envelope.chunks is not None:
+            await self.push(replies.DATA_AFTER_BDAT)  # RFC 3030 §2: not in one transaction
+            return
+        await super().smtp_DATA(arg)
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
@@ -219,7 +294,7 @@ class SMTPProtocol(BaseSMTP):
         envelope = self.envelope
         assert isinstance(envelope, SMTPEnvelope)  # _create_envelope makes no other kind
         if arg and not envelope.mail_from:
-            kept, ret, envid = [], None, None
+            kept, ret, envid, requiretls = [], None, None, False
             for i, word in enumerate(arg.split(" ")):
                 key, eq, value = word.partition("=")
                 if i and eq and key.upper() == "RET":
@@ -227,6 +302,11 @@ class SMTPProtocol(BaseSMTP):
                     if ret not in ("FULL", "HDRS"):
                         await self.push(replies.BAD_RET)
                         return
+                elif i and not eq and key.upper() == "REQUIRETLS":
+                    if not self.tls_active:
+                        await self.push(replies.REQUIRETLS_WITHOUT_TLS)
+                        return
+                    requiretls = True
                 elif i and eq and key.upper() == "ENVID":
                     envid = value
                     if not _XTEXT.match(value) or len(value) > 100:
@@ -235,6 +315,7 @@ class SMTPProtocol(BaseSMTP):
                 else:
                     kept.append(word)
             envelope.dsn_ret, envelope.dsn_envid = ret, envid
+            envelope.requiretls = requiretls
             arg = " ".join(kept)
         await super().smtp_MAIL(arg)
 

@@ -31,7 +31,7 @@ from aiosmtpd.smtp import SMTP, _AuthMechAttr, login_always_fail, syntax
 
 from mta.smtp import replies
 from mta.smtp.data import CHUNK as DATA_CHUNK
-from mta.smtp.data import SinkFactory, read_data
+from mta.smtp.data import DataResult, SinkFactory, read_data
 from store import metrics
 from store.config import parse_address
 
@@ -54,6 +54,7 @@ NO_ENHANCED = {"220", "334", "354"}
 # followed by a close (221, 421, aiosmtpd's 502 for too many bad commands) or a TLS handshake.
 HOLDABLE = {b"250", b"251", b"252", b"450", b"451", b"452", b"500", b"501", b"503", b"550",
             b"551", b"552", b"553", b"554", b"555"}
+BDAT_ARGS = re.compile(r"(\d{1,10})(?: +(LAST))?", re.IGNORECASE)  # RFC 3030 §2
 DATA_ERRORS = {
     "size": replies.MESSAGE_TOO_BIG,
     "line": replies.LINE_TOO_LONG,
@@ -462,6 +463,11 @@ class BaseSMTP(SMTP):
             self._set_post_data_state()
             await self.push(refusal)
             return
+        await self.deliver_message(result)
+
+    async def deliver_message(self, result: DataResult) -> None:
+        """A whole message (DATA or BDAT LAST) to the handler, and its reply to the client."""
+        assert self.envelope is not None
         self.envelope.content = self.envelope.original_content = result.content
         self.envelope.spilled = result.path  # type: ignore[attr-defined]
         try:

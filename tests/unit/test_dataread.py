@@ -161,3 +161,38 @@ def test_a_spill_write_error_refuses_the_message_but_reads_it_to_its_end(tmp_pat
             consumed = i + used
             break
     assert d.result().error == expected and stream[consumed:] == b"NOOP\r\n"
+
+
+# -- BDAT (RFC 3030): chunks split anywhere, checked as DATA -------------------------------
+
+from mta.smtp.data import ChunkCollector  # noqa: E402
+
+
+def collect(chunks: list[bytes], max_size: int | None = None) -> tuple[bytes, str | None]:
+    c = ChunkCollector(max_size)
+    for chunk in chunks:
+        c.feed(chunk)
+    r = c.finish()
+    return r.content, r.error
+
+
+def test_chunks_split_lines_and_crlfs_anywhere():
+    msg = b"Subject: x\r\n\r\n" + b"line\r\n" * 100 + b".dot stays\r\n"
+    for cut in range(1, len(msg)):
+        assert collect([msg[:cut], msg[cut:]]) == (msg, None)
+    assert collect([msg[i:i + 1] for i in range(len(msg))]) == (msg, None)
+
+
+def test_a_last_chunk_without_crlf_gets_one_and_an_empty_last_chunk_is_fine():
+    assert collect([b"Subject: x\r\n\r\nbody"]) == (b"Subject: x\r\n\r\nbody\r\n", None)
+    assert collect([b"Subject: x\r\n\r\nbody\r\n", b""]) == (b"Subject: x\r\n\r\nbody\r\n", None)
+
+
+def test_bare_line_ends_long_lines_and_size_fail_the_message():
+    assert collect([b"a\nb\r\n"]) == (b"", "bare-eol")
+    assert collect([b"a\r", b"b\r\n"]) == (b"", "bare-eol")  # a CR, then not LF
+    assert collect([b"x\r"]) == (b"", "bare-eol")  # a CR at the very end
+    assert collect([b"x" * 999 + b"\r\n"]) == (b"", "line")
+    assert collect([b"x" * 600, b"x" * 600]) == (b"", "line")  # one line over two chunks
+    assert collect([b"x" * 998 + b"\r\n"])[1] is None
+    assert collect([b"a\r\n" * 10, b"b\r\n" * 10], max_size=40) == (b"", "size")
