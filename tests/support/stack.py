@@ -165,7 +165,8 @@ class Stack:
         On the default SQLite database this copies a database that `pochta db upgrade` migrated
         once per run and adds the rows through store/ in this process: a `pochta` process per
         verb costs a second or more each, in every test (the verbs have their own tests)."""
-        if "database_url" in self.settings[""]:
+        top = self.settings[""]
+        if "database_url" in top or top.get("user") != "root":  # the CLI gives its files away
             self.pochta("db", "upgrade")
             self.pochta("domain", "add", domain)
             for u in users:
@@ -174,7 +175,7 @@ class Stack:
         from store.db import Database
         from store.directory import Directory
 
-        db_file = self.base / "pochta.db"
+        db_file = Path(top.get("data_dir", self.base)) / "pochta.db"
         if not db_file.exists():
             db_file.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(_migrated_database(), db_file)
