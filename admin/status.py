@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import shutil
 import socket
 import ssl
@@ -25,6 +24,7 @@ from pathlib import Path
 import typer
 
 from admin.context import context
+from store import telemetry
 from store.config import Config, parse_address
 
 OK, WARN, DOWN = "ok", "warn", "down"
@@ -122,21 +122,11 @@ def runner_check(cfg: Config) -> Check:
     if beat is None:
         return Check("queue runner", DOWN, "no heartbeat ever (is the MTA running?)")
     pid, age = beat
-    alive = _alive(pid)
+    alive = telemetry.alive(pid)
     if age > HEARTBEAT_STALE or not alive:
         return Check("queue runner", DOWN, f"last heartbeat {age:.0f} s ago (pid {pid}"
                      f"{'' if alive else ', gone'})")
     return Check("queue runner", OK, f"heartbeat {age:.0f} s ago (pid {pid})")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def queue_summary(cfg: Config) -> tuple[Check, dict[str, object]]:

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
 
 from mta.envelope import EXPIRED, Envelope, Recipient
-from mta.reply import LOCAL_DECISION, ascii_text, one_line
+from mta.reply import LOCAL_DECISION, ascii_text, one_line, utf8_prefix
 from mta.spool import Spool, SpooledMessage
 from store import addresses
 from store.directory import Directory
@@ -114,7 +114,7 @@ def build_dsn(env: Envelope, reports: list[tuple[Recipient, str]], original: byt
         human += [f"Your message {EXPLAIN[action]} for these recipients:", ""]
         for r in group:
             why = "it stayed undeliverable too long" if r.status == EXPIRED else \
-                one_line(r.last_reply)
+                utf8_prefix(one_line(r.last_reply))
             human.append(f"<{r.original}>: {why}" if why else f"<{r.original}>")
         human.append("")
     per_message = [f"Reporting-MTA: dns; {hostname}", f"X-Pochta-Queue-ID: {env.id}",

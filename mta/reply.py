@@ -30,12 +30,29 @@ def one_line(text: str, limit: int = MAX_TEXT) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def ascii_text(text: str) -> str:
-    """One line, 7-bit: non-ASCII characters as RFC 6533 §3 ``\\x{HHHH}`` escapes."""
-    text = one_line(text)
+def ascii_text(text: str, limit: int = MAX_TEXT) -> str:
+    """One line, 7-bit: non-ASCII characters as RFC 6533 §3 ``\\x{HHHH}`` escapes; at most
+    ``limit`` characters after escaping (an escape is 8 of them: a line stays under 998)."""
+    text = one_line(text, limit)
     if text.isascii():
         return text
-    return "".join(c if c.isascii() else f"\\x{{{ord(c):04X}}}" for c in text)
+    out, size = [], 0
+    for c in text:
+        piece = c if c.isascii() else f"\\x{{{ord(c):04X}}}"
+        if size + len(piece) > limit - 3:
+            out.append("...")
+            break
+        out.append(piece)
+        size += len(piece)
+    return "".join(out)
+
+
+def utf8_prefix(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` cut (with "...") to at most ``limit`` octets of UTF-8: a line of a message."""
+    if len(text.encode("utf-8", "surrogateescape")) <= limit:
+        return text
+    cut = text.encode("utf-8", "surrogateescape")[: limit - 3].decode("utf-8", "ignore")
+    return cut + "..."
 
 
 @dataclass(frozen=True)

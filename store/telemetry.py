@@ -41,7 +41,7 @@ def _pid_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -58,7 +58,7 @@ def prune(path: Path, *, counters_too: bool) -> None:
     with contextlib.suppress(FileNotFoundError):
         for f in path.iterdir():
             pid = _pid_of(f.name)
-            if pid is None or _alive(pid):
+            if pid is None or alive(pid):
                 continue
             if counters_too or f.name.startswith("gauge_live"):
                 with contextlib.suppress(FileNotFoundError, PermissionError):

@@ -19,7 +19,7 @@ from aiosmtpd.smtp import Envelope, syntax
 
 from mta.smtp import replies
 from mta.smtp.data import MAX_TEXT_LINE, crlf_to_lf
-from mta.smtp.server import BDAT_ARGS, DATA_ERRORS, BaseSMTP
+from mta.smtp.server import DATA_ERRORS, BaseSMTP
 
 log = logging.getLogger("pochta.mda")
 
@@ -86,28 +86,17 @@ class LMTPProtocol(BaseSMTP):
 
     @syntax("BDAT <size> [LAST]")
     async def smtp_BDAT(self, arg: str | None) -> None:
-        m = BDAT_ARGS.fullmatch((arg or "").strip())
-        if m is None:  # the chunk's length is unknown: what follows cannot be skipped
-            await self.push(replies.BDAT_SYNTAX)
-            self._close_transport()
+        parsed = await self.bdat_arguments(arg)
+        if parsed is None:
             return
-        size, last = int(m.group(1)), m.group(2) is not None
+        size, last = parsed
         envelope = self.envelope
         assert isinstance(envelope, LMTPEnvelope)  # _create_envelope makes no other kind
         parts = envelope.chunks
         held = sum(map(len, parts))
         limit = self.data_size_limit  # None or 0: no limit
         too_big = limit is not None and 0 < limit < held + size
-        remaining = size
-        with self.reading_data():
-            while remaining:  # the chunk is read whatever the reply: data, not commands
-                block = await self._reader.read(min(remaining, 1 << 16))
-                if not block:
-                    raise ConnectionResetError("connection closed within a BDAT chunk")
-                remaining -= len(block)
-                self._reset_timeout()
-                if not too_big:
-                    parts.append(block)
+        await self.read_chunk(size, None if too_big else parts.append)
         if not self.session or not self.session.host_name:
             error = replies.NEED_LHLO
         elif not envelope.rcpt_tos:  # (RCPT needs MAIL)

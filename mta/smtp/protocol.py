@@ -20,7 +20,7 @@ from aiosmtpd.smtp import MISSING, Envelope, syntax
 
 from mta.smtp import replies
 from mta.smtp.data import ChunkCollector
-from mta.smtp.server import BDAT_ARGS, DATA_ERRORS, BaseSMTP
+from mta.smtp.server import DATA_ERRORS, BaseSMTP
 
 log = logging.getLogger("pochta.smtp")
 
@@ -175,12 +175,10 @@ class SMTPProtocol(BaseSMTP):
         """RFC 3030 CHUNKING. Each chunk is read whatever the reply (it is data, not
         commands); the message is checked as after DATA and committed only at LAST. An error
         ends the transaction: a later BDAT LAST finds no transaction and delivers nothing."""
-        m = BDAT_ARGS.fullmatch((arg or "").strip())
-        if m is None:  # the chunk's length is unknown: what follows cannot be skipped
-            await self.push(replies.BDAT_SYNTAX)
-            self._close_transport()
+        parsed = await self.bdat_arguments(arg)
+        if parsed is None:
             return
-        size, last = int(m.group(1)), m.group(2) is not None
+        size, last = parsed
         envelope = self.envelope
         assert isinstance(envelope, SMTPEnvelope) and self.session is not None
         if not self.session.host_name:
@@ -195,16 +193,7 @@ class SMTPProtocol(BaseSMTP):
                 envelope.chunks = ChunkCollector(self.data_size_limit or None,
                                                  sink_factory=self.handler.data_sink)
         chunks = envelope.chunks if refusal is None else None
-        remaining = size
-        with self.reading_data():
-            while remaining:
-                block = await self._reader.read(min(remaining, 1 << 16))
-                if not block:
-                    raise ConnectionResetError("connection closed within a BDAT chunk")
-                remaining -= len(block)
-                self._reset_timeout()
-                if chunks is not None:
-                    chunks.feed(block)
+        await self.read_chunk(size, chunks.feed if chunks is not None else None)
         if refusal is not None:
             await self.push(refusal)
             return

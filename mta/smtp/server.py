@@ -479,6 +479,30 @@ class BaseSMTP(SMTP):
         self._set_post_data_state()
         await self.push(status)
 
+    async def bdat_arguments(self, arg: str | None) -> tuple[int, bool] | None:
+        """BDAT's chunk size and LAST (RFC 3030 §2); None after a 501 and the end of the
+        session when the size is missing: what follows cannot be told from commands."""
+        m = BDAT_ARGS.fullmatch((arg or "").strip())
+        if m is None:
+            await self.push(replies.BDAT_SYNTAX)
+            self._close_transport()
+            return None
+        return int(m.group(1)), m.group(2) is not None
+
+    async def read_chunk(self, size: int, take: Callable[[bytes], object] | None) -> None:
+        """Read a BDAT chunk whatever the reply will be (it is data, not commands), handing
+        each block to ``take``; None: read and drop it."""
+        remaining = size
+        with self.reading_data():
+            while remaining:
+                block = await self._reader.read(min(remaining, DATA_CHUNK))
+                if not block:
+                    raise ConnectionResetError("connection closed within a BDAT chunk")
+                remaining -= len(block)
+                self._reset_timeout()
+                if take is not None:
+                    take(block)
+
     def data_refusal(self, reply: str) -> str:
         """What a refused message is answered: one reply (LMTP: one per recipient)."""
         return reply

@@ -7,12 +7,11 @@ import os
 import signal
 import smtplib
 import socket
-import ssl
 
 import pytest
 
 from store.tlscert import make_self_signed
-from tests.support.smtp import wait_for, wait_mail
+from tests.support.smtp import starttls_certificate, wait_for, wait_mail
 from tests.support.stack import Stack, wait_listening
 
 
@@ -106,16 +105,9 @@ def test_a_broken_config_is_refused_and_the_running_one_stays(stack):
 
 
 def peer_common_name(port: int) -> str:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
-        c.starttls(context=ctx)
-        der = c.sock.getpeercert(binary_form=True)
-    from cryptography import x509
     from cryptography.x509.oid import NameOID
 
-    cert = x509.load_der_x509_certificate(der)
+    cert = starttls_certificate(port)
     return cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
 
 

@@ -4,8 +4,6 @@ validations answered by `pochta up`'s http-01 responder; a CA that cannot be rea
 from __future__ import annotations
 
 import json
-import smtplib
-import ssl
 
 import pytest
 from cryptography import x509
@@ -13,19 +11,10 @@ from cryptography.x509.oid import NameOID
 
 from tests.support.fakes import FakeDNS
 from tests.support.pebble import Pebble, available
+from tests.support.smtp import starttls_certificate
 from tests.support.stack import Stack, free_port
 
 pytestmark = pytest.mark.skipif(not available(), reason="pebble (Debian: pebble) not installed")
-
-
-def served_certificate(port: int) -> x509.Certificate:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
-        c.starttls(context=ctx)
-        der = c.sock.getpeercert(binary_form=True)
-    return x509.load_der_x509_certificate(der)
 
 
 def certificate_check(s: Stack) -> dict:
@@ -44,12 +33,12 @@ def test_up_obtains_a_certificate_from_the_ca_and_serves_it(tmp_path):
     try:
         s.setup_users("example.com", "bob@example.com")
         s.start("up")
-        cert = served_certificate(s.mta_port)
+        cert = starttls_certificate(s.mta_port)
         issuer = cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
         assert "Pebble" in issuer
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert sans.get_values_for_type(x509.DNSName) == ["mx.pochta.test"]
-        assert served_certificate(s.msa_port).serial_number == cert.serial_number
+        assert starttls_certificate(s.msa_port).serial_number == cert.serial_number
         key = s.base / "acme" / "key.pem"
         assert key.stat().st_mode & 0o777 == 0o600
         check = certificate_check(s)
@@ -68,7 +57,7 @@ def test_an_unreachable_ca_leaves_a_working_certificate_and_status_says_so(tmp_p
     try:
         s.setup_users("example.com", "bob@example.com")
         s.start("up")
-        cert = served_certificate(s.mta_port)  # a stand-in: STARTTLS still works
+        cert = starttls_certificate(s.mta_port)  # a stand-in: STARTTLS still works
         assert cert.issuer == cert.subject
         check = certificate_check(s)
         assert check["state"] == "warn" and "failed" in check["detail"], check

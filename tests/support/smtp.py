@@ -85,3 +85,13 @@ def server_tls(name: str) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     trustme.CA().issue_cert(name).configure_cert(ctx)
     return ctx
+
+
+def starttls_certificate(port: int):
+    """The certificate a server on ``port`` presents after STARTTLS (cryptography's x509)."""
+    from cryptography import x509
+
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+        c.starttls(context=client_tls())
+        der = c.sock.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der)

@@ -102,3 +102,14 @@ def test_the_same_report_gets_the_same_id_and_is_spooled_once(tmp_path):
     spool.remove(first)  # delivered meanwhile: made again, and the MDA is asked to look first
     asyncio.run(bouncer.bounce(env, ORIGINAL, maybe_sent=True))
     assert queued == [(first, False), (first, True)]
+
+
+def test_a_long_non_ascii_reply_stays_within_line_limits():
+    # Found by hypothesis: 500 characters of 2-byte UTF-8, or 8-character escapes, made lines
+    # of 1000+ octets.
+    text = "0" * 28 + "\xa0" * 39 + "ĞĦĪĬĭİıĲĳĺĻļŅŇŉōŎŕřŚŞş" * 30
+    r = Recipient("x@remote.test", "x@remote.test", status=FAILED, last_reply=f"550 {text}",
+                  last_relay="mx.remote.test[192.0.2.1]:25")
+    data = build_dsn(envelope(r), final_reports(envelope(r)), ORIGINAL, "mx.example.com")
+    assert line_error(data, MAX_LINE - 2) is None
+    assert len(ascii_text(text)) <= 500
