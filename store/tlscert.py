@@ -53,6 +53,9 @@ def server_context(cfg: Config) -> ssl.SSLContext:
     default_dirs = (Path(cfg.data_dir) / "tls", Path(cfg.data_dir) / "acme")
     if not cert.exists() and not key.exists() and cert.parent in default_dirs:
         make_self_signed(cert, key, cfg.hostname)
+        from store.privileges import give_state
+
+        give_state(cfg)  # made as root: the dropped processes read it again at a reload
     for p, k in ((cert, "tls.cert"), (key, "tls.key")):
         if not p.exists():
             raise ConfigError(f"config key {k!r}: {p} does not exist")
@@ -88,16 +91,19 @@ def reload_certificate(ctx: ssl.SSLContext, cfg: Config) -> bool:
 async def watch_certificate(ctx: ssl.SSLContext, config: Callable[[], Config],
                             stop: asyncio.Event, interval: float = CERT_CHECK_INTERVAL) -> None:
     """Reload the pair when its files change on disk (certbot, ACME, an admin's copy)."""
-    try:
+    seen: tuple[float, float] | None = None
+    with contextlib.suppress(OSError):
         seen = _stamp(config())
-    except OSError:
-        seen = (0.0, 0.0)
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
+        if stop.is_set():
+            break
         try:
             now = _stamp(config())
         except OSError:
             continue  # being replaced: look again later
-        if now != seen and reload_certificate(ctx, config()):
+        if seen is None:
+            seen = now  # what the context loaded at start
+        elif now != seen and reload_certificate(ctx, config()):
             seen = now
