@@ -64,6 +64,13 @@ def running(cfg: Config) -> list[dict[str, Any]]:
     return out
 
 
+def reload_targets(procs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Whom a reload signals: every recorded process but a queue runner whose MTA runs (the
+    MTA passes its reload on; systemd's ExecReload signals the MTA alone)."""
+    mta_runs = any(doc.get("role") == "mta" for doc in procs)
+    return [doc for doc in procs if not (doc.get("role") == "queue" and mta_runs)]
+
+
 def reload(ctx: typer.Context) -> None:
     """Re-read the config in the running processes (SIGHUP); refuses a broken config."""
     cfg = context(ctx).config  # a broken config stops here: one line, nothing signalled
@@ -73,14 +80,13 @@ def reload(ctx: typer.Context) -> None:
     new = flatten(cfg)
     later: set[str] = set()
     signalled = []
-    mta_runs = any(doc.get("role") == "mta" for doc in procs)
+    targets = reload_targets(procs)
     for doc in procs:
-        if doc.get("role") == "queue" and mta_runs:
-            signalled.append(f"queue (pid {doc['pid']}, through the mta)")
-            later.update(doc.get("restart_needed", []))
-            continue  # the MTA passes its reload on to its queue runner
         later.update(k for k in changed_keys(doc.get("config", {}), new) if not is_live(k))
         later.update(doc.get("restart_needed", []))
+        if doc not in targets:
+            signalled.append(f"{doc['role']} (pid {doc['pid']}, through the mta)")
+            continue
         try:
             os.kill(int(doc["pid"]), signal.SIGHUP)
         except ProcessLookupError:

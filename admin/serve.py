@@ -305,7 +305,7 @@ def start_acme(cfg: Config) -> Any:
     from admin.acme import Renewer
 
     def installed() -> None:
-        for doc in runfiles.running(cfg):
+        for doc in runfiles.reload_targets(runfiles.running(cfg)):
             with contextlib.suppress(OSError):
                 os.kill(int(doc["pid"]), signal.SIGHUP)
 

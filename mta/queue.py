@@ -80,8 +80,6 @@ class QueueRunner:
         self.waiting: defaultdict[str, deque[str]] = defaultdict(deque)  # domain -> ids
         self.parked: dict[str, str] = {}  # id -> the full domain it waits for
         self.local_domains: set[str] = set()  # learnt from routing: no destination limit
-        smarthost = cfg.delivery.smarthost
-        self.smarthost_prefix = smarthost.rpartition(":")[0].strip("[]") + "[" if smarthost else ""
 
     def add(self, env: Envelope, maybe_sent: bool = False) -> None:
         """A message this process just spooled (a DSN): deliver it now. ``maybe_sent``: it
@@ -492,8 +490,6 @@ class QueueRunner:
         began."""
         self.cfg = cfg
         self.remote = remote
-        smarthost = cfg.delivery.smarthost
-        self.smarthost_prefix = smarthost.rpartition(":")[0].strip("[]") + "[" if smarthost else ""
 
     def _heartbeat(self) -> None:
         """The queue gauges, and the heartbeat `pochta status` reads: this loop turns."""
@@ -512,7 +508,8 @@ class QueueRunner:
         """The metrics' relay label of a reply's relay ("mda", "host[ip]:port", "dns"...)."""
         if relay == "mda":
             return "local"
-        if self.smarthost_prefix and relay.startswith(self.smarthost_prefix):
+        smarthost = self.cfg.delivery.smarthost  # "host:port"; replies name "host[ip]:port"
+        if smarthost and relay.startswith(smarthost.rpartition(":")[0].strip("[]") + "["):
             return "smarthost"
         return "remote"
 

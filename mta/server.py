@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable
 
@@ -67,9 +68,18 @@ def protocol_factory(serving: Serving, connections: Connections, tls: object, *,
     return factory
 
 
-def apply_limits(connections: Connections, limits: ListenerLimits) -> None:
+def reconfigure(serving: Serving, new: Config, build: Callable[[Config, SMTPHandler], SMTPHandler],
+                connections: Connections, directory: CachedDirectory, tls: ssl.SSLContext
+                ) -> None:
+    """A reload of the MTA or the MSA: a new handler and limits for new sessions, the cache
+    time, the certificate."""
+    serving.handler = build(new, serving.handler)
+    serving.cfg = new
+    limits = serving.limits()
     connections.max_total = limits.max_connections
     connections.max_per_ip = limits.max_connections_per_ip
+    directory.ttl = new.directory_cache_ttl
+    reload_certificate(tls, new)
 
 
 async def _serve_until(stop: asyncio.Event, servers: list[asyncio.base_events.Server],
@@ -216,11 +226,7 @@ async def run_mta(cfg: Config, stop: asyncio.Event, config_path: str | None = No
     queue_child = QueueChild()
 
     def apply(new: Config) -> None:
-        serving.handler = build(new, serving.handler)
-        serving.cfg = new
-        apply_limits(connections, new.mta)
-        directory.ttl = new.directory_cache_ttl
-        reload_certificate(tls, new)
+        reconfigure(serving, new, build, connections, directory, tls)
         queue_child.reload()
 
     if live is not None:
@@ -272,15 +278,8 @@ async def run_msa(cfg: Config, stop: asyncio.Event,
                               exempt=lambda ip: in_networks(ip, serving.cfg.checks.local_networks))
     tls = server_context(cfg)
 
-    def apply(new: Config) -> None:
-        serving.handler = build(new, serving.handler)
-        serving.cfg = new
-        apply_limits(connections, new.msa)
-        directory.ttl = new.directory_cache_ttl
-        reload_certificate(tls, new)
-
     if live is not None:
-        live.subscribe(apply)
+        live.subscribe(lambda new: reconfigure(serving, new, build, connections, directory, tls))
     servers = await start_listeners(
         cfg.msa.listen, protocol_factory(serving, connections, tls, require_auth=True,
                                          listener="submission"),
