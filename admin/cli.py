@@ -102,12 +102,15 @@ def domain_add(
     hold: bool = typer.Option(False, "--hold",
                               help="With --relay: keep its mail until released (ETRN, "
                                    "pochta queue flush --domain)."),
+    odmr_user: str = typer.Option("", "--odmr-user", metavar="ADDRESS",
+                                  help="With --relay: keep its mail for this user, who takes "
+                                       "it with ATRN on the [odmr] listener (RFC 2645)."),
 ) -> None:
     """Receive mail for DOMAIN (with --relay: as its backup MX)."""
     directory = context(ctx).directory
     if not relay:
-        if to or hold:
-            raise UserError("--to and --hold are for a relay domain: add --relay")
+        if to or hold or odmr_user:
+            raise UserError("--to, --hold and --odmr-user are for a relay domain: add --relay")
         typer.echo(f"added domain {directory.add_domain(domain)}")
         return
     if to:
@@ -115,7 +118,13 @@ def domain_add(
             parse_host_port(to)
         except ValueError as e:
             raise UserError(f"--to: {e}") from None
-    name = directory.add_relay_domain(domain, to=to, hold=hold)
+    if odmr_user and to:
+        raise UserError("--to and --odmr-user exclude each other: an ODMR domain's mail "
+                        "waits for its user's ATRN")
+    name = directory.add_relay_domain(domain, to=to, hold=hold, odmr_user=odmr_user)
+    if odmr_user:
+        typer.echo(f"added relay domain {name}, held for {odmr_user} (ATRN)")
+        return
     typer.echo(f"added relay domain {name}"
                + (f", passed on to {to}" if to else ", passed on to its better MX hosts")
                + (", held until released" if hold else ""))
@@ -126,8 +135,8 @@ def domain_list(ctx: typer.Context) -> None:
     directory = context(ctx).directory
     rows = [[d, str(u), str(a), "local", "-"] for d, u, a in directory.list_domains()]
     for r in directory.list_relay_domains():
-        route = (r.to or "mx") + (" hold" if r.hold else "") + \
-            (" listed-recipients" if r.restricted else "")
+        route = (f"odmr:{r.odmr_user}" if r.odmr_user else (r.to or "mx")) + \
+            (" hold" if r.hold else "") + (" listed-recipients" if r.restricted else "")
         rows.append([r.domain, "-", "-", "relay", route])
     table(["DOMAIN", "USERS", "ALIASES", "KIND", "ROUTE"], sorted(rows))
 

@@ -166,7 +166,7 @@ def listen_addresses(cfg: Config, role: str) -> list[str]:
         return list(cfg.mta.listen)
     if role == "queue":
         return []
-    return list(cfg.msa.listen) + list(cfg.msa.listen_tls)
+    return list(cfg.msa.listen) + list(cfg.msa.listen_tls) + list(cfg.odmr.listen)
 
 
 def is_listening(addr: str) -> bool:

@@ -104,6 +104,7 @@ def process_checks(cfg: Config) -> list[Check]:
     listeners = [("mta", a, False) for a in cfg.mta.listen]
     listeners += [("msa", a, False) for a in cfg.msa.listen]
     listeners += [("msa", a, True) for a in cfg.msa.listen_tls]
+    listeners += [("odmr", a, False) for a in cfg.odmr.listen]
     listeners += [("mda", cfg.mda.listen, False)] if cfg.mda.listen else []
     for role, addr, tls in listeners:
         up, detail = probe(addr, tls)

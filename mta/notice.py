@@ -7,7 +7,11 @@ spaces or one command starting with ``!``:
 - ``!flush`` / ``!flush DOMAIN`` / ``!flush @DOMAIN``: make every deferred recipient (of
   DOMAIN, and of its subdomains) due now, releasing held relay domains' mail;
 - ``!rescan``: list the spool and load what the runner does not know (a sender had to drop ids);
-- ``!hold ID|*``, ``!release ID|*``, ``!bounce ID``: the admin's ``pochta queue`` verbs.
+- ``!hold ID|*``, ``!release ID|*``, ``!bounce ID``: the admin's ``pochta queue`` verbs;
+- ``!atrn LOGIN CLIENT-IP DOMAIN[,DOMAIN...]`` with one socket passed along (SCM_RIGHTS): an
+  ODMR customer's ATRN (RFC 2645), from the MSA process, which holds the customer's TLS
+  connection and passes its bytes through that socket (mta/odmr.py). The runner answers the
+  ATRN on it, then delivers over it as the SMTP client.
 
 Nothing is lost when no runner listens: a message is committed before its notice is sent, and a
 runner binds the socket before it scans the spool at start, so whatever was committed before it
@@ -18,6 +22,7 @@ user can reach an abstract socket.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import hashlib
@@ -40,6 +45,13 @@ def notice_address(spool_dir: Path | str) -> str:
     return f"\0pochta-queue-{digest}"
 
 
+@dataclass(frozen=True)
+class AtrnRequest:
+    login: str  # the authenticated customer
+    client: str  # its IP address, for the log
+    domains: tuple[str, ...]
+
+
 @dataclass
 class Notice:
     ids: list[str] = field(default_factory=list)
@@ -48,11 +60,13 @@ class Notice:
     subdomains: bool = False  # and those of its subdomains (ETRN "@domain")
     rescan: bool = False
     admin: tuple[str, str] | None = None  # ("hold"|"release"|"bounce", queue id or "*")
+    atrn: AtrnRequest | None = None
+    channel: socket.socket | None = None  # with atrn: the customer's connection, relayed
 
 
 def parse_notice(data: bytes) -> Notice:
     """One datagram; anything malformed is ignored word by word, never raised."""
-    words = data.decode("ascii", "replace").split()
+    words = data.decode("utf-8", "replace").split()
     if words and words[0].startswith("!"):
         command, args = words[0], words[1:]
         if command == "!flush" and not args:
@@ -67,6 +81,10 @@ def parse_notice(data: bytes) -> Notice:
         if command in ("!hold", "!release", "!bounce") and len(args) == 1 and (
                 QUEUE_ID.fullmatch(args[0]) or (args[0] == "*" and command != "!bounce")):
             return Notice(admin=(command[1:], args[0]))
+        if command == "!atrn" and len(args) == 3 and "@" in args[0]:
+            domains = tuple(d.lower() for d in args[2].split(","))
+            if all(DOMAIN.fullmatch(d) for d in domains) and len(domains) <= 100:
+                return Notice(atrn=AtrnRequest(args[0], args[1], domains))
         return Notice()
     return Notice(ids=[w for w in words if QUEUE_ID.fullmatch(w)])
 
@@ -86,6 +104,22 @@ def send_command(spool_dir: Path | str, command: str) -> None:
             raise NoRunner("the queue runner is not running") from None
         except TimeoutError:
             raise NoRunner("the queue runner does not read its notices") from None
+
+
+def send_channel(spool_dir: Path | str, command: str, channel: socket.socket) -> None:
+    """A command with a socket for the runner (``!atrn``); NoRunner when none listens."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5.0)
+        try:
+            sock.connect(notice_address(spool_dir))
+            socket.send_fds(sock, [command.encode("utf-8")], [channel.fileno()])
+        except (ConnectionRefusedError, FileNotFoundError):
+            raise NoRunner("the queue runner is not running") from None
+        except TimeoutError:
+            raise NoRunner("the queue runner does not read its notices") from None
+
+
+_FD = array.array("i").itemsize
 
 
 class NoticeSocket:
@@ -120,12 +154,29 @@ class NoticeSocket:
         for _ in range(limit):
             try:
                 data, ancillary, _flags, _addr = self.sock.recvmsg(
-                    1 << 16, socket.CMSG_SPACE(_UCRED.size))
+                    1 << 16, socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(4 * _FD))
             except BlockingIOError:
                 break
-            if self._sender_uid(ancillary) in self.heard:
-                got.append(parse_notice(data))
+            fds = self._passed_fds(ancillary)
+            notice = parse_notice(data) if self._sender_uid(ancillary) in self.heard else None
+            if notice is not None and notice.atrn is not None and fds:
+                notice.channel = socket.socket(fileno=fds.pop(0))
+                notice.channel.setblocking(False)
+            for fd in fds:  # sent with anything else, or by someone not heard
+                os.close(fd)
+            if notice is not None and (notice.atrn is None or notice.channel is not None):
+                got.append(notice)
         return got
+
+    @staticmethod
+    def _passed_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+        fds: list[int] = []
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(value[: len(value) - len(value) % _FD])
+                fds += got
+        return fds
 
     @staticmethod
     def _sender_uid(ancillary: list[tuple[int, int, bytes]]) -> int | None:

@@ -18,15 +18,19 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import socket
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from mta import policy
 from mta.courier import Courier
+from mta.courier.odmr import TurnedConnection
+from mta.courier.remote import Outbound
 from mta.dsn import Bouncer, wants
 from mta.envelope import EXPIRED, FAILED, HELD, SENT, Envelope, Recipient
-from mta.notice import Notice, NoticeSocket
+from mta.notice import AtrnRequest, Notice, NoticeSocket
 from mta.reply import LOCAL_DECISION, Reply
 from mta.spool import Spool, SpooledMessage, SpoolError
 from store import addresses, metrics
@@ -80,6 +84,7 @@ class QueueRunner:
         self.waiting: defaultdict[str, deque[str]] = defaultdict(deque)  # domain -> ids
         self.parked: dict[str, str] = {}  # id -> the full domain it waits for
         self.local_domains: set[str] = set()  # learnt from routing: no destination limit
+        self.atrn_domains: set[str] = set()  # taken by an ODMR customer now (one at a time)
 
     def add(self, env: Envelope, maybe_sent: bool = False) -> None:
         """A message this process just spooled (a DSN): deliver it now. ``maybe_sent``: it
@@ -137,6 +142,8 @@ class QueueRunner:
                     continue
                 self.fresh.add(qid)
                 self.ready.append(qid)
+            if notice.atrn is not None and notice.channel is not None:
+                self._spawn(self._atrn(notice.atrn, notice.channel))
             if notice.rescan or notice.flush or notice.admin:
                 self.commands.append(notice)
         self.wake.set()
@@ -184,9 +191,7 @@ class QueueRunner:
                 if destinations is None:
                     continue  # parked: its destinations are all busy
                 self.busy.add(qid)
-                task = asyncio.create_task(self._attempt(env, destinations))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                self._spawn(self._attempt(env, destinations))
             # A finished attempt, a notice or stop sets wake; else the earliest timer (capped:
             # the wall clock may be set back).
             wait = HEARTBEAT_INTERVAL if not self.timers else min(HEARTBEAT_INTERVAL,
@@ -205,6 +210,11 @@ class QueueRunner:
             await asyncio.wait(self.tasks, timeout=10)
         await self.local.close()
         await self.remote.close()
+
+    def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(job)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def _command(self, notice: Notice) -> None:
         # Only a sender that dropped ids asks for a rescan: whatever was committed while no
@@ -227,6 +237,52 @@ class QueueRunner:
                         touched = True
                 if touched:
                     self._schedule(env)
+
+    async def _atrn(self, request: AtrnRequest, channel: socket.socket) -> None:
+        """An ODMR customer's ATRN (RFC 2645; the MSA checked who may take which domain): its
+        answer on ``channel``, then the domains' held messages delivered over it, oldest
+        first. Messages under another attempt now wait for the next ATRN."""
+        domains = set(request.domains)
+        envs: list[Envelope] = []
+        loop = asyncio.get_running_loop()
+        try:
+            if domains & self.atrn_domains or not isinstance(self.remote, Outbound):
+                await loop.sock_sendall(channel, b"450 4.3.0 ATRN request refused: another "
+                                                 b"session is taking that mail now\r\n")
+                return
+            envs = sorted((env for env in self.items.values()
+                           if env.id not in self.busy and env.id not in self.parked
+                           and not env.held and any(addresses.domain_of(r.address) in domains
+                                                    for r in env.pending)),
+                          key=lambda e: e.created)
+            if not envs:
+                await loop.sock_sendall(channel, b"453 4.0.0 You have no mail\r\n")
+                return
+            self.atrn_domains |= domains
+            self.busy.update(env.id for env in envs)
+            await loop.sock_sendall(channel, b"250 2.0.0 OK now reversing the connection\r\n")
+            log.info("ATRN by %s from %s for %s: %d message(s)", request.login, request.client,
+                     ",".join(sorted(domains)), len(envs))
+            turned = TurnedConnection(self.remote, channel, request.client)
+            try:
+                if await turned.open():
+                    for env in envs:
+                        if turned.broken:
+                            break  # the rest stays queued as it was
+                        if env.id in self.items:
+                            await self._deliver(env, set(), (domains, turned))
+            finally:
+                await turned.close()
+        except OSError as e:
+            log.info("ATRN by %s from %s: %s", request.login, request.client, e)
+        finally:
+            channel.close()
+            self.atrn_domains -= domains
+            for env in envs:
+                self.busy.discard(env.id)
+                if env.id in self.items:
+                    self._schedule(env)
+            self.wake.set()
 
     async def _admin(self, verb: str, target: str) -> None:
         """`pochta queue hold|release|bounce`: held messages are not attempted (the flag is in
@@ -340,9 +396,11 @@ class QueueRunner:
         return [r for r in env.pending if r.next_attempt <= now
                 and (not blocked or addresses.domain_of(r.address) not in blocked)]
 
-    async def _deliver(self, env: Envelope, blocked: set[str]) -> bool:
+    async def _deliver(self, env: Envelope, blocked: set[str],
+                       turned: tuple[set[str], Courier] | None = None) -> bool:
         """One attempt for the due recipients but those for ``blocked`` domains; False if the
-        item was busy (try again soon)."""
+        item was busy (try again soon). ``turned``: instead, the pending recipients of these
+        ODMR domains, due or not, go to this customer's connection (ATRN)."""
         if env.id in self.fresh:
             # Just written, so in the page cache: a few syscalls, cheaper than a thread trip.
             self.fresh.discard(env.id)
@@ -358,8 +416,11 @@ class QueueRunner:
         fd, data = got
         reported = False
         try:
-            due = self._due(env, blocked)
-            if env.id in self.bouncing:
+            due = self._due(env, blocked) if turned is None else [
+                r for r in env.pending if addresses.domain_of(r.address) in turned[0]]
+            if turned is not None:
+                results = await turned[1].deliver(env, due, data) if due else {}
+            elif env.id in self.bouncing:
                 self.bouncing.discard(env.id)
                 results = {r.address: Reply(550, "5.0.0 returned to the sender by the "
                                                  "postmaster", LOCAL_DECISION) for r in due}
@@ -419,6 +480,10 @@ class QueueRunner:
                     self.local_domains.add(domain)
                     continue
                 route = await lookup(self.directory, "relay_route", domain)
+                if route is not None and route.odmr_user:
+                    results[r.address] = Reply(451, f"4.3.2 held for {domain} until "
+                                                    f"{route.odmr_user} takes it (ATRN)", HELD)
+                    continue
                 if route is not None and route.hold and r.address not in released:
                     results[r.address] = Reply(451, f"4.3.2 held for {domain} until released "
                                                     "(ETRN)", HELD)

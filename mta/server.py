@@ -52,11 +52,11 @@ class Serving:
 
 
 def protocol_factory(serving: Serving, connections: Connections, tls: object, *,
-                     require_auth: bool, implicit_tls: bool = False, listener: str = "smtp"
-                     ) -> Callable[[], SMTPProtocol]:
+                     require_auth: bool, implicit_tls: bool = False, listener: str = "smtp",
+                     protocol: type[SMTPProtocol] = SMTPProtocol) -> Callable[[], SMTPProtocol]:
     def factory() -> SMTPProtocol:
         limits = serving.limits()
-        return SMTPProtocol(
+        return protocol(
             serving.handler, connections=connections, listener=listener,
             hostname=serving.cfg.hostname, ident="ESMTP",
             data_size_limit=limits.max_message_size or None, enable_SMTPUTF8=True,
@@ -255,6 +255,7 @@ async def run_mta(cfg: Config, stop: asyncio.Event, config_path: str | None = No
 async def run_msa(cfg: Config, stop: asyncio.Event,
                   ready: Callable[[], object] = lambda: None,
                   live: LiveConfig | None = None) -> None:
+    from mta.odmr import OdmrHandler, OdmrProtocol
     from mta.submission import SubmissionHandler
 
     db = Database(cfg.database_url)
@@ -262,8 +263,9 @@ async def run_msa(cfg: Config, stop: asyncio.Event,
     spool = Spool(cfg.spool_dir, cfg.sync_method == "auto")
     notifier = Notifier(spool.dir)
 
-    def build(cfg: Config, old: SMTPHandler | None) -> SubmissionHandler:
-        handler = SubmissionHandler(
+    def build(cfg: Config, old: SMTPHandler | None,
+              kind: type[SubmissionHandler] = SubmissionHandler) -> SubmissionHandler:
+        handler = kind(
             cfg, Mode("msa", submission=True, vrfy=cfg.msa.vrfy, expn=cfg.msa.expn),
             directory, spool, announce=notifier.notify,
             defences=Defences(connection_rate=RateLimiter(
@@ -273,13 +275,21 @@ async def run_msa(cfg: Config, stop: asyncio.Event,
             handler.keep_counts(old)  # a reload is no way around a rate limit
         return handler
 
+    def build_odmr(cfg: Config, old: SMTPHandler | None) -> SubmissionHandler:
+        return build(cfg, old, OdmrHandler)
+
     serving = Serving(cfg, build(cfg, None))
+    odmr = Serving(cfg, build_odmr(cfg, None))
     connections = Connections(cfg.msa.max_connections, cfg.msa.max_connections_per_ip,
                               exempt=lambda ip: in_networks(ip, serving.cfg.checks.local_networks))
     tls = server_context(cfg)
 
+    def apply(new: Config) -> None:
+        reconfigure(serving, new, build, connections, directory, tls)
+        odmr.handler, odmr.cfg = build_odmr(new, odmr.handler), new
+
     if live is not None:
-        live.subscribe(lambda new: reconfigure(serving, new, build, connections, directory, tls))
+        live.subscribe(apply)
     servers = await start_listeners(
         cfg.msa.listen, protocol_factory(serving, connections, tls, require_auth=True,
                                          listener="submission"),
@@ -288,10 +298,15 @@ async def run_msa(cfg: Config, stop: asyncio.Event,
         cfg.msa.listen_tls, protocol_factory(serving, connections, None, require_auth=True,
                                              implicit_tls=True, listener="submissions"),
         ssl_context=tls, connections=connections, key="msa.listen_tls")
+    servers += await start_listeners(
+        cfg.odmr.listen, protocol_factory(odmr, connections, tls, require_auth=False,
+                                          listener="odmr", protocol=OdmrProtocol),
+        key="odmr.listen")
     drop_privileges(cfg, "msa")
     watcher = asyncio.create_task(watch_certificate(tls, lambda: serving.cfg, stop))
-    log.info("msa ready: submission on %s (STARTTLS), %s (TLS)", " ".join(cfg.msa.listen),
-             " ".join(cfg.msa.listen_tls))
+    log.info("msa ready: submission on %s (STARTTLS), %s (TLS)%s", " ".join(cfg.msa.listen),
+             " ".join(cfg.msa.listen_tls),
+             f", ODMR on {' '.join(cfg.odmr.listen)}" if cfg.odmr.listen else "")
     ready()
     try:
         await _serve_until(stop, servers, connections, cfg.hostname)

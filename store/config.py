@@ -161,6 +161,13 @@ class AcmeConfig:
 
 
 @dataclass(frozen=True)
+class OdmrConfig:
+    # On-Demand Mail Relay (RFC 2645), served by the MSA process: customers authenticate
+    # and take their relay domain's held mail over the same connection (ATRN).
+    listen: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str = ""  # "host:port": the Prometheus endpoint (/metrics) of the whole stack
 
@@ -194,6 +201,7 @@ class Config:
     dkim: DKIMConfig = field(default_factory=DKIMConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     acme: AcmeConfig = field(default_factory=AcmeConfig)
+    odmr: OdmrConfig = field(default_factory=OdmrConfig)
     source: str = "(embedded defaults)"  # where this config came from, for messages
 
 
@@ -284,6 +292,8 @@ def _validate(cfg: Config) -> None:
         parse_address(addr, f"msa.listen[{i}]")
     for i, addr in enumerate(cfg.msa.listen_tls):
         parse_address(addr, f"msa.listen_tls[{i}]")
+    for i, addr in enumerate(cfg.odmr.listen):
+        parse_address(addr, f"odmr.listen[{i}]")
     if not cfg.mda.listen.startswith("unix:"):
         parse_address(cfg.mda.listen, "mda.listen")
     if cfg.mda.format not in ("maildir", "mbox"):

@@ -55,6 +55,7 @@ class RelayRoute:
     to: str  # "host[:port]"; empty: the domain's MX hosts better than ours
     hold: bool  # nothing attempted until released (ETRN, queue flush --domain)
     restricted: bool  # only the listed relay recipients are accepted
+    odmr_user: str = ""  # held for this user's ATRN (RFC 2645) instead of passed on
 
 
 def catch_all(domain: str) -> str:
@@ -113,7 +114,17 @@ class Directory:
                 return None
             listed = s.scalar(select(RelayRecipient.id)
                               .where(RelayRecipient.relay_domain_id == d.id).limit(1))
-            return RelayRoute(d.name, d.to, d.hold, listed is not None)
+            return RelayRoute(d.name, d.to, d.hold, listed is not None, d.odmr_user)
+
+    def odmr_domains(self, login: str) -> list[str]:
+        """The relay domains whose mail ``login`` may take with ATRN."""
+        try:
+            user = addresses.normalize(login)
+        except AddressError:
+            return []
+        with self._read() as s:
+            return list(s.scalars(select(RelayDomain.name).where(RelayDomain.odmr_user == user)
+                                  .order_by(RelayDomain.name)))
 
     def is_relay_recipient(self, address: str) -> bool:
         """Whether ``address`` is listed for its relay domain (see RelayRoute.restricted)."""
@@ -215,11 +226,16 @@ class Directory:
             s.add(Domain(name=domain))
         return domain
 
-    def add_relay_domain(self, name: str, to: str = "", hold: bool = False) -> str:
+    def add_relay_domain(self, name: str, to: str = "", hold: bool = False,
+                         odmr_user: str = "") -> str:
         domain = self.domain_arg(name)
+        user = self._address_arg(odmr_user) if odmr_user else ""
         with self._write() as s:
             self._check_new_domain(s, domain)
-            s.add(RelayDomain(name=domain, to=to, hold=hold, odmr_user=""))
+            if user and not self._is_user(s, user):
+                raise DirectoryError(f"no user {user} (the ODMR user logs in to take the mail: "
+                                     f"pochta user add {user})")
+            s.add(RelayDomain(name=domain, to=to, hold=hold, odmr_user=user))
         return domain
 
     @staticmethod
@@ -232,7 +248,7 @@ class Directory:
     def list_relay_domains(self) -> list[RelayRoute]:
         with self._read() as s:
             listed = set(s.scalars(select(RelayRecipient.relay_domain_id)))
-            return [RelayRoute(d.name, d.to, d.hold, d.id in listed)
+            return [RelayRoute(d.name, d.to, d.hold, d.id in listed, d.odmr_user)
                     for d in s.scalars(select(RelayDomain).order_by(RelayDomain.name))]
 
     def add_relay_recipient(self, address: str) -> str:
@@ -343,6 +359,10 @@ class Directory:
     def remove_user(self, address: str) -> None:
         addr = self._mailbox_arg(address)
         with self._write() as s:
+            odmr = s.scalar(select(RelayDomain.name).where(RelayDomain.odmr_user == addr))
+            if odmr is not None:
+                raise DirectoryError(f"user {addr} takes the mail of relay domain {odmr} "
+                                     f"with ATRN: remove that domain first")
             if _deleted(s, delete(User).where(User.address == addr)) == 0:
                 raise DirectoryError(f"user {addr} does not exist")
 

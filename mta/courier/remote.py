@@ -244,7 +244,7 @@ class Outbound:
                     raise _Retry(reply(454, "4.7.0 smarthost offers no TLS; "
                                        "not sending credentials in the clear"))
                 await smtp.login(d.smarthost_user, d.smarthost_password)
-            return await self._transaction(env, smtp, rcpts, data, reply, refuse)
+            return await self.transaction(env, smtp, rcpts, data, reply, refuse)
         except aiosmtplib.SMTPResponseException as e:
             r = reply(e.code, e.message)
             if e.code >= 500:
@@ -259,7 +259,7 @@ class Outbound:
                 except (aiosmtplib.SMTPException, OSError, TimeoutError):
                     smtp.close()
 
-    async def _transaction(self, env: Envelope, smtp: aiosmtplib.SMTP, rcpts: list[Recipient],
+    async def transaction(self, env: Envelope, smtp: aiosmtplib.SMTP, rcpts: list[Recipient],
                            data: bytes, reply: Callable[[int, str], Reply],
                            refuse: Callable[[int, str], Reply]) -> dict[str, Reply]:
         options: list[str] = []

@@ -89,6 +89,13 @@ ETRN_UNABLE = "458 4.3.0 Unable to queue messages for node {node}, try again lat
 ETRN_NOT_RELAY = "459 4.7.1 Node {node} not allowed: not a relay domain here"
 ETRN_NOT_ALLOWED = "554 5.7.1 ETRN not allowed from your address"
 
+# -- ODMR, RFC 2645 §4.2 (mta/odmr.py; 250 and 453 come from the queue runner) ----------------
+ATRN_SYNTAX = "501 5.5.4 Syntax: ATRN [domain[,domain]]"
+ATRN_UNABLE = "450 4.3.0 ATRN request refused: unable to process it now, try again later"
+ATRN_NOT_YOURS = "450 4.7.1 ATRN request refused: {domain} is not held for you"
+ATRN_NO_DOMAINS = "450 4.7.1 ATRN request refused: no domain is held for you"
+NOT_ON_ODMR = "502 5.5.1 Command not available on the ODMR port (ATRN only)"
+
 # -- submission (mta/submission.py) -----------------------------------------------------------
 AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
 AUTH_TOO_MANY_FAILURES = "454 4.7.0 Too many authentication failures, try later"

@@ -8,12 +8,14 @@ import sys
 import pytest
 
 from mta.notice import (
+    AtrnRequest,
     NoRunner,
     Notice,
     NoticeSocket,
     Notifier,
     notice_address,
     parse_notice,
+    send_channel,
     send_command,
 )
 
@@ -36,11 +38,36 @@ def qid(i: int) -> str:
     (b"!hold ../x", Notice()),
     (b"!flush @Example.net", Notice(flush=True, flush_domain="example.net", subdomains=True)),
     (b"!rm -rf", Notice()),
+    (b"!atrn c@example.com 192.0.2.1 A.test,b.test",
+     Notice(atrn=AtrnRequest("c@example.com", "192.0.2.1", ("a.test", "b.test")))),
+    (b"!atrn c@example.com 192.0.2.1 a/b", Notice()),
+    (b"!atrn nobody 192.0.2.1 a.test", Notice()),
     (b"\xff\xfe", Notice()),
     (b"", Notice()),
 ])
 def test_notices_are_parsed_word_by_word_and_never_raise(data, expected):
     assert parse_notice(data) == expected
+
+
+def test_an_atrn_brings_its_connection_and_nothing_else_keeps_one(tmp_path):
+    import socket
+
+    runner = NoticeSocket(tmp_path)
+    assert runner.bind()
+    try:
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            send_channel(tmp_path, "!atrn c@example.com 127.0.0.1 a.test", theirs)
+            send_channel(tmp_path, "!flush", theirs)  # a socket with a flush: closed unread
+            [atrn, flush] = runner.receive()
+            assert atrn.atrn == AtrnRequest("c@example.com", "127.0.0.1", ("a.test",))
+            assert atrn.channel is not None and flush.channel is None and flush.flush
+            with atrn.channel:
+                atrn.channel.sendall(b"453 4.0.0 You have no mail\r\n")
+                assert ours.recv(100).startswith(b"453")
+        assert len(os.listdir("/proc/self/fd")) < 64  # no descriptor leaked
+    finally:
+        runner.close()
 
 
 def test_a_burst_larger_than_the_socket_queue_arrives_whole(tmp_path):

@@ -1,5 +1,7 @@
 """Submission policy without sockets: the From: fields a reader sees, and the AUTH brake."""
 
+import pytest
+
 from mta.policy import count_received, header_fields
 from mta.submission import Brake
 
@@ -36,3 +38,13 @@ def test_restarts_back_off_to_thirty_seconds():
     from mta.supervision import restart_delay
 
     assert [restart_delay(n) for n in range(8)] == [1, 2, 4, 8, 16, 30, 30, 30]
+
+
+@pytest.mark.parametrize(("arg", "expected"), [
+    (None, []), ("  ", []), ("Odmr.TEST", ["odmr.test"]), ("b.test,a.test,b.test", ["a.test", "b.test"]),
+    ("a.test,,b.test", None), ("a.test,", None), ("a b", None), ("a..test", None),
+])
+def test_atrn_arguments(arg, expected):
+    from mta.odmr import parse_atrn
+
+    assert parse_atrn(arg) == expected
