@@ -31,7 +31,7 @@ class LMTPHandler(Handler):
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-CHUNKING",
-                "250-XQUEUEID", responses[-1]]
+                "250-BINARYMIME", "250-XQUEUEID", responses[-1]]
 
     async def handle_MAIL(self, server: LMTPProtocol, session: Session, envelope: LMTPEnvelope,
                           address: str, mail_options: list[str]) -> str:

@@ -103,9 +103,10 @@ def build_dsn(env: Envelope, reports: list[tuple[Recipient, str]], original: byt
         next(iter(actions))
     # Success reports return headers only; so does RET=HDRS (RFC 3461 §4.3).
     # A REQUIRETLS message's content never goes back in a report: the report itself is not
-    # sent with REQUIRETLS's guarantees (RFC 8689 §5 leaves that to us).
+    # sent with REQUIRETLS's guarantees (RFC 8689 §5 leaves that to us). A BINARYMIME
+    # message's body is no text a report could carry (RFC 3030 §3, RFC 3462 §4).
     headers_only = headers_only or (env.dsn or {}).get("ret") == "HDRS" or \
-        main in ("delivered", "relayed") or env.requiretls
+        main in ("delivered", "relayed") or env.requiretls or env.body == "BINARYMIME"
     human = [f"This is the mail system at {hostname}.", ""]
     for action in ("failed", "delayed", "delivered", "relayed"):
         group = [r for r, a in reports if a == action]

@@ -4,7 +4,7 @@ stored as the first line of its spool file and in ``<id>.json`` (mta/spool.py).
 Schema version 1::
 
     {"version": 1, "id": ..., "created": <unix time>, "mail_from": "a@b" or "",
-     "smtputf8": bool, "body": "7BIT"|"8BITMIME", "size": int, "client": {"ip", "helo",
+     "smtputf8": bool, "body": "7BIT"|"8BITMIME"|"BINARYMIME", "size": int, "client": {"ip", "helo",
      "protocol", "auth"}, "dsn": {"ret": "FULL"|"HDRS"|null, "envid": str|null},
      "report_at": <unix time, 0 unless a report is owed>, "held": bool, "requiretls": bool,
      "recipients": [{"address": final target, "original": RCPT address as given,

@@ -125,7 +125,8 @@ class SMTPHandler(Handler):
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         out = [r for r in responses[:-1] if not (r.startswith("250-AUTH") and not self.offers_auth)]
-        out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN", "250-CHUNKING"]
+        out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN", "250-CHUNKING",
+                "250-BINARYMIME"]
         if self.offers_etrn:
             out.append("250-ETRN")  # RFC 1985: backup MX clients; the networks are checked
         if server.tls_active:
@@ -344,7 +345,8 @@ class SMTPHandler(Handler):
                                             next_attempt=now))
         return Envelope(
             id=qid, created=now, mail_from=mail_from, recipients=recipients,
-            smtputf8=bool(envelope.smtp_utf8), body=opts.get("BODY", "7BIT") or "7BIT",
+            smtputf8=bool(envelope.smtp_utf8),
+            body="BINARYMIME" if envelope.binarymime else opts.get("BODY", "7BIT") or "7BIT",
             client={"ip": server.peer_ip, "helo": session.host_name, "protocol": protocol,
                     "auth": session.login_data if session.authenticated else None},
             dsn={"ret": envelope.dsn_ret, "envid": envelope.dsn_envid},

@@ -69,6 +69,7 @@ class LMTPClient:
         self.writer: asyncio.StreamWriter | None = None
         self.data_sent = False  # the current transaction sent the message
         self.chunking = False  # the server offers BDAT
+        self.binarymime = False  # and BODY=BINARYMIME
         self.queue_ids = False  # the server offers XQUEUEID (ours: see mda/session.py)
 
     async def connect(self, local_name: str) -> None:
@@ -90,6 +91,7 @@ class LMTPClient:
                 raise LMTPError(f"LHLO: {lhlo.line}")
             keywords = lhlo.text.upper().split()
             self.chunking = "CHUNKING" in keywords
+            self.binarymime = "BINARYMIME" in keywords
             self.queue_ids = "XQUEUEID" in keywords
         except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
             await self.close()
@@ -118,8 +120,8 @@ class LMTPClient:
                 raise LMTPError("reply too long")
 
     async def deliver(self, mail_from: str, rcpts: list[str], data: bytes | SpooledMessage,
-                      smtputf8: bool = False, queue_id: str = "", retry: bool = False
-                      ) -> dict[str, Reply]:
+                      smtputf8: bool = False, queue_id: str = "", retry: bool = False,
+                      binary: bool = False) -> dict[str, Reply]:
         """One transaction; the reply for each recipient (RCPT refusal or its DATA reply).
 
         ``queue_id``: the message's id, sent (as ``XQUEUEID``) to an MDA that offers it, which
@@ -133,7 +135,7 @@ class LMTPClient:
         try:
             async with asyncio.timeout(self.timeout):
                 return await self._transaction(mail_from, rcpts, data, smtputf8, queue_id,
-                                               retry)
+                                               retry, binary)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, UnicodeError) as e:
             await self.close()
             raise LMTPError(f"LMTP session with {self.address} failed: {e!r}",
@@ -143,15 +145,23 @@ class LMTPClient:
             raise
 
     async def _transaction(self, mail_from: str, rcpts: list[str], data: bytes | SpooledMessage,
-                           smtputf8: bool, queue_id: str, retry: bool) -> dict[str, Reply]:
+                           smtputf8: bool, queue_id: str, retry: bool, binary: bool
+                           ) -> dict[str, Reply]:
         assert self.writer is not None
+        if binary:  # RFC 3030 §3: counted chunks only, never DATA's lines
+            if not (self.chunking and self.binarymime):
+                refused = Reply(554, "5.6.3 the MDA does not accept BINARYMIME")
+                return dict.fromkeys(rcpts, refused)
+            if isinstance(data, SpooledMessage):
+                data = await asyncio.to_thread(data.read)
         params = " SMTPUTF8" if smtputf8 else ""
         if queue_id and self.queue_ids:
             params += f" XQUEUEID={queue_id}" + (" XRETRY" if retry else "")
         sender = "" if mail_from in ("", "<>") else mail_from
         # One write for the whole pipelined group: one segment, one wake-up of the MDA.
         bdat = self.chunking and isinstance(data, bytes)
-        lines = [f"MAIL FROM:<{sender}> BODY=8BITMIME{params}",
+        body = "BINARYMIME" if binary else "8BITMIME"
+        lines = [f"MAIL FROM:<{sender}> BODY={body}{params}",
                  *(f"RCPT TO:<{r}>" for r in rcpts),
                  f"BDAT {len(data)} LAST" if bdat else "DATA", ""]  # type: ignore[arg-type]
         head = "\r\n".join(lines).encode("utf-8")

@@ -37,7 +37,8 @@ class LocalDelivery:
                     client = LMTPClient(self.address, self.timeout)
                     await client.connect(self.hostname)
                 results = await client.deliver(env.mail_from, addrs, data, env.smtputf8,
-                                               queue_id=env.id, retry=retry)
+                                               queue_id=env.id, retry=retry,
+                                               binary=env.body == "BINARYMIME")
                 break
             except LMTPError as e:
                 if reused and not e.data_sent:

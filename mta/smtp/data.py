@@ -220,10 +220,12 @@ class ChunkCollector(MessageBuffer):
     kept."""
 
     def __init__(self, max_size: int | None, max_line: int = MAX_LINE,
-                 sink_factory: SinkFactory | None = None, spill_at: int = SPILL_AT) -> None:
+                 sink_factory: SinkFactory | None = None, spill_at: int = SPILL_AT,
+                 binary: bool = False) -> None:
         super().__init__(sink_factory, spill_at)
         self.max_size = max_size
         self.max_line = max_line
+        self.binary = binary  # BODY=BINARYMIME (RFC 3030 §3): octets as they come, no lines
         self.pending = bytearray()  # always starts at a line start
 
     def feed(self, chunk: bytes) -> None:
@@ -232,6 +234,9 @@ class ChunkCollector(MessageBuffer):
             return
         if self.max_size and self.size > self.max_size:
             self._fail("size")
+            return
+        if self.binary:
+            self._emit(chunk)
             return
         self.pending += chunk
         cut = self.pending.rfind(b"\r\n")

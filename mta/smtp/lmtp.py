@@ -34,6 +34,7 @@ class LMTPEnvelope(Envelope):
         self.chunks: list[bytes] = []  # BDAT chunks received so far
         self.queue_id = ""  # XQUEUEID: the MTA's id of the message
         self.retry = False  # XRETRY: copies of an earlier attempt may exist
+        self.binary = False  # BODY=BINARYMIME (RFC 3030 §3): BDAT only, octets kept as sent
 
 
 class LMTPProtocol(BaseSMTP):
@@ -73,10 +74,19 @@ class LMTPProtocol(BaseSMTP):
                     envelope.queue_id = value
                 elif i and not eq and key.upper() == "XRETRY":
                     envelope.retry = True
+                elif i and eq and key.upper() == "BODY" and value.upper() == "BINARYMIME":
+                    envelope.binary = True
                 else:
                     kept.append(word)
             arg = " ".join(kept)
         await super().smtp_MAIL(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        envelope = self.envelope
+        if isinstance(envelope, LMTPEnvelope) and envelope.binary:
+            await self.push(replies.BINARYMIME_NEEDS_BDAT)
+            return
+        await super().smtp_DATA(arg)
 
     def data_refusal(self, reply: str) -> str:
         # RFC 2033 §4.2: after the message, one reply per accepted recipient, even when the
@@ -110,10 +120,17 @@ class LMTPProtocol(BaseSMTP):
             return
         if error is None:
             content = b"".join(parts)
-            if not content.endswith(b"\r\n"):
-                content += b"\r\n"  # as after DATA: the CRLF before the dot is the message's
-            # Checked as after DATA (no BINARYMIME), and turned into a mailbox's LF form.
-            lf, problem = crlf_to_lf(content, MAX_TEXT_LINE)
+            if envelope.binary:
+                # Binary parts keep every octet; only the header section takes the
+                # mailbox's LF form (a binary body has no lines to convert).
+                head, sep, body = content.partition(b"\r\n\r\n")
+                lf, problem = (head.replace(b"\r\n", b"\n") + b"\n\n" + body, None) if sep \
+                    else (b"", "bare-eol")
+            else:
+                if not content.endswith(b"\r\n"):
+                    content += b"\r\n"  # as after DATA: the CRLF before the dot is the message's
+                # Checked as after DATA, and turned into a mailbox's LF form.
+                lf, problem = crlf_to_lf(content, MAX_TEXT_LINE)
             if problem is None:
                 envelope.content = envelope.original_content = content
                 envelope.lf_content = lf

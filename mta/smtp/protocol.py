@@ -99,6 +99,7 @@ class SMTPEnvelope(Envelope):
         self.relayed_for_network = False  # a recipient relayed for a client of relay_networks
         self.chunks: ChunkCollector | None = None  # BDAT (RFC 3030) chunks so far
         self.requiretls = False  # MAIL ... REQUIRETLS (RFC 8689)
+        self.binarymime = False  # MAIL ... BODY=BINARYMIME (RFC 3030 §3): BDAT only
 
 
 # The common case of a path: <dot-atom@domain> in ASCII, then parameters.
@@ -191,7 +192,8 @@ class SMTPProtocol(BaseSMTP):
             refusal = None
             if envelope.chunks is None:
                 envelope.chunks = ChunkCollector(self.data_size_limit or None,
-                                                 sink_factory=self.handler.data_sink)
+                                                 sink_factory=self.handler.data_sink,
+                                                 binary=envelope.binarymime)
         chunks = envelope.chunks if refusal is None else None
         await self.read_chunk(size, chunks.feed if chunks is not None else None)
         if refusal is not None:
@@ -214,6 +216,9 @@ class SMTPProtocol(BaseSMTP):
         envelope = self.envelope
         if isinstance(envelope, SMTPEnvelope) and envelope.chunks is not None:
             await self.push(replies.DATA_AFTER_BDAT)  # RFC 3030 §2: not in one transaction
+            return
+        if isinstance(envelope, SMTPEnvelope) and envelope.binarymime:
+            await self.push(replies.BINARYMIME_NEEDS_BDAT)
             return
         await super().smtp_DATA(arg)
 
@@ -275,7 +280,8 @@ class SMTPProtocol(BaseSMTP):
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
-        """aiosmtpd's MAIL, plus the DSN parameters RET and ENVID (RFC 3461 §4.3, §4.4).
+        """aiosmtpd's MAIL, plus the DSN parameters RET and ENVID (RFC 3461 §4.3, §4.4),
+        REQUIRETLS (RFC 8689) and BODY=BINARYMIME (RFC 3030).
 
         They are taken out of the line before aiosmtpd sees it (it refuses unknown parameters
         and upper-cases values, which would change ENVID).
@@ -283,7 +289,7 @@ class SMTPProtocol(BaseSMTP):
         envelope = self.envelope
         assert isinstance(envelope, SMTPEnvelope)  # _create_envelope makes no other kind
         if arg and not envelope.mail_from:
-            kept, ret, envid, requiretls = [], None, None, False
+            kept, ret, envid, requiretls, binary = [], None, None, False, False
             for i, word in enumerate(arg.split(" ")):
                 key, eq, value = word.partition("=")
                 if i and eq and key.upper() == "RET":
@@ -296,6 +302,8 @@ class SMTPProtocol(BaseSMTP):
                         await self.push(replies.REQUIRETLS_WITHOUT_TLS)
                         return
                     requiretls = True
+                elif i and eq and key.upper() == "BODY" and value.upper() == "BINARYMIME":
+                    binary = True
                 elif i and eq and key.upper() == "ENVID":
                     envid = value
                     if not _XTEXT.match(value) or len(value) > 100:
@@ -305,6 +313,7 @@ class SMTPProtocol(BaseSMTP):
                     kept.append(word)
             envelope.dsn_ret, envelope.dsn_envid = ret, envid
             envelope.requiretls = requiretls
+            envelope.binarymime = binary
             arg = " ".join(kept)
         await super().smtp_MAIL(arg)
 

@@ -1,23 +1,36 @@
-"""CHUNKING (RFC 3030) on port 25 and submission: BDAT with DATA's checks, limits and
-durability; an error ends the transaction and nothing partial is ever delivered."""
+"""CHUNKING and BINARYMIME (RFC 3030) on port 25 and submission: BDAT with DATA's checks,
+limits and durability; an error ends the transaction and nothing partial is ever delivered;
+a binary message keeps every octet, and goes on only to a host that takes it."""
 
 from __future__ import annotations
 
+import smtplib
+
 import pytest
 
-from tests.support.smtp import Raw, mailbox, wait_for, wait_mail
-from tests.support.stack import Stack
+from tests.support.fakes import FakeDNS, SinkMX
+from tests.support.smtp import Raw, client_tls, mailbox, wait_for, wait_mail
+from tests.support.stack import Stack, free_port
 
 LIMIT = 2_000_000
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("chunking"), mta={"max_message_size": LIMIT})
-    s.setup_users("example.com", "bob@example.com", "amy@example.com")
+    dns_server = FakeDNS()
+    port = free_port("127.0.0.2")
+    mx = SinkMX("127.0.0.2", port)  # aiosmtpd: no CHUNKING, no BINARYMIME
+    dns_server.add("remote.test", "MX", "10 mx.remote.test.")
+    dns_server.add("mx.remote.test", "A", "127.0.0.2")
+    s = Stack(tmp_path_factory.mktemp("chunking"), mta={"max_message_size": LIMIT},
+              delivery={"resolver": dns_server.address, "smtp_port": port})
+    s.setup_users("example.com", "bob@example.com", "amy@example.com", "cid@example.com")
     s.start("up")
+    s.remote = mx
     yield s
     s.stop_all()
+    mx.stop()
+    dns_server.close()
 
 
 def transaction(s: Stack, rcpt: str) -> Raw:
@@ -110,6 +123,42 @@ def test_submission_offers_chunking_only_after_auth(stack):
     assert bdat(c, b"Subject: x\r\n\r\ny\r\n", last=True).startswith("530 5.7.0")
     assert c.cmd("NOOP").startswith("250")
     c.close()
+
+
+# Every octet value, a bare LF and CR, a NUL, a line of 3000 octets, and no CRLF at the end.
+PAYLOAD = bytes(range(256)) * 4 + b"\n\r\x00" + b"b" * 3000 + b"\r\n.\r\nend"
+BINARY = (b"Subject: binary\r\nMIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n"
+          b"Content-Transfer-Encoding: binary\r\n\r\n" + PAYLOAD)
+
+
+def test_binarymime_keeps_every_octet_and_needs_bdat(stack):
+    c = Raw(stack.mta_port)
+    assert "BINARYMIME" in c.cmd("EHLO client.test")
+    assert c.cmd("MAIL FROM:<someone@elsewhere.test> BODY=BINARYMIME").startswith("250")
+    assert c.cmd("RCPT TO:<cid@example.com>").startswith("250")
+    assert c.cmd("DATA").startswith("503 5.5.1")  # RFC 3030 §3: BDAT only
+    assert bdat(c, BINARY[:100]).startswith("250")
+    assert bdat(c, BINARY[100:], last=True).startswith("250 2.0.0")
+    c.cmd("QUIT")
+    [got] = wait_mail(stack, "cid@example.com", 1)
+    # The header section in the mailbox's LF form, the binary body exactly as sent (and the
+    # final LF every mailbox message ends with: mda/message.py).
+    assert got.endswith(b"Content-Transfer-Encoding: binary\n\n" + PAYLOAD + b"\n")
+
+
+def test_binarymime_to_a_host_without_it_bounces_with_5_6_3(stack):
+    with smtplib.SMTP("127.0.0.1", stack.msa_port, timeout=15) as c:
+        c.starttls(context=client_tls())
+        c.login("bob@example.com", "pw")
+        assert "binarymime" in c.esmtp_features
+        assert c.docmd("MAIL", "FROM:<bob@example.com> BODY=BINARYMIME")[0] == 250
+        assert c.docmd("RCPT", "TO:<far@remote.test>")[0] == 250
+        message = b"From: bob@example.com\r\n" + BINARY
+        c.send(b"BDAT %d LAST\r\n" % len(message) + message)
+        assert c.getreply()[0] == 250
+    dsn = wait_for(lambda: delivered(stack, "bob@example.com", b"far@remote.test"))
+    assert dsn and b"5.6.3" in dsn[0] and b"BINARYMIME" in dsn[0]
+    assert not any(b"Subject: binary" in m.data for m in stack.remote.messages)
 
 
 def wait_mail_with(s: Stack, rcpt: str, marker: bytes) -> bool:

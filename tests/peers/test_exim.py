@@ -1,6 +1,7 @@
 """pochta sending to a real receiver: Debian's exim 4.96 (scripts/test-peers unpacks it), with
 STARTTLS, as every big receiver offers it. 8-bit and SMTPUTF8 messages arrive (the EHLO after
-STARTTLS is what announces those extensions), and DSN requests reach it: exim itself reports
+STARTTLS is what announces those extensions), messages go with BDAT (CHUNKING), and DSN
+requests reach it: exim itself reports
 the delivery, with our ENVID and ORCPT, and pochta does not report it a second time."""
 
 from __future__ import annotations
@@ -152,6 +153,10 @@ def test_8bit_smtputf8_and_dsn_reach_a_real_starttls_receiver(tmp_path, exim):
         assert wait_for(lambda: any("ENV-4711" in m.as_string() for m in stored(base)), 20)
         report = next(m for m in stored(base) if "ENV-4711" in m.as_string())
         assert "rfc822;carol@exim.test" in report.as_string().replace(" ", "")
+        # exim offers CHUNKING: pochta sent each message with BDAT (exim's "K" flag).
+        received = [ln for ln in (base / "log" / "mainlog").read_text().splitlines()
+                    if " <= " in ln and "mx.pochta.test" in ln]
+        assert len(received) == 3 and all(" K " in ln for ln in received), received
         assert "status=bounced" not in s.log("up")
         # exim took the NOTIFY: pochta sends the sender no "relayed" report of its own.
         assert "sender notification" not in s.log("up")

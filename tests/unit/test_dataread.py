@@ -196,3 +196,14 @@ def test_bare_line_ends_long_lines_and_size_fail_the_message():
     assert collect([b"x" * 600, b"x" * 600]) == (b"", "line")  # one line over two chunks
     assert collect([b"x" * 998 + b"\r\n"])[1] is None
     assert collect([b"a\r\n" * 10, b"b\r\n" * 10], max_size=40) == (b"", "size")
+
+
+def test_a_binary_collector_keeps_octets_and_only_counts_size():
+    c = ChunkCollector(max_size=10, binary=True)
+    c.feed(b"a\nb\r\x00")
+    c.feed(b"\xff" * 4)
+    result = c.finish()
+    assert result.error is None and result.content == b"a\nb\r\x00" + b"\xff" * 4
+    c = ChunkCollector(max_size=10, binary=True)
+    c.feed(b"x" * 11)
+    assert c.finish().error == "size"
