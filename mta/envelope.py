@@ -7,6 +7,7 @@ Schema version 1::
      "smtputf8": bool, "body": "7BIT"|"8BITMIME"|"BINARYMIME", "size": int, "client": {"ip", "helo",
      "protocol", "auth"}, "dsn": {"ret": "FULL"|"HDRS"|null, "envid": str|null},
      "report_at": <unix time, 0 unless a report is owed>, "held": bool, "requiretls": bool,
+     "tls_optional": bool,
      "recipients": [{"address": final target, "original": RCPT address as given,
                      "orcpt": str|null, "notify": [..]|null, "status": "pending"|"sent"|
                      "failed"|"expired", "attempts": int, "next_attempt": <unix time>,
@@ -64,6 +65,9 @@ class Envelope:
     # RFC 8689: MAIL ... REQUIRETLS: relayed only over TLS to an authenticated next hop that
     # offers REQUIRETLS too (mta/courier/remote.py), else bounced with 5.7.30.
     requiretls: bool = False
+    # RFC 8689 §5: "TLS-Required: No" (ignored with REQUIRETLS): TLS the receiving side asks
+    # for is not required for this message; verification we require for our own sake is.
+    tls_optional: bool = False
     version: int = FORMAT_VERSION
     # Every recipient is final but the sender's report could not be spooled yet: try again
     # then. The message stays in the queue until its report is durable.

@@ -72,6 +72,16 @@ def header_section(message: bytes) -> bytes:
     return message if end < 0 else message[: end + 2]
 
 
+_TLS_REQUIRED_NO = re.compile(rb"^TLS-Required[ \t]*:[ \t]*No[ \t]*\r?$", re.I | re.M)
+
+
+def tls_optional(message: bytes) -> bool:
+    """RFC 8689 §5: the sender's ``TLS-Required: No``, asking that the recipient domain's TLS
+    policies not stop the message (a header field of the message's header section)."""
+    end = message.find(b"\r\n\r\n")
+    return _TLS_REQUIRED_NO.search(message, 0, end if end >= 0 else len(message)) is not None
+
+
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 
 

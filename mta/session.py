@@ -304,6 +304,7 @@ class SMTPHandler(Handler):
         if spilled is not None:
             message = [trace + content, (spilled, body_offset)]
         env = self.spool_envelope(qid, server, session, envelope, protocol)
+        env.tls_optional = not env.requiretls and policy.tls_optional(content)
         try:
             await commit_and_announce(self.spool, env, message, self.announce)
         except OSError as e:

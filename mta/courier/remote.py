@@ -196,14 +196,16 @@ class Outbound:
         except (OSError, TimeoutError) as e:
             raise _Retry(reply(451, f"4.4.1 cannot connect: {e or 'timed out'}")) from None
         # To the smarthost TLS is verified unless configured otherwise: it gets our password
-        # and all our mail. To MX hosts it is opportunistic (RFC 7435).
-        verify = smarthost and self.smarthost_tls != "starttls-unverified"
+        # and all our mail; a message marked "TLS-Required: No" (RFC 8689 §5) may do with
+        # unverified TLS when no password is at stake. To MX hosts it is opportunistic (RFC 7435).
+        verify = smarthost and self.smarthost_tls != "starttls-unverified" and not (
+            env.tls_optional and not self.cfg.delivery.smarthost_user)
         implicit = smarthost and self.smarthost_tls == "implicit"
         context = self.verified_tls if verify else self.tls
         smtp = aiosmtplib.SMTP(sock=sock, hostname=host.name if implicit else None,
                                local_hostname=self.cfg.hostname, timeout=self.timeouts["greeting"],
                                use_tls=implicit, tls_context=context if implicit else None,
-                               start_tls=False, validate_certs=implicit)
+                               start_tls=False, validate_certs=verify)
         try:
             try:
                 await smtp.connect(timeout=self.timeouts["greeting"])

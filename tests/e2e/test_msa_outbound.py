@@ -443,6 +443,41 @@ def test_smarthost_gets_verified_tls_before_credentials(tmp_path, trusted):
         sink.stop()
 
 
+@pytest.mark.parametrize("password", [False, True])
+def test_tls_required_no_accepts_an_unverified_smarthost_only_without_a_password(tmp_path,
+                                                                                  password):
+    """RFC 8689 §5: "TLS-Required: No" lowers the TLS we require for the message's sake; the
+    smarthost's verification still guards a password, and mail without the field."""
+    trustme = pytest.importorskip("trustme")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("127.0.0.5").configure_cert(ctx)  # a CA we do not trust
+    port = free_port("127.0.0.5")
+    sink = SinkMX("127.0.0.5", port, tls_context=ctx)
+    delivery = {"smarthost": f"127.0.0.5:{port}", "resolver": "127.0.0.1:9"}
+    if password:
+        delivery |= {"smarthost_user": "relayuser", "smarthost_password": "relay secret"}
+    s = Stack(tmp_path, delivery=delivery)
+    s.setup_users("example.com", "alice@example.com", password=PW)
+    s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.mta_port}", f"127.0.0.1:{s.msa_port}"])
+    try:
+        submit(s, "alice@example.com", ["a@anywhere.test"],
+               b"From: alice@example.com\r\nSubject: strict\r\n\r\nx\r\n")
+        submit(s, "alice@example.com", ["b@anywhere.test"],
+               b"From: alice@example.com\r\nTLS-Required: No\r\nSubject: lax\r\n\r\nx\r\n")
+        waiting = lambda: s.pochta("queue", "list").stdout  # noqa: E731
+        if password:
+            assert wait_for(lambda: waiting().count("4.7.5") == 2, 20), s.log("up")
+            assert sink.messages == []
+        else:
+            m = find(sink, b"Subject: lax")
+            assert m is not None and m.tls, s.log("up")  # still encrypted, just not verified
+            assert "4.7.5" in waiting() and "a@anywhere.test" in waiting()
+            assert find(sink, b"Subject: strict", timeout=0) is None
+    finally:
+        s.stop_all()
+        sink.stop()
+
+
 def test_help_is_answered_before_auth(world):
     s, _, _, _ = world
     r = Raw(s.msa_port)

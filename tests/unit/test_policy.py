@@ -6,7 +6,14 @@ import pytest
 
 from mta.abuse import RateLimiter, client_network, dnsbl_name, in_networks, triplet_key
 from mta.authcheck import aligned, dmarc_result, org_domain, parse_dmarc, strip_forged_results
-from mta.policy import count_received, protocol_name, received_header, retry_delay, routing_trick
+from mta.policy import (
+    count_received,
+    protocol_name,
+    received_header,
+    retry_delay,
+    routing_trick,
+    tls_optional,
+)
 
 
 @pytest.mark.parametrize("raw,addr,why", [
@@ -94,3 +101,15 @@ def test_authserv_id_and_pvalue():
     assert strip_forged_results(msg, "mx.example.org") == (
         b"Authentication-Results: other.org; spf=pass\r\nSubject: s\r\n\r\n"
         b"Authentication-Results: mx.example.org; body stays\r\n")
+
+
+@pytest.mark.parametrize(("message", "optional"), [
+    (b"Subject: x\r\nTLS-Required: No\r\n\r\nbody", True),
+    (b"tls-required :  no \r\n\r\n", True),
+    (b"TLS-Required: Yes\r\n\r\n", False),
+    (b"X-TLS-Required: No\r\n\r\n", False),
+    (b"Subject: x\r\n\r\nTLS-Required: No\r\n", False),  # in the body: not a header field
+    (b"Subject: TLS-Required: No\r\n\r\n", False),
+])
+def test_tls_required_no_is_a_header_field_of_the_header_section(message, optional):
+    assert tls_optional(message) is optional
