@@ -2,6 +2,11 @@
 
 ``route(domain)`` gives the hosts to try, best first, or says why none: a permanent failure
 (NXDOMAIN, null MX) bounces at once; a temporary one (SERVFAIL, timeout) is retried.
+
+With ``[delivery] dnssec`` the resolver is asked for authenticated data (RFC 6840 §5.7) and
+its AD bit is trusted, as Postfix's ``smtp_dns_support_level = dnssec``: that resolver must be
+a local validating one (unbound on 127.0.0.1). A host whose MX and address answers were
+authenticated is ``secure``: only then are its TLSA records looked up (DANE, RFC 7672 §2.2).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import TypeVar, cast
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.rdatatype
 import dns.resolver
 from dns.rdtypes.ANY.MX import MX
@@ -36,6 +42,7 @@ def configured(cls: type[R], server: str, timeout: float) -> R:
 class Host:
     name: str
     ip: str
+    secure: bool = False  # its MX and address answers were DNSSEC-authenticated
 
 
 @dataclass(frozen=True)
@@ -55,16 +62,25 @@ def better_than(by_pref: dict[int, list[str]], ourselves: str) -> dict[int, list
 
 
 class Resolver:
-    def __init__(self, server: str = "", timeout: float = 5.0) -> None:
+    def __init__(self, server: str = "", timeout: float = 5.0, dnssec: bool = False) -> None:
         self.r = configured(dns.asyncresolver.Resolver, server, timeout)
+        self.dnssec = dnssec
+        if dnssec:
+            self.r.flags = dns.flags.RD | dns.flags.AD
 
     async def _query(self, name: str, rtype: str) -> list[dns.rdata.Rdata] | None:
         """Answers, or None for NOERROR/NODATA; NXDOMAIN and failures raise RouteError."""
+        return (await self.query(name, rtype))[0]
+
+    async def query(self, name: str, rtype: str) -> tuple[list[dns.rdata.Rdata] | None, bool]:
+        """``_query``'s answers, and whether they were authenticated (the AD bit, trusted
+        only with ``dnssec``)."""
         try:
             answer = await self.r.resolve(name, rtype, search=False)
-            return list(answer)
+            secure = self.dnssec and bool(answer.response.flags & dns.flags.AD)
+            return list(answer), secure
         except dns.resolver.NoAnswer:
-            return None
+            return None, False  # (an authenticated "no such record" is not needed here)
         except dns.resolver.NXDOMAIN:
             raise RouteError(True, "5.1.2", f"domain {name} does not exist (NXDOMAIN)") from None
         except (dns.exception.Timeout, dns.resolver.NoNameservers, dns.resolver.LifetimeTimeout):
@@ -73,21 +89,49 @@ class Resolver:
             raise RouteError(False, "4.4.3", f"DNS lookup of {name} {rtype} failed: {e}") from None
 
     async def addresses(self, name: str) -> list[str]:
-        out: list[str] = []
+        return [ip for ip, _ in await self.secure_addresses(name)]
+
+    async def secure_addresses(self, name: str) -> list[tuple[str, bool]]:
+        out: list[tuple[str, bool]] = []
         for rtype in ("A", "AAAA"):
             try:
-                answers = await self._query(name, rtype)
+                answers, secure = await self.query(name, rtype)
             except RouteError as e:
                 if e.permanent or rtype == "AAAA":
                     continue
                 raise
-            out += [a.to_text() for a in answers or []]
+            out += [(a.to_text(), secure) for a in answers or []]
         return out
+
+    async def txt(self, name: str) -> list[str]:
+        """The TXT strings at ``name`` (each record's strings joined); [] if none or NXDOMAIN;
+        RouteError if the look-up failed."""
+        try:
+            answers = await self._query(name, "TXT")
+        except RouteError as e:
+            if e.permanent:
+                return []
+            raise
+        return [b"".join(rr.strings).decode("utf-8", "replace")  # type: ignore[attr-defined]
+                for rr in answers or []]
+
+    async def tlsa(self, name: str) -> tuple[list[tuple[int, int, int, bytes]], bool]:
+        """The TLSA records at ``name`` (usage, selector, mtype, data) and whether the answer
+        (or its absence) was authenticated; RouteError if the look-up failed."""
+        try:
+            answers, secure = await self.query(name, "TLSA")
+        except RouteError as e:
+            if e.permanent:  # NXDOMAIN: no records (its authenticity is not needed: none)
+                return [], False
+            raise
+        return [(rr.usage, rr.selector, rr.mtype, rr.cert)  # type: ignore[attr-defined]
+                for rr in answers or []], secure
 
     async def route(self, domain: str, ourselves: str = "") -> list[Host]:
         """``ourselves``: our host name, when we may be one of the domain's MX hosts (a backup
         MX): only hosts better than ours are used (RFC 5321 §5.1), never ourselves."""
-        mx = cast("list[MX] | None", await self._query(domain, "MX"))
+        found, mx_secure = await self.query(domain, "MX")
+        mx = cast("list[MX] | None", found)
         if mx is None:
             names = [domain]  # RFC 5321 §5.1: no MX -> the domain itself is the implicit MX
         else:
@@ -109,7 +153,8 @@ class Resolver:
         last: RouteError | None = None
         for name in names:
             try:
-                hosts += [Host(name, ip) for ip in await self.addresses(name)]
+                hosts += [Host(name, ip, mx_secure and secure)
+                          for ip, secure in await self.secure_addresses(name)]
             except RouteError as e:
                 last = e
         if not hosts:

@@ -35,6 +35,7 @@ from store.db import Database
 from store.directory import CachedDirectory
 from store.privileges import drop as drop_privileges
 from store.tlscert import reload_certificate, server_context, watch_certificate
+from store.tlspolicy import TLSPolicyStore
 
 log = logging.getLogger("pochta.server")
 
@@ -104,14 +105,15 @@ async def run_queue(cfg: Config, stop: asyncio.Event,
     directory = CachedDirectory(db, cfg.directory_cache_ttl)
     spool = Spool(cfg.spool_dir, cfg.sync_method == "auto")
     bouncer = Bouncer(cfg.hostname, spool, directory)
+    tls_store = TLSPolicyStore(db)
     runner = QueueRunner(cfg, spool, directory, LocalDelivery(cfg),
-                         Outbound(cfg, directory=directory),
+                         Outbound(cfg, directory=directory, tls_store=tls_store),
                          bouncer)
     bouncer.enqueue = runner.add
 
     def apply(new: Config) -> None:
         directory.ttl = new.directory_cache_ttl
-        runner.reconfigure(new, Outbound(new, directory=directory))
+        runner.reconfigure(new, Outbound(new, directory=directory, tls_store=tls_store))
 
     if live is not None:
         live.subscribe(apply)

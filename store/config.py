@@ -100,6 +100,9 @@ class DeliveryConfig:
     # "starttls-unverified" (STARTTLS when offered, any certificate).
     smarthost_tls: str = "starttls"
     ca_file: str = ""  # CA bundle for verified TLS (default: the system's)
+    # Trust the AD bit of `resolver` (which must then be a local validating resolver, such as
+    # unbound on 127.0.0.1): DNSSEC-authenticated MX hosts get DANE (RFC 7672).
+    dnssec: bool = False
     retry_initial: float = 300.0  # seconds before the first retry; doubles up to retry_max
     retry_max: float = 3600.0
     max_queue_lifetime: float = 432000.0  # 5 days, then the message bounces

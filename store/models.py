@@ -116,3 +116,47 @@ class RelayRecipient(Base):
     address: Mapped[str] = mapped_column(String(320), unique=True)
     relay_domain_id: Mapped[int] = mapped_column(ForeignKey("relay_domains.id"), index=True)
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class TLSPolicy(Base):
+    """The administrator's TLS policy for mail to one domain (`pochta tls-policy`), over what
+    MTA-STS and DANE would say: none, may, encrypt, verify or dane."""
+
+    __tablename__ = "tls_policies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    domain: Mapped[str] = mapped_column(String(255), unique=True)
+    policy: Mapped[str] = mapped_column(String(16))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class MtaStsPolicy(Base):
+    """A recipient domain's MTA-STS policy as last fetched (RFC 8461 §5: cached for max_age,
+    shared by every host and restart)."""
+
+    __tablename__ = "mta_sts_policies"
+
+    domain: Mapped[str] = mapped_column(String(255), primary_key=True)
+    policy_id: Mapped[str] = mapped_column(String(32))
+    mode: Mapped[str] = mapped_column(String(16))
+    mx: Mapped[str] = mapped_column(String(4000))  # patterns, one per line
+    max_age: Mapped[int] = mapped_column(Integer)
+    fetched: Mapped[float] = mapped_column(Float)  # unix time
+
+
+class TLSReportCount(Base):
+    """TLS-RPT (RFC 8460) results of one day for one recipient domain's policy: successful
+    sessions, or failures of one type at one MX (a report's failure-details)."""
+
+    __tablename__ = "tls_report_counts"
+    __table_args__ = (UniqueConstraint("day", "domain", "policy_type", "result", "mx",
+                                       name="uq_tls_report_counts_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    day: Mapped[str] = mapped_column(String(10), index=True)  # YYYY-MM-DD, UTC
+    domain: Mapped[str] = mapped_column(String(255))
+    policy_type: Mapped[str] = mapped_column(String(16))  # sts, tlsa, no-policy-found
+    policy_string: Mapped[str] = mapped_column(String(4000), default="")
+    result: Mapped[str] = mapped_column(String(64))  # "success" or an RFC 8460 result-type
+    mx: Mapped[str] = mapped_column(String(255), default="")  # receiving-mx-hostname
+    count: Mapped[int] = mapped_column(Integer, default=0)

@@ -68,7 +68,9 @@ class TurnedConnection:
             if self.transactions:
                 await self.smtp.rset()  # whatever the last transaction left (refused RCPTs)
             self.transactions += 1
-            return await self.outbound.transaction(env, self.smtp, rcpts, data, reply, refuse)
+            # The customer proved who it is (AUTH under TLS): REQUIRETLS mail may go to it.
+            return await self.outbound.transaction(env, self.smtp, rcpts, data, reply, refuse,
+                                                   authenticated=True)
         except aiosmtplib.SMTPResponseException as e:
             # MAIL or DATA refused: this message's recipients get that reply; the session
             # goes on (a 421 ends it: aiosmtplib closes on it).

@@ -2,9 +2,12 @@
 
 One connection per destination domain carries all of that domain's recipients. Hosts are tried
 best first; a host that cannot be reached, or answers 4xx, passes the still-deferred recipients
-to the next one. STARTTLS is used whenever offered (opportunistic, unauthenticated: RFC 7435);
-a host whose TLS handshake fails is retried in plain text. A smarthost gets verified TLS
-(``delivery.smarthost_tls``) before any credential or message, with no fallback. Capabilities are respected: a
+to the next one. What TLS each host must give is ``mta/tlspolicy.py``'s decision (the admin's
+tls-policy, DANE, MTA-STS): mandatory TLS has no clear-text fallback and a certificate the
+policy rejects ends the session before MAIL (4.7.5, the next host is tried); otherwise STARTTLS
+is used whenever offered (opportunistic: RFC 7435) and a failed handshake is retried in plain
+text. A smarthost gets verified TLS (``delivery.smarthost_tls``) before any credential or
+message, with no fallback. Capabilities are respected: a
 message needing SMTPUTF8 or 8BITMIME that the host lacks fails permanently (5.6.7 / 5.6.3), and
 so does one larger than its SIZE. Concurrency is capped per domain and in total.
 """
@@ -25,9 +28,19 @@ from mta.dns import Host, Resolver, RouteError
 from mta.envelope import Envelope, Recipient
 from mta.reply import LOCAL_DECISION, Reply
 from mta.spool import SpooledMessage
+from mta.tlspolicy import (
+    OPPORTUNISTIC,
+    DomainPolicy,
+    Refused,
+    Requirement,
+    TLSPolicies,
+    failure_type,
+)
+from mta.tlsverify import dane_error, load_roots, peer_chain, pkix_error
 from store import addresses
 from store.config import Config, parse_address, parse_host_port
 from store.directory import Directory, lookup
+from store.tlspolicy import TLSPolicyStore
 
 log = logging.getLogger("pochta.outbound")
 
@@ -79,11 +92,16 @@ class Outbound:
     message's many destinations."""
 
     def __init__(self, cfg: Config, resolver: Resolver | None = None, total: int = 64,
-                 directory: Directory | None = None) -> None:
-        """``directory``: where relay domains (we are their backup MX) are looked up."""
+                 directory: Directory | None = None, tls_store: TLSPolicyStore | None = None
+                 ) -> None:
+        """``directory``: where relay domains (we are their backup MX) are looked up;
+        ``tls_store``: TLS policies, the MTA-STS cache and TLS-RPT counts."""
         self.cfg = cfg
         self.directory = directory
-        self.resolver = resolver or Resolver(cfg.delivery.resolver)
+        self.resolver = resolver or Resolver(cfg.delivery.resolver,
+                                             dnssec=cfg.delivery.dnssec)
+        self.policies = TLSPolicies(self.resolver, tls_store, cfg.delivery.ca_file)
+        self._roots: object = None  # the trusted roots, loaded at the first PKIX check
         self.port = cfg.delivery.smtp_port
         self.smarthost = (parse_address(cfg.delivery.smarthost, "delivery.smarthost")
                           if cfg.delivery.smarthost else None)
@@ -129,12 +147,12 @@ class Outbound:
             relay = (await lookup(self.directory, "relay_route", domain)
                      if self.directory is not None else None)
             to_smarthost = self.smarthost is not None and relay is None
-            if env.requiretls and not (to_smarthost and self.smarthost_tls != "starttls-unverified"):
-                # RFC 8689 §4.2.1: only to a next hop whose identity is verified; MX hosts
-                # are verified by MTA-STS or DANE, which we do not check yet.
-                refused = Reply(550, f"5.7.30 REQUIRETLS: no authenticated TLS path to {domain} "
-                                "(MTA-STS and DANE are not supported yet)", LOCAL_DECISION)
+            if env.requiretls and to_smarthost and self.smarthost_tls == "starttls-unverified":
+                # RFC 8689 §4.2.1: only to a next hop whose identity is verified.
+                refused = Reply(550, "5.7.30 REQUIRETLS: the smarthost's TLS is not verified "
+                                "(delivery.smarthost_tls)", LOCAL_DECISION)
                 return {r.address: refused for r in rcpts}
+            policy = DomainPolicy(None, None)
             try:
                 if self.smarthost and to_smarthost:
                     hosts = [Host(self.smarthost[0], self.smarthost[0])]
@@ -143,22 +161,37 @@ class Outbound:
                     # A backup MX's configured primary; the smarthost is for the internet.
                     name, port = parse_host_port(relay.to)
                     hosts = [Host(name, ip) for ip in await self._addresses(name)]
-                elif relay is not None:
-                    hosts = await self.resolver.route(addresses.ascii_domain(domain),
-                                                      ourselves=self.cfg.hostname)
-                    port = self.port
                 else:
-                    hosts = await self.resolver.route(addresses.ascii_domain(domain))
+                    policy = await self.policies.for_domain(domain)
+                    hosts = await self.resolver.route(
+                        addresses.ascii_domain(domain),
+                        ourselves=self.cfg.hostname if relay is not None else "")
                     port = self.port
             except RouteError as e:
                 code = 550 if e.permanent else 451
                 return {r.address: Reply(code, f"{e.status} {e.text}", "dns") for r in rcpts}
+            usable = hosts if env.tls_optional else policy.hosts(hosts)
+            if not usable:
+                named = ", ".join(sorted({h.name for h in hosts}))
+                deferred = Reply(451, f"4.7.5 no MX host of {domain} ({named}) is one its "
+                                 "MTA-STS policy names (enforce)", LOCAL_DECISION)
+                if policy.sts is not None:
+                    for name in sorted({h.name for h in hosts}):
+                        await self.policies.record(domain, Requirement(
+                            "verify", "mta-sts", sts=policy.sts), "validation-failure", name)
+                return {r.address: deferred for r in rcpts}
             pending = list(rcpts)
             results: dict[str, Reply] = {}
-            for host in hosts:
+            for host in usable:
                 try:
+                    requirement = OPPORTUNISTIC if to_smarthost else \
+                        await self.policies.for_host(policy, host, port, env.tls_optional)
                     got = await self._session(env, host, port, pending, data,
-                                              smarthost=to_smarthost)
+                                              smarthost=to_smarthost, requirement=requirement,
+                                              domain=domain)
+                except Refused as e:
+                    log.info("%s: %s[%s]:%d: %s", env.id, host.name, host.ip, port, e)
+                    got = {r.address: Reply(451, f"4.7.5 {e}", LOCAL_DECISION) for r in pending}
                 except _Retry as e:
                     log.info("%s: %s[%s]:%d: %s", env.id, host.name, host.ip, port, e.reply.line)
                     got = {r.address: e.reply for r in pending}
@@ -180,7 +213,8 @@ class Outbound:
         return found
 
     async def _session(self, env: Envelope, host: Host, port: int, rcpts: list[Recipient],
-                       data: bytes, use_tls: bool = True, smarthost: bool = False
+                       data: bytes, use_tls: bool = True, smarthost: bool = False,
+                       requirement: Requirement = OPPORTUNISTIC, domain: str = ""
                        ) -> dict[str, Reply]:
         relay = f"{host.name}[{host.ip}]:{port}"
 
@@ -202,6 +236,7 @@ class Outbound:
             env.tls_optional and not self.cfg.delivery.smarthost_user)
         implicit = smarthost and self.smarthost_tls == "implicit"
         context = self.verified_tls if verify else self.tls
+        authenticated = False  # (an MX host's identity, checked by _secure)
         smtp = aiosmtplib.SMTP(sock=sock, hostname=host.name if implicit else None,
                                local_hostname=self.cfg.hostname, timeout=self.timeouts["greeting"],
                                use_tls=implicit, tls_context=context if implicit else None,
@@ -229,24 +264,26 @@ class Outbound:
                     raise _Retry(reply(454, f"4.7.5 TLS with the smarthost failed: {e}")) \
                         from None
                 await smtp.ehlo()
-            elif use_tls and not implicit and smtp.supports_extension("starttls"):
-                try:
-                    await smtp.starttls(tls_context=self.tls, server_hostname=host.name)
-                except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
-                    log.info("%s: %s: STARTTLS failed (%s); retrying without TLS", env.id, relay, e)
-                    smtp.close()
+            elif smarthost:
+                if use_tls and not implicit and smtp.supports_extension("starttls") and \
+                        not await self._starttls(env, smtp, host, relay):
+                    return await self._session(env, host, port, rcpts, data,
+                                               use_tls=False, smarthost=smarthost)
+            else:
+                secured = await self._secure(env, smtp, host, relay, use_tls, requirement,
+                                             domain, refuse)
+                if secured is None:  # the handshake failed: opportunistic, so again
                     return await self._session(env, host, port, rcpts, data, use_tls=False,
-                                               smarthost=smarthost)
-                # RFC 3207 §4.2: what the server said before TLS is forgotten (aiosmtplib clears
-                # it); its extensions are those of a new EHLO over the encrypted channel.
-                await smtp.ehlo()
+                                               requirement=requirement, domain=domain)
+                authenticated = secured
             d = self.cfg.delivery
             if smarthost and d.smarthost_user:
                 if smtp.get_transport_info("ssl_object") is None:
                     raise _Retry(reply(454, "4.7.0 smarthost offers no TLS; "
                                        "not sending credentials in the clear"))
                 await smtp.login(d.smarthost_user, d.smarthost_password)
-            return await self.transaction(env, smtp, rcpts, data, reply, refuse)
+            verified = smarthost and verify or not smarthost and authenticated
+            return await self.transaction(env, smtp, rcpts, data, reply, refuse, verified)
         except aiosmtplib.SMTPResponseException as e:
             r = reply(e.code, e.message)
             if e.code >= 500:
@@ -261,9 +298,77 @@ class Outbound:
                 except (aiosmtplib.SMTPException, OSError, TimeoutError):
                     smtp.close()
 
+    async def _starttls(self, env: Envelope, smtp: aiosmtplib.SMTP, host: Host, relay: str
+                        ) -> bool:
+        """Opportunistic STARTTLS and the EHLO after it; False if the handshake failed (the
+        caller starts again in clear text)."""
+        try:
+            await smtp.starttls(tls_context=self.tls, server_hostname=host.name)
+        except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
+            log.info("%s: %s: STARTTLS failed (%s); retrying without TLS", env.id, relay, e)
+            smtp.close()
+            return False
+        # RFC 3207 §4.2: what the server said before TLS is forgotten (aiosmtplib clears it);
+        # its extensions are those of a new EHLO over the encrypted channel.
+        await smtp.ehlo()
+        return True
+
+    async def _secure(self, env: Envelope, smtp: aiosmtplib.SMTP, host: Host, relay: str,
+                      use_tls: bool, req: Requirement, domain: str,
+                      refuse: Callable[[int, str], Reply]) -> bool | None:
+        """TLS with an MX host as ``req`` requires: whether the peer was authenticated; None
+        when an optional handshake failed (start again without TLS). A requirement not met
+        raises _Retry (4.7.x, our decision: the next host is tried)."""
+        if req.level == "none" or not use_tls:
+            return False
+        if not smtp.supports_extension("starttls"):
+            await self.policies.record(domain, req, "starttls-not-supported", host.name)
+            if req.mandatory:
+                raise _Retry(refuse(451, f"4.7.4 TLS required ({req.describe()}) but "
+                                         f"{host.name} does not offer STARTTLS"))
+            return False
+        try:
+            await smtp.starttls(tls_context=self.tls, server_hostname=host.name)
+        except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
+            await self.policies.record(domain, req, "validation-failure", host.name)
+            if req.mandatory:
+                raise _Retry(refuse(451, f"4.7.5 TLS handshake with {host.name} failed "
+                                         f"({req.describe()}): {e}")) from None
+            log.info("%s: %s: STARTTLS failed (%s); retrying without TLS", env.id, relay, e)
+            smtp.close()
+            return None
+        problem = self._certificate_problem(smtp, host, req)
+        if problem is not None:
+            await self.policies.record(domain, req, failure_type(problem), host.name)
+            if req.enforce and req.level in ("verify", "dane"):
+                raise _Retry(refuse(451, f"4.7.5 {problem} ({req.describe()})"))
+            log.info("%s: %s: %s (%s: delivered anyway)", env.id, relay, problem,
+                     req.describe() if req.enforce else "MTA-STS testing")
+        else:
+            await self.policies.record(domain, req, "success")
+        await smtp.ehlo()  # RFC 3207 §4.2: the extensions are those said over TLS
+        return problem is None and req.authenticated
+
+    def _certificate_problem(self, smtp: aiosmtplib.SMTP, host: Host, req: Requirement
+                             ) -> str | None:
+        if req.level not in ("verify", "dane"):
+            return None
+        chain = peer_chain(smtp.get_transport_info("ssl_object"))
+        if req.level == "dane":
+            return dane_error(chain, list(req.tlsa), host.name)
+        if self._roots is None:
+            try:
+                self._roots = load_roots(self.cfg.delivery.ca_file)
+            except (OSError, ValueError) as e:
+                return f"no trusted roots to check certificates against: {e}"
+        return pkix_error(chain, host.name, self._roots)  # type: ignore[arg-type]
+
     async def transaction(self, env: Envelope, smtp: aiosmtplib.SMTP, rcpts: list[Recipient],
                            data: bytes, reply: Callable[[int, str], Reply],
-                           refuse: Callable[[int, str], Reply]) -> dict[str, Reply]:
+                           refuse: Callable[[int, str], Reply], authenticated: bool = False
+                           ) -> dict[str, Reply]:
+        """One mail transaction; ``authenticated``: the peer's identity was verified (a
+        verified smarthost, MTA-STS enforce, DANE), which REQUIRETLS needs."""
         options: list[str] = []
         if needs_smtputf8(env, rcpts):
             if not smtp.supports_extension("smtputf8"):
@@ -290,9 +395,13 @@ class Outbound:
                 refused = refuse(552, f"5.3.4 message size {len(data)} exceeds the host's limit {limit}")
                 return {x.address: refused for x in rcpts}
             options.append(f"SIZE={len(data)}")
-        if env.requiretls:  # (to a verified smarthost only: see _domain)
+        if env.requiretls:  # RFC 8689 §4.2.1
+            if not authenticated:
+                refused = refuse(550, "5.7.30 REQUIRETLS: no authenticated TLS path (MTA-STS "
+                                      "enforce or DANE) to this host")
+                return {x.address: refused for x in rcpts}
             if not smtp.supports_extension("requiretls"):
-                refused = refuse(550, "5.7.30 REQUIRETLS: the smarthost does not offer it")
+                refused = refuse(550, "5.7.30 REQUIRETLS: the receiving host does not offer it")
                 return {x.address: refused for x in rcpts}
             options.append("REQUIRETLS")
         encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
