@@ -11,7 +11,18 @@ import sys
 
 import typer
 
-from admin import backup, dnscheck, dovecot, logs, queue_cmds, runfiles, serve, status, units
+from admin import (
+    backup,
+    dnscheck,
+    dovecot,
+    logs,
+    queue_cmds,
+    runfiles,
+    serve,
+    status,
+    tls_cmds,
+    units,
+)
 from admin.context import Context, UserError, context, table
 from store.config import ConfigError, parse_host_port
 from store.directory import DirectoryError, DirectoryUnavailable
@@ -38,6 +49,7 @@ app.add_typer(user_app, name="user")
 app.add_typer(alias_app, name="alias")
 app.add_typer(queue_cmds.queue_app, name="queue")
 app.add_typer(relay_recipient_app, name="relay-recipient")
+app.add_typer(tls_cmds.tls_policy_app, name="tls-policy")
 app.command("serve")(serve.serve)
 app.command("up")(serve.up)
 app.command("dovecot-config")(dovecot.dovecot_config)

@@ -1,9 +1,7 @@
-"""Checking a TLS peer's certificate after the handshake: PKIX for MTA-STS and the
-``verify`` policy (RFC 8461 §4.2), TLSA matching for DANE (RFC 7672, RFC 6698).
-
-Outbound STARTTLS always completes without verification (opportunistic TLS needs that); what a
-policy requires is then checked here, on the chain the peer presented, with cryptography's
-X.509 verifier. Pure functions of the certificates, the names and the time.
+"""DANE (RFC 7672, RFC 6698): matching the chain a TLS peer presented against its TLSA
+records, after a handshake that verified nothing (PKIX for MTA-STS and the ``verify`` policy
+is OpenSSL's, in the handshake: mta/courier/remote.py). Pure functions of the certificates,
+the names and the time.
 """
 
 from __future__ import annotations
@@ -11,11 +9,10 @@ from __future__ import annotations
 import hashlib
 import ssl
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 DANE_TA, DANE_EE = 2, 3  # the usages RFC 7672 §3.1 allows for SMTP; 0 and 1 are unusable
 
@@ -53,25 +50,38 @@ def peer_chain(obj: ssl.SSLObject | ssl.SSLSocket | None) -> list[bytes]:
     return [leaf] if leaf else []
 
 
-def load_roots(ca_file: str = "") -> Store:
-    """The trusted roots: ``[delivery] ca_file``, else the system's bundle."""
-    path = ca_file or ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt"
-    with open(path, "rb") as f:
-        return Store(x509.load_pem_x509_certificates(f.read()))
-
-
-def pkix_error(chain: list[bytes], hostname: str, roots: Store,
-               now: datetime | None = None) -> str | None:
-    """None if the chain leads to a trusted root and names ``hostname``; else why not."""
-    if not chain:
-        return "no certificate"
+def _names(cert: x509.Certificate) -> list[str]:
     try:
-        certs = [x509.load_der_x509_certificate(c) for c in chain]
-        verifier = PolicyBuilder().store(roots).time(now or datetime.now(UTC)) \
-            .build_server_verifier(x509.DNSName(hostname))
-        verifier.verify(certs[0], certs[1:])
-    except (VerificationError, ValueError) as e:
-        return f"certificate not valid for {hostname}: {e}"
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    return san.value.get_values_for_type(x509.DNSName)
+
+
+def chain_error(chain: list[bytes], anchor: int, hostname: str,
+                now: datetime | None = None) -> str | None:
+    """Whether ``chain[0]`` is issued, through ``chain[1:anchor]``, by ``chain[anchor]`` as
+    a trust anchor (OpenSSL's verification, a partial chain allowed), valid now and naming
+    ``hostname`` in its subjectAltName (a left-most "*" matching one label, RFC 6125)."""
+    from OpenSSL import crypto
+
+    from mta.mtasts import mx_matches
+
+    certs = [x509.load_der_x509_certificate(c) for c in chain[: anchor + 1]]
+    store = crypto.X509Store()
+    store.add_cert(crypto.X509.from_cryptography(certs[anchor]))
+    store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
+    if now is not None:
+        store.set_time(now)
+    context = crypto.X509StoreContext(store, crypto.X509.from_cryptography(certs[0]),
+                                      [crypto.X509.from_cryptography(c)
+                                       for c in certs[1:anchor]])
+    try:
+        context.verify_certificate()
+    except crypto.X509StoreContextError as e:
+        return f"chain to the TLSA trust anchor not valid: {e}"
+    if not any(mx_matches(name, hostname) for name in _names(certs[0])):
+        return f"certificate does not name {hostname}"
     return None
 
 
@@ -105,10 +115,8 @@ def dane_error(chain: list[bytes], records: list[Tlsa], hostname: str,
             if r.usage != DANE_TA:
                 continue
             for i, der in enumerate(chain[1:], start=1):
-                if tlsa_matches(r, der):
-                    anchor = x509.load_der_x509_certificate(der)
-                    if pkix_error(chain[:i], hostname, Store([anchor]), now) is None:
-                        return None
+                if tlsa_matches(r, der) and chain_error(chain, i, hostname, now) is None:
+                    return None
     except ValueError as e:
         return f"unreadable certificate: {e}"
     return f"no TLSA record of {hostname} matches the certificate"

@@ -36,7 +36,7 @@ from mta.tlspolicy import (
     TLSPolicies,
     failure_type,
 )
-from mta.tlsverify import dane_error, load_roots, peer_chain, pkix_error
+from mta.tlsverify import dane_error, peer_chain
 from store import addresses
 from store.config import Config, parse_address, parse_host_port
 from store.directory import Directory, lookup
@@ -101,7 +101,6 @@ class Outbound:
         self.resolver = resolver or Resolver(cfg.delivery.resolver,
                                              dnssec=cfg.delivery.dnssec)
         self.policies = TLSPolicies(self.resolver, tls_store, cfg.delivery.ca_file)
-        self._roots: object = None  # the trusted roots, loaded at the first PKIX check
         self.port = cfg.delivery.smtp_port
         self.smarthost = (parse_address(cfg.delivery.smarthost, "delivery.smarthost")
                           if cfg.delivery.smarthost else None)
@@ -275,7 +274,10 @@ class Outbound:
                 if secured is None:  # the handshake failed: opportunistic, so again
                     return await self._session(env, host, port, rcpts, data, use_tls=False,
                                                requirement=requirement, domain=domain)
-                authenticated = secured
+                if secured == "unverified":  # MTA-STS testing: the failure is recorded
+                    return await self._session(env, host, port, rcpts, data,
+                                               requirement=OPPORTUNISTIC, domain=domain)
+                authenticated = secured is True
             d = self.cfg.delivery
             if smarthost and d.smarthost_user:
                 if smtp.get_transport_info("ssl_object") is None:
@@ -315,53 +317,56 @@ class Outbound:
 
     async def _secure(self, env: Envelope, smtp: aiosmtplib.SMTP, host: Host, relay: str,
                       use_tls: bool, req: Requirement, domain: str,
-                      refuse: Callable[[int, str], Reply]) -> bool | None:
-        """TLS with an MX host as ``req`` requires: whether the peer was authenticated; None
-        when an optional handshake failed (start again without TLS). A requirement not met
-        raises _Retry (4.7.x, our decision: the next host is tried)."""
+                      refuse: Callable[[int, str], Reply]) -> bool | str | None:
+        """TLS with an MX host as ``req`` requires: True if the peer was authenticated, else
+        False; None when an optional handshake failed (start again without TLS);
+        "unverified" when MTA-STS testing found the certificate invalid (start again with
+        opportunistic TLS). A requirement not met raises _Retry (4.7.x, our decision: the
+        next host is tried).
+
+        ``verify`` (MTA-STS, tls-policy) is checked by OpenSSL in the handshake, against
+        ``ca_file`` or the system's CAs and the MX name; DANE after it, on the chain the peer
+        presented (mta/tlsverify.py)."""
         if req.level == "none" or not use_tls:
             return False
+        checked = req.level in ("verify", "dane")
         if not smtp.supports_extension("starttls"):
             await self.policies.record(domain, req, "starttls-not-supported", host.name)
             if req.mandatory:
                 raise _Retry(refuse(451, f"4.7.4 TLS required ({req.describe()}) but "
                                          f"{host.name} does not offer STARTTLS"))
             return False
+        context = self.verified_tls if req.level == "verify" else self.tls
         try:
-            await smtp.starttls(tls_context=self.tls, server_hostname=host.name)
+            await smtp.starttls(tls_context=context, server_hostname=host.name)
+        except ssl.SSLCertVerificationError as e:
+            invalid = f"certificate not valid for {host.name}: {e.verify_message}"
+            await self.policies.record(domain, req, failure_type(invalid), host.name)
+            if req.enforce:
+                raise _Retry(refuse(451, f"4.7.5 {invalid} ({req.describe()})")) from None
+            log.info("%s: %s: %s (MTA-STS testing: delivered anyway)", env.id, relay, invalid)
+            smtp.close()
+            return "unverified"
         except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
-            await self.policies.record(domain, req, "validation-failure", host.name)
+            if checked:
+                await self.policies.record(domain, req, "validation-failure", host.name)
             if req.mandatory:
                 raise _Retry(refuse(451, f"4.7.5 TLS handshake with {host.name} failed "
                                          f"({req.describe()}): {e}")) from None
             log.info("%s: %s: STARTTLS failed (%s); retrying without TLS", env.id, relay, e)
             smtp.close()
             return None
-        problem = self._certificate_problem(smtp, host, req)
+        problem: str | None = None
+        if req.level == "dane":
+            chain = peer_chain(smtp.get_transport_info("ssl_object"))
+            problem = dane_error(chain, list(req.tlsa), host.name)
         if problem is not None:
             await self.policies.record(domain, req, failure_type(problem), host.name)
-            if req.enforce and req.level in ("verify", "dane"):
-                raise _Retry(refuse(451, f"4.7.5 {problem} ({req.describe()})"))
-            log.info("%s: %s: %s (%s: delivered anyway)", env.id, relay, problem,
-                     req.describe() if req.enforce else "MTA-STS testing")
-        else:
+            raise _Retry(refuse(451, f"4.7.5 {problem} ({req.describe()})"))
+        if checked:
             await self.policies.record(domain, req, "success")
         await smtp.ehlo()  # RFC 3207 §4.2: the extensions are those said over TLS
-        return problem is None and req.authenticated
-
-    def _certificate_problem(self, smtp: aiosmtplib.SMTP, host: Host, req: Requirement
-                             ) -> str | None:
-        if req.level not in ("verify", "dane"):
-            return None
-        chain = peer_chain(smtp.get_transport_info("ssl_object"))
-        if req.level == "dane":
-            return dane_error(chain, list(req.tlsa), host.name)
-        if self._roots is None:
-            try:
-                self._roots = load_roots(self.cfg.delivery.ca_file)
-            except (OSError, ValueError) as e:
-                return f"no trusted roots to check certificates against: {e}"
-        return pkix_error(chain, host.name, self._roots)  # type: ignore[arg-type]
+        return req.authenticated
 
     async def transaction(self, env: Envelope, smtp: aiosmtplib.SMTP, rcpts: list[Recipient],
                            data: bytes, reply: Callable[[int, str], Reply],

@@ -21,11 +21,13 @@ from aiosmtpd.smtp import SMTP as AioSMTP
 
 
 class FakeDNS:
-    """zones: {("name.", "MX"): ["10 mx1.name."], ...}; names in ``servfail`` fail."""
+    """zones: {("name.", "MX"): ["10 mx1.name."], ...}; names in ``servfail`` fail; answers
+    for names in ``secure`` carry the AD bit (a validating resolver's "authenticated")."""
 
     def __init__(self) -> None:
         self.zones: dict[tuple[str, str], list[str]] = {}
         self.servfail: set[str] = set()
+        self.secure: set[str] = set()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
@@ -38,8 +40,14 @@ class FakeDNS:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def add(self, name: str, rtype: str, *values: str) -> None:
-        self.zones.setdefault((name.lower().rstrip(".") + ".", rtype), []).extend(values)
+    def add(self, name: str, rtype: str, *values: str, secure: bool = False) -> None:
+        key = name.lower().rstrip(".") + "."
+        self.zones.setdefault((key, rtype), []).extend(values)
+        if secure:
+            self.secure.add(key)
+
+    def replace(self, name: str, rtype: str, *values: str) -> None:
+        self.zones[(name.lower().rstrip(".") + ".", rtype)] = list(values)
 
     def _serve(self) -> None:
         while self.running:
@@ -56,6 +64,8 @@ class FakeDNS:
             question = q.question[0]
             name = question.name.to_text().lower()
             rtype = dns.rdatatype.to_text(question.rdtype)
+            if name in self.secure:
+                r.flags |= dns.flags.AD
             if name in self.servfail:
                 r.set_rcode(dns.rcode.SERVFAIL)
             elif (name, rtype) in self.zones:
@@ -239,3 +249,48 @@ class ScriptedMX:
         self.running = False
         self.sock.close()
         self.thread.join(2)
+
+
+class PolicyServer:
+    """An HTTPS server on ``host``:443 for MTA-STS policies (RFC 8461 §3.3): ``policies`` maps
+    a Host name to (status, content type, body); its certificate, from ``ca``, names them all."""
+
+    def __init__(self, host: str, ca, names: list[str]) -> None:
+        import http.server
+        import ssl
+
+        self.policies: dict[str, tuple[int, str, bytes]] = {}
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                name = (self.headers.get("Host") or "").split(":")[0]
+                server.requests.append(f"{name}{self.path}")
+                status, ctype, body = server.policies.get(name, (404, "text/plain", b"none"))
+                if self.path != "/.well-known/mta-sts.txt":
+                    status, ctype, body = 404, "text/plain", b"no such file"
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                if status in (301, 302):
+                    self.send_header("Location", "https://elsewhere.test/policy")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert(*names).configure_cert(ctx)
+        self.httpd = http.server.ThreadingHTTPServer((host, 443), Handler)
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def set(self, domain: str, body: str, status: int = 200, ctype: str = "text/plain") -> None:
+        self.policies[f"mta-sts.{domain}"] = (status, ctype, body.encode())
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

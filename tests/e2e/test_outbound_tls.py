@@ -1,0 +1,216 @@
+"""Mail that leaves encrypted and authenticated: MTA-STS (RFC 8461), DANE (RFC 7672) and the
+administrator's TLS policies, against a DNS stub (with and without the AD bit), an HTTPS policy
+server and MX hosts on 127.0.0.x with certificates from a test CA."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import smtplib
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from tests.support.fakes import FakeDNS, PolicyServer, SinkMX
+from tests.support.smtp import wait_for
+from tests.support.stack import Stack, free_port
+
+trustme = pytest.importorskip("trustme")
+
+GOOD, HOSTILE, PLAIN = "127.0.0.41", "127.0.0.42", "127.0.0.43"
+# name -> the sink that answers for it (its A record)
+MX_HOSTS = {
+    "mx1.enforce.test": GOOD, "mx1.badmx.test": GOOD, "mx1.badcert.test": HOSTILE,
+    "mx1.testing.test": HOSTILE, "mx1.cached.test": GOOD, "mx2.cached.test": GOOD,
+    "mx.dane.test": GOOD, "mx.danebad.test": GOOD, "mx.daneinsecure.test": GOOD,
+    "mx.plain.test": PLAIN, "mx.verify.test": HOSTILE,
+}
+GOOD_NAMES = [n for n, ip in MX_HOSTS.items() if ip == GOOD]
+
+
+def policy(mode: str, *mx: str) -> str:
+    return "version: STSv1\r\nmode: {}\r\n{}max_age: 86400\r\n".format(
+        mode, "".join(f"mx: {m}\r\n" for m in mx))
+
+
+def spki_sha256(pem: bytes) -> str:
+    cert = x509.load_pem_x509_certificate(pem)
+    spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    base = tmp_path_factory.mktemp("outtls")
+    ca = trustme.CA()
+    ca_file = base / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    port = free_port(GOOD)
+    good_cert = ca.issue_cert(*GOOD_NAMES)
+    import ssl
+
+    good_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    good_cert.configure_cert(good_ctx)
+    hostile_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("evil.test").configure_cert(hostile_ctx)  # valid, for another name
+    sinks = {GOOD: SinkMX(GOOD, port, tls_context=good_ctx),
+             HOSTILE: SinkMX(HOSTILE, port, tls_context=hostile_ctx),
+             PLAIN: SinkMX(PLAIN, port)}
+    dns_server = FakeDNS()
+    z = dns_server.add
+    for name, ip in MX_HOSTS.items():
+        domain = name.split(".", 1)[1]
+        z(domain, "MX", f"10 {name}.", secure=domain.startswith("dane"))
+        z(name, "A", ip, secure=domain.startswith("dane"))
+    sts = PolicyServer("127.0.0.39", ca, [f"mta-sts.{d}" for d in
+                                          ("enforce.test", "badmx.test", "badcert.test",
+                                           "testing.test", "cached.test")])
+    for domain, mode, mx in (("enforce.test", "enforce", ["mx1.enforce.test"]),
+                             ("badmx.test", "enforce", ["mx.elsewhere.test"]),
+                             ("badcert.test", "enforce", ["*.badcert.test"]),
+                             ("testing.test", "testing", ["mx1.testing.test"]),
+                             ("cached.test", "enforce", ["mx1.cached.test"])):
+        z(f"_mta-sts.{domain}", "TXT", '"v=STSv1; id=first"')
+        z(f"mta-sts.{domain}", "A", "127.0.0.39")
+        sts.set(domain, policy(mode, *mx))
+    match = spki_sha256(good_cert.cert_chain_pems[0].bytes())
+    z(f"_{port}._tcp.mx.dane.test", "TLSA", f"3 1 1 {match}", secure=True)
+    z(f"_{port}._tcp.mx.danebad.test", "TLSA", "3 1 1 " + "00" * 32, "1 1 1 " + match,
+      secure=True)  # 1 (PKIX-EE) is unusable for SMTP; the usable one does not match
+    z(f"_{port}._tcp.mx.daneinsecure.test", "TLSA", "3 1 1 " + "00" * 32)  # no AD bit
+    s = Stack(base / "pochta", delivery={"resolver": dns_server.address, "smtp_port": port,
+                                         "ca_file": str(ca_file), "dnssec": True,
+                                         "retry_initial": 3600, "retry_max": 3600},
+              mta={"relay_networks": ["127.0.0.1/32"]})
+    s.setup_users("example.com", "bob@example.com")
+    s.pochta("tls-policy", "add", "plain.test", "encrypt")
+    s.pochta("tls-policy", "add", "verify.test", "verify")
+    s.start("up")
+    yield s, sinks, dns_server, sts
+    s.stop_all()
+    for sink in sinks.values():
+        sink.stop()
+    sts.stop()
+    dns_server.close()
+
+
+def send(s: Stack, rcpt: str, subject: str, extra: str = "") -> None:
+    with smtplib.SMTP("127.0.0.1", s.mta_port, timeout=15) as c:
+        c.sendmail("app@example.com", [rcpt],
+                   f"Subject: {subject}\r\n{extra}\r\nx\r\n".encode())
+
+
+def received(sinks: dict, ip: str, subject: str) -> list:
+    return [m for m in sinks[ip].messages if f"Subject: {subject}".encode() in m.data]
+
+
+def last_reply(s: Stack, rcpt: str) -> str:
+    """The recipient's last reply once an attempt has been made ("" before)."""
+    out = json.loads(s.pochta("queue", "list", "--json").stdout)["messages"]
+    for m in out:
+        for r in m["recipients"]:
+            if r["address"] == rcpt and r["attempts"]:
+                return r["last_reply"]
+    return ""
+
+
+def test_enforce_with_a_matching_mx_and_a_valid_certificate_delivers(world):
+    s, sinks, _, sts = world
+    send(s, "a@enforce.test", "sts-ok")
+    got = wait_for(lambda: received(sinks, GOOD, "sts-ok"))
+    assert got and got[0].tls
+    assert "mta-sts.enforce.test/.well-known/mta-sts.txt" in sts.requests
+
+
+def test_enforce_refuses_an_mx_the_policy_does_not_name(world):
+    s, sinks, _, _ = world
+    send(s, "a@badmx.test", "sts-badmx")
+    reply = wait_for(lambda: last_reply(s, "a@badmx.test"))
+    assert reply.startswith("451 4.7.5") and "MTA-STS" in reply, reply
+    assert not received(sinks, GOOD, "sts-badmx")
+
+
+def test_enforce_never_gives_the_message_to_a_host_with_a_certificate_for_another_name(world):
+    s, sinks, _, _ = world
+    send(s, "a@badcert.test", "sts-badcert")
+    reply = wait_for(lambda: last_reply(s, "a@badcert.test"))
+    assert reply.startswith("451 4.7.5") and "mx1.badcert.test" in reply, reply
+    assert not received(sinks, HOSTILE, "sts-badcert")
+
+
+def test_testing_mode_delivers_and_records_the_failure(world):
+    s, sinks, _, _ = world
+    send(s, "a@testing.test", "sts-testing")
+    assert wait_for(lambda: received(sinks, HOSTILE, "sts-testing"))
+    assert wait_for(lambda: "MTA-STS testing" in s.log("up"))
+
+
+def test_a_cached_policy_holds_when_the_fetch_fails_even_after_a_restart(world):
+    s, sinks, dns_server, sts = world
+    send(s, "a@cached.test", "cached-1")
+    assert wait_for(lambda: received(sinks, GOOD, "cached-1"))
+    # The domain moves to mx2 and announces a new policy that cannot be fetched: the cached
+    # one (mx1 only) still holds, in a new process too (it is in the database).
+    s.stop("up")
+    dns_server.replace("cached.test", "MX", "10 mx2.cached.test.")
+    dns_server.replace("_mta-sts.cached.test", "TXT", '"v=STSv1; id=second"')
+    sts.set("cached.test", "oops", status=500)
+    s.start("up")
+    send(s, "a@cached.test", "cached-2")
+    reply = wait_for(lambda: last_reply(s, "a@cached.test"))
+    assert reply.startswith("451 4.7.5") and "MTA-STS" in reply, reply
+    assert not received(sinks, GOOD, "cached-2")
+    assert "not usable" in s.log("up")  # the failed fetch is logged
+
+
+def test_dane_ee_match_delivers(world):
+    s, sinks, _, _ = world
+    send(s, "a@dane.test", "dane-ok")
+    got = wait_for(lambda: received(sinks, GOOD, "dane-ok"))
+    assert got and got[0].tls
+
+
+def test_dane_mismatch_defers_and_nothing_is_sent(world):
+    s, sinks, _, _ = world
+    send(s, "a@danebad.test", "dane-bad")
+    reply = wait_for(lambda: last_reply(s, "a@danebad.test"))
+    assert reply.startswith("451 4.7.5") and "TLSA" in reply and "dane" in reply, reply
+    assert not received(sinks, GOOD, "dane-bad")
+
+
+def test_dane_records_in_an_insecure_answer_are_ignored(world):
+    s, sinks, _, _ = world
+    send(s, "a@daneinsecure.test", "dane-insecure")
+    assert wait_for(lambda: received(sinks, GOOD, "dane-insecure"))
+
+
+def test_tls_policy_encrypt_refuses_a_host_without_starttls(world):
+    s, sinks, _, _ = world
+    send(s, "a@plain.test", "policy-encrypt")
+    reply = wait_for(lambda: last_reply(s, "a@plain.test"))
+    assert reply.startswith("451 4.7.4") and "STARTTLS" in reply, reply
+    assert not received(sinks, PLAIN, "policy-encrypt")
+    out = s.pochta("tls-policy", "list").stdout
+    assert "plain.test" in out and "encrypt" in out
+
+
+def test_tls_policy_verify_refuses_a_certificate_for_another_name(world):
+    s, sinks, _, _ = world
+    send(s, "a@verify.test", "policy-verify")
+    reply = wait_for(lambda: last_reply(s, "a@verify.test"))
+    assert reply.startswith("451 4.7.5") and "verify" in reply, reply
+    assert not received(sinks, HOSTILE, "policy-verify")
+    # The queue shows why it waits.
+    assert "4.7.5" in s.pochta("queue", "list").stdout
+
+
+def test_tls_required_no_sets_mta_sts_aside(world):
+    s, sinks, _, _ = world
+    send(s, "b@badcert.test", "lax-badcert", extra="TLS-Required: No\r\n")
+    assert wait_for(lambda: received(sinks, HOSTILE, "lax-badcert"))
+
+
+def test_nothing_went_wrong_on_the_way(world):
+    s, _, _, _ = world
+    assert "Traceback" not in s.log("up")
