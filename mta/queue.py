@@ -33,6 +33,7 @@ from mta.envelope import EXPIRED, FAILED, HELD, SENT, Envelope, Recipient
 from mta.notice import AtrnRequest, Notice, NoticeSocket
 from mta.reply import LOCAL_DECISION, Reply
 from mta.spool import Spool, SpooledMessage, SpoolError
+from mta.tlsrpt import CHECK_EVERY, Reporter
 from store import addresses, metrics
 from store.config import Config
 from store.directory import Directory, DirectoryUnavailable, lookup
@@ -85,6 +86,7 @@ class QueueRunner:
         self.parked: dict[str, str] = {}  # id -> the full domain it waits for
         self.local_domains: set[str] = set()  # learnt from routing: no destination limit
         self.atrn_domains: set[str] = set()  # taken by an ODMR customer now (one at a time)
+        self.reporter: Reporter | None = None  # TLS-RPT reports (mta/tlsrpt.py), daily
 
     def add(self, env: Envelope, maybe_sent: bool = False) -> None:
         """A message this process just spooled (a DSN): deliver it now. ``maybe_sent``: it
@@ -173,6 +175,9 @@ class QueueRunner:
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + HEARTBEAT_INTERVAL
                 self._heartbeat()
+            if self.reporter is not None and time.monotonic() >= self.reporter.next_check:
+                self.reporter.next_check = time.monotonic() + CHECK_EVERY
+                self._spawn(self.reporter.run_once())
             now = self.clock()
             while self.timers and self.timers[0][0] <= now:
                 self.ready.append(heapq.heappop(self.timers)[1])

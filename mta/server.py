@@ -30,6 +30,7 @@ from mta.smtp.protocol import SMTPProtocol
 from mta.smtp.server import Connections, start_listeners
 from mta.spool import Spool
 from mta.supervision import restart_delay
+from mta.tlsrpt import Reporter
 from store.config import Config, ListenerLimits, LiveConfig
 from store.db import Database
 from store.directory import CachedDirectory
@@ -110,6 +111,12 @@ async def run_queue(cfg: Config, stop: asyncio.Event,
                          Outbound(cfg, directory=directory, tls_store=tls_store),
                          bouncer)
     bouncer.enqueue = runner.add
+    outbound = runner.remote
+    assert isinstance(outbound, Outbound)
+    runner.reporter = Reporter(cfg.hostname, tls_store, spool, outbound.resolver,
+                               enqueue=runner.add,
+                               signer=Signer(cfg.dkim.keys_dir) if cfg.dkim.sign else None,
+                               ca_file=cfg.delivery.ca_file)
 
     def apply(new: Config) -> None:
         directory.ttl = new.directory_cache_ttl

@@ -242,38 +242,50 @@ async def https_get(ip: str, port: int, host: str, path: str, context: ssl.SSLCo
     """GET https://host/path from ``ip`` (resolved by our resolver, not the system's), the
     certificate verified for ``host``. RFC 8461 §3.3: 200 only (no redirects), text/plain,
     at most ``limit`` bytes. PolicyError otherwise."""
+    status, ctype, body = await https_request(ip, port, host, "GET", path, context,
+                                              limit=limit)
+    if status != 200:
+        raise PolicyError(f"HTTP status {status} (redirects are not followed)")
+    if ctype.split(";")[0].strip().lower() != "text/plain":
+        raise PolicyError(f"content type {ctype[:40]!r}, not text/plain")
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PolicyError("policy is not UTF-8") from None
+
+
+async def https_request(ip: str, port: int, host: str, method: str, path: str,
+                        context: ssl.SSLContext, body: bytes = b"", content_type: str = "",
+                        limit: int = MAX_POLICY_BYTES) -> tuple[int, str, bytes]:
+    """One HTTP/1.1 exchange over TLS with ``ip`` (h11 does the protocol): the status, the
+    content type and at most ``limit`` bytes of body (PolicyError beyond)."""
     reader, writer = await asyncio.open_connection(ip, port, ssl=context, server_hostname=host,
                                                    ssl_handshake_timeout=FETCH_TIMEOUT)
     try:
         conn = h11.Connection(h11.CLIENT)
-        writer.write(conn.send(h11.Request(method="GET", target=path, headers=[
-            ("Host", host), ("User-Agent", "pochta"), ("Accept", "text/plain"),
-            ("Connection", "close")])) or b"")
+        headers = [("Host", host), ("User-Agent", "pochta"), ("Connection", "close")]
+        if method == "POST":
+            headers += [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        writer.write(conn.send(h11.Request(method=method, target=path, headers=headers)) or b"")
+        if body:
+            writer.write(conn.send(h11.Data(data=body)) or b"")
         writer.write(conn.send(h11.EndOfMessage()) or b"")
         await writer.drain()
-        body = bytearray()
+        status, ctype, got = 0, "", bytearray()
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 conn.receive_data(await reader.read(16384))
                 continue
             if isinstance(event, h11.Response):
-                if event.status_code != 200:
-                    raise PolicyError(f"HTTP status {event.status_code} (redirects are not "
-                                      "followed)")
-                ctype = dict(event.headers).get(b"content-type", b"").split(b";")[0]
-                if ctype.strip().lower() != b"text/plain":
-                    raise PolicyError(f"content type {ctype[:40]!r}, not text/plain")
+                status = event.status_code
+                ctype = dict(event.headers).get(b"content-type", b"").decode("latin-1")
             elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > limit:
-                    raise PolicyError(f"policy larger than {limit} bytes")
+                got += event.data
+                if len(got) > limit:
+                    raise PolicyError(f"response larger than {limit} bytes")
             elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                break
-        try:
-            return body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise PolicyError("policy is not UTF-8") from None
+                return status, ctype, bytes(got)
     finally:
         writer.close()
         with contextlib.suppress(Exception):

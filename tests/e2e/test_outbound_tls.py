@@ -63,9 +63,12 @@ def world(tmp_path_factory):
         domain = name.split(".", 1)[1]
         z(domain, "MX", f"10 {name}.", secure=domain.startswith("dane"))
         z(name, "A", ip, secure=domain.startswith("dane"))
-    sts = PolicyServer("127.0.0.39", ca, [f"mta-sts.{d}" for d in
-                                          ("enforce.test", "badmx.test", "badcert.test",
-                                           "testing.test", "cached.test")])
+    sts = PolicyServer("127.0.0.39", ca, ["reports.test"] + [
+        f"mta-sts.{d}" for d in ("enforce.test", "badmx.test", "badcert.test", "testing.test",
+                                 "cached.test")])
+    z("reports.test", "A", "127.0.0.39")
+    z("_smtp._tls.enforce.test", "TXT",
+      '"v=TLSRPTv1; rua=mailto:bob@example.com,https://reports.test/tlsrpt"')
     for domain, mode, mx in (("enforce.test", "enforce", ["mx1.enforce.test"]),
                              ("badmx.test", "enforce", ["mx.elsewhere.test"]),
                              ("badcert.test", "enforce", ["*.badcert.test"]),
@@ -209,6 +212,106 @@ def test_tls_required_no_sets_mta_sts_aside(world):
     s, sinks, _, _ = world
     send(s, "b@badcert.test", "lax-badcert", extra="TLS-Required: No\r\n")
     assert wait_for(lambda: received(sinks, HOSTILE, "lax-badcert"))
+
+
+# RFC 8460 §4.4 as a JSON schema: the fields, their types, what is required.
+REPORT_SCHEMA = {
+    "type": "object",
+    "required": ["organization-name", "date-range", "contact-info", "report-id", "policies"],
+    "properties": {
+        "organization-name": {"type": "string"},
+        "date-range": {"type": "object", "required": ["start-datetime", "end-datetime"],
+                       "properties": {"start-datetime": {"type": "string", "format": "date-time"},
+                                      "end-datetime": {"type": "string", "format": "date-time"}}},
+        "contact-info": {"type": "string"},
+        "report-id": {"type": "string"},
+        "policies": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["policy", "summary"],
+            "properties": {
+                "policy": {"type": "object", "required": ["policy-type", "policy-domain"],
+                           "properties": {
+                               "policy-type": {"enum": ["tlsa", "sts", "no-policy-found"]},
+                               "policy-string": {"type": "array", "items": {"type": "string"}},
+                               "policy-domain": {"type": "string"},
+                               "mx-host": {"type": "array", "items": {"type": "string"}}}},
+                "summary": {"type": "object", "required": ["total-successful-session-count",
+                                                           "total-failure-session-count"],
+                            "properties": {
+                                "total-successful-session-count": {"type": "integer",
+                                                                   "minimum": 0},
+                                "total-failure-session-count": {"type": "integer",
+                                                                "minimum": 0}}},
+                "failure-details": {"type": "array", "items": {
+                    "type": "object", "required": ["result-type", "failed-session-count"],
+                    "properties": {
+                        "result-type": {"enum": [
+                            "starttls-not-supported", "certificate-host-mismatch",
+                            "certificate-expired", "certificate-not-trusted",
+                            "validation-failure", "tlsa-invalid", "dnssec-invalid",
+                            "dane-required", "sts-policy-fetch-error", "sts-policy-invalid",
+                            "sts-webpki-invalid"]},
+                        "receiving-mx-hostname": {"type": "string"},
+                        "failed-session-count": {"type": "integer", "minimum": 1}}}}}}},
+    },
+}
+
+
+def test_tls_sessions_are_counted_and_reported_the_next_day(world):
+    import gzip
+    import time
+
+    import jsonschema
+
+    from mta.tlsrpt import read_report
+    from store.db import Database
+    from store.tlspolicy import TLSPolicyStore
+    from tests.support.smtp import mailbox
+
+    s, _, _, sts = world
+    db = Database(f"sqlite:///{s.base}/pochta.db")
+    try:
+        store = TLSPolicyStore(db)
+        today = store.counts()
+        got = {(c.domain, c.result) for c in today}
+        assert ("enforce.test", "success") in got  # the deliveries above were counted
+        assert ("testing.test", "certificate-host-mismatch") in got
+        assert ("danebad.test", "validation-failure") in got
+        # Yesterday's counts (as a day ago's deliveries left them) go out at start.
+        day = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
+        sts_text = "version: STSv1\nmode: enforce\nmx: mx1.enforce.test\nmax_age: 86400"
+        store.count(day, "enforce.test", "sts", sts_text, "success", n=7)
+        store.count(day, "enforce.test", "sts", sts_text, "certificate-expired",
+                    "mx1.enforce.test", n=2)
+    finally:
+        db.dispose()
+    s.stop("up")
+    s.start("up")
+    mails = wait_for(lambda: [m for m in mailbox(s, "bob@example.com")
+                              if b"TLS-Report-Domain: enforce.test" in m])
+    assert mails, s.log("up")
+    report = read_report(mails[0])
+    assert report is not None
+    jsonschema.validate(report, REPORT_SCHEMA, format_checker=jsonschema.FormatChecker())
+    [policy] = report["policies"]
+    assert policy["policy"]["policy-type"] == "sts"
+    assert policy["policy"]["mx-host"] == ["mx1.enforce.test"]
+    assert policy["summary"] == {"total-successful-session-count": 7,
+                                 "total-failure-session-count": 2}
+    assert policy["failure-details"] == [{"result-type": "certificate-expired",
+                                          "failed-session-count": 2,
+                                          "receiving-mx-hostname": "mx1.enforce.test"}]
+    assert report["date-range"]["start-datetime"] == f"{day}T00:00:00Z"
+    assert b'report-type="tlsrpt"' in mails[0]
+    [(where, ctype, body)] = wait_for(lambda: sts.posts)
+    assert where == "reports.test/tlsrpt" and ctype == "application/tlsrpt+gzip"
+    assert json.loads(gzip.decompress(body))["policies"] == report["policies"]
+    # Sent once: the counts are gone, today's stay for tomorrow.
+    db = Database(f"sqlite:///{s.base}/pochta.db")
+    try:
+        left = TLSPolicyStore(db).counts()
+        assert all(c.day != day for c in left) and any(c.day != day for c in left)
+    finally:
+        db.dispose()
 
 
 def test_nothing_went_wrong_on_the_way(world):

@@ -261,6 +261,7 @@ class PolicyServer:
 
         self.policies: dict[str, tuple[int, str, bytes]] = {}
         self.requests: list[str] = []
+        self.posts: list[tuple[str, str, bytes]] = []  # (host+path, content type, body)
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -277,6 +278,15 @@ class PolicyServer:
                     self.send_header("Location", "https://elsewhere.test/policy")
                 self.end_headers()
                 self.wfile.write(body)
+
+            def do_POST(self) -> None:  # noqa: N802 (a TLS-RPT report, RFC 8460 §5.3)
+                name = (self.headers.get("Host") or "").split(":")[0]
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                server.posts.append((f"{name}{self.path}",
+                                     self.headers.get("Content-Type") or "", body))
+                self.send_response(201)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def log_message(self, *args) -> None:
                 pass

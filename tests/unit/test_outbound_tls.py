@@ -99,3 +99,17 @@ def test_unusable_records_are_ignored():
                Tlsa(3, 1, 3, b"x"), Tlsa(3, 1, 1, b"")]
     assert usable(records) == []
     assert usable([Tlsa(2, 1, 2, b"x")]) == [Tlsa(2, 1, 2, b"x")]
+
+
+@pytest.mark.parametrize(("texts", "expected"), [
+    (["v=TLSRPTv1; rua=mailto:tls@example.com"], ["mailto:tls@example.com"]),
+    (["v=TLSRPTv1;rua=mailto:a@b.example, https://r.example/x"],
+     ["mailto:a@b.example", "https://r.example/x"]),
+    (["v=TLSRPTv1; rua=ftp://x"], []),
+    (["v=TLSRPTv1; rua=mailto:a@b", "v=TLSRPTv1; rua=mailto:c@d"], []),
+    (["v=spf1 -all"], []),
+])
+def test_the_tlsrpt_record(texts, expected):
+    from mta.tlsrpt import parse_rua
+
+    assert parse_rua(texts) == expected
