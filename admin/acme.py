@@ -195,9 +195,19 @@ def obtain(cfg: Config, challenges: Challenges, timeout: float = 120.0) -> None:
         acme.new_account(registration)
     except errors.ConflictError as e:  # registered before: use that account
         net.account = messages.RegistrationResource(uri=e.location, body=messages.Registration())
-    key = ec.generate_private_key(ec.SECP256R1())
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    def new_key() -> bytes:
+        return ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption())
+
+    # The key of this certificate was made at the last renewal, so that its TLSA record
+    # (`pochta dns`) could be published before it is used (DANE key rollover, RFC 7671 §8.1).
+    next_path = folder / "next-key.pem"
+    try:
+        key_pem = next_path.read_bytes()
+        serialization.load_pem_private_key(key_pem, password=None)
+    except (OSError, ValueError, TypeError):
+        key_pem = new_key()
     names = names_of(cfg)
     order = acme.new_order(crypto_util.make_csr(key_pem, names))
     tokens = []
@@ -222,8 +232,9 @@ def obtain(cfg: Config, challenges: Challenges, timeout: float = 120.0) -> None:
     key_path, cert_path = Path(cfg.tls.key), Path(cfg.tls.cert)
     atomic_write(key_path, key_pem, mode=0o600)
     atomic_write(cert_path, order.fullchain_pem.encode(), mode=0o644)
+    atomic_write(next_path, new_key(), mode=0o600)
     give_to_service(cfg, [folder, key_path, cert_path, folder / "account.key",
-                          folder / "state.json"])
+                          folder / "state.json", next_path])
 
 
 def give_to_service(cfg: Config, paths: list[Path]) -> None:

@@ -1,5 +1,7 @@
 """`pochta dns DOMAIN` (the records to publish) and `pochta check DOMAIN` (what the DNS says
-about them): MX, the A/AAAA of our host name, its reverse DNS (FCrDNS), SPF, DKIM, DMARC.
+about them): MX, the A/AAAA of our host name, its reverse DNS (FCrDNS), SPF, DKIM, DMARC;
+`pochta dns` also prints our MTA-STS policy and its TXT record, the TLS-RPT record, and the
+TLSA records of our certificate's key (and of the key the next ACME certificate will have).
 
 Look-ups go through ``[delivery] resolver`` when set (tests use a DNS stub), else the
 system's resolver, as for delivery.
@@ -20,6 +22,7 @@ import typer
 from admin.context import UserError, context
 from mta import dkimsign
 from mta.dns import configured
+from mta.mtasts import policy_id, published_policy
 from store.addresses import ascii_domain
 from store.config import Config
 
@@ -40,16 +43,53 @@ class Wanted:
     dmarc: str
     dkim_name: str | None  # None: no key yet
     dkim: str | None
+    sts_policy: str = ""  # the policy file's text
+    sts_id: str = ""
+    tlsrpt: str = ""
+    tlsa: tuple[tuple[str, str], ...] = ()  # (what, "3 1 1 <hex>")
 
 
 def wanted(cfg: Config, name: str) -> Wanted:
     d, host = ascii_domain(name), cfg.hostname.rstrip(".")
     found = dkimsign.active(Path(cfg.dkim.keys_dir), name)
+    policy = published_policy(host, cfg.acme.enabled)
     return Wanted(
         domain=d, host=host, mx=f"10 {host}.", spf="v=spf1 mx -all",
         dmarc=f"v=DMARC1; p=quarantine; adkim=r; aspf=r; rua=mailto:postmaster@{d}",
         dkim_name=f"{found[0]}._domainkey.{d}" if found else None,
-        dkim=dkimsign.txt_record(found[1]) if found else None)
+        dkim=dkimsign.txt_record(found[1]) if found else None,
+        sts_policy=policy, sts_id=policy_id(policy),
+        tlsrpt=f"v=TLSRPTv1; rua=mailto:postmaster@{d}", tlsa=tuple(tlsa_records(cfg)))
+
+
+def tlsa_records(cfg: Config) -> list[tuple[str, str]]:
+    """DANE-EE SPKI SHA-256 (3 1 1, RFC 7671 §5.1) of our certificate's key, and of the key
+    ACME keeps ready for the next certificate: publish both before a renewal."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    def spki(public_key: object) -> str:
+        der = public_key.public_bytes(  # type: ignore[attr-defined]
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return f"3 1 1 {hashlib.sha256(der).hexdigest()}"
+
+    out = []
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cfg.tls.cert).read_bytes())
+        out.append(("the certificate in use", spki(cert.public_key())))
+    except (OSError, ValueError):
+        pass
+    from admin.acme import acme_dir
+
+    try:
+        key = serialization.load_pem_private_key(
+            (acme_dir(cfg) / "next-key.pem").read_bytes(), password=None)
+        out.append(("the next ACME certificate's key", spki(key.public_key())))
+    except (OSError, ValueError, TypeError):
+        pass
+    return out
 
 
 def zone_lines(w: Wanted, name: str) -> list[str]:
@@ -64,6 +104,21 @@ def zone_lines(w: Wanted, name: str) -> list[str]:
     else:
         lines.append(f"; no DKIM key yet: run 'pochta dkim keygen {name}'")
     lines.append(f'_dmarc.{w.domain}. IN TXT "{w.dmarc}"')
+    mode = "enforce" if "mode: enforce" in w.sts_policy else "testing"
+    lines += [
+        f"; MTA-STS (RFC 8461), mode {mode}"
+        + ("" if mode == "enforce" else " until the certificate is from a public CA ([acme])"),
+        f'_mta-sts.{w.domain}. IN TXT "v=STSv1; id={w.sts_id}"',
+        f"mta-sts.{w.domain}. IN CNAME {w.host}.   ; served by [mta_sts] listen, or a web "
+        "server of yours",
+        f"; https://mta-sts.{w.domain}/.well-known/mta-sts.txt (text/plain) holds:",
+        *(f";   {line}" for line in w.sts_policy.strip().splitlines()),
+        f'_smtp._tls.{w.domain}. IN TXT "{w.tlsrpt}"   ; TLS reports (RFC 8460): '
+        "pochta tls-reports",
+    ]
+    if w.tlsa:
+        lines.append(f"; DANE (RFC 7672): only in a DNSSEC-signed zone of {w.host}")
+        lines += [f"_25._tcp.{w.host}. IN TLSA {value}   ; {what}" for what, value in w.tlsa]
     return lines
 
 

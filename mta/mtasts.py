@@ -91,6 +91,24 @@ def mx_matches(pattern: str, host: str) -> bool:
 
 
 def policy_text(mode: str, mx: list[str], max_age: int) -> str:
-    """The policy file we publish (``pochta dns``, ``[mta_sts] listen``)."""
+    """A policy file's text."""
     return "version: STSv1\r\nmode: {}\r\n{}max_age: {}\r\n".format(
         mode, "".join(f"mx: {m}\r\n" for m in mx), max_age)
+
+
+PUBLISHED_MAX_AGE = 604_800  # one week: RFC 8461 §3.2 suggests weeks for a stable policy
+
+
+def published_policy(hostname: str, trusted_certificate: bool) -> str:
+    """Our own policy (``pochta dns``, ``[mta_sts] listen``): our host as the MX; ``enforce``
+    once our certificate comes from a public CA (ACME), else ``testing``: senders that
+    enforce would refuse a self-signed certificate, and their mail would wait."""
+    return policy_text("enforce" if trusted_certificate else "testing",
+                       [hostname.rstrip(".").lower()], PUBLISHED_MAX_AGE)
+
+
+def policy_id(text: str) -> str:
+    """The TXT record's id: changes whenever the policy does (RFC 8461 §3.1)."""
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:20]

@@ -27,6 +27,13 @@ def test_a_domain_published_as_pochta_dns_says_checks_out_and_a_wrong_one_is_tol
         zone = s.pochta("dns", "example.com").stdout
         m = re.search(r"^(s1\._domainkey\.example\.com)\. IN TXT (.+)$", zone, re.M)
         assert m, zone
+        # Our MTA-STS policy (testing: no public certificate yet) with an id of its content,
+        # and the TLS-RPT address.
+        sts = re.search(r'^_mta-sts\.example\.com\. IN TXT "v=STSv1; id=([0-9a-f]{20})"$',
+                        zone, re.M)
+        assert sts and ";   mode: testing" in zone and ";   mx: mx.pochta.test" in zone, zone
+        assert '_smtp._tls.example.com. IN TXT "v=TLSRPTv1; rua=mailto:postmaster@example.com"' \
+            in zone
         publish(good_dns, m.group(1), m.group(2), good=True)
         publish(bad_dns, m.group(1), m.group(2), good=False)
 

@@ -3,10 +3,12 @@ validations answered by `pochta up`'s http-01 responder; a CA that cannot be rea
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from tests.support.fakes import FakeDNS
@@ -44,6 +46,14 @@ def test_up_obtains_a_certificate_from_the_ca_and_serves_it(tmp_path):
         check = certificate_check(s)
         assert check["state"] == "ok" and "succeeded" in check["detail"], check
         assert "self-signed" not in check["detail"]
+        # DANE: the TLSA of the key in use, and of the next certificate's key, made ahead.
+        zone = s.pochta("dns", "example.com").stdout
+        tlsa = [ln for ln in zone.splitlines() if " IN TLSA " in ln]
+        spki = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+        assert len(tlsa) == 2 and tlsa[0].startswith("_25._tcp.mx.pochta.test. IN TLSA 3 1 1 ")
+        assert hashlib.sha256(spki).hexdigest() in tlsa[0] and "next" in tlsa[1]
+        assert "mode: enforce" in zone  # a public CA's certificate (pebble's here)
     finally:
         s.stop_all()
         pebble.stop()
