@@ -38,7 +38,27 @@ def acme_dir(cfg: Config) -> Path:
 
 
 def names_of(cfg: Config) -> list[str]:
-    return list(cfg.acme.names) or [cfg.hostname]
+    """The certificate's names; with ``[mta_sts] listen``, also ``mta-sts.<domain>`` of each
+    of our domains (a domain added later brings a new certificate at the next look)."""
+    names = list(cfg.acme.names) or [cfg.hostname]
+    if cfg.mta_sts.listen:
+        names += [n for n in (f"mta-sts.{d}" for d in _our_domains(cfg)) if n not in names]
+    return names
+
+
+def _our_domains(cfg: Config) -> list[str]:
+    from store.addresses import ascii_domain
+    from store.db import Database
+    from store.directory import Directory, DirectoryUnavailable
+
+    db = Database(cfg.database_url)
+    try:
+        return [ascii_domain(d) for d, _, _ in Directory(db).list_domains()]
+    except DirectoryUnavailable as e:
+        log.warning("ACME: our domains unknown (%s): no mta-sts names this time", e)
+        return []
+    finally:
+        db.dispose()
 
 
 # -- when ------------------------------------------------------------------------------------

@@ -166,7 +166,8 @@ def listen_addresses(cfg: Config, role: str) -> list[str]:
         return list(cfg.mta.listen)
     if role == "queue":
         return []
-    return list(cfg.msa.listen) + list(cfg.msa.listen_tls) + list(cfg.odmr.listen)
+    return list(cfg.msa.listen) + list(cfg.msa.listen_tls) + list(cfg.odmr.listen) + \
+        list(cfg.mta_sts.listen)
 
 
 def is_listening(addr: str) -> bool:

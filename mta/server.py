@@ -265,6 +265,7 @@ async def run_msa(cfg: Config, stop: asyncio.Event,
                   ready: Callable[[], object] = lambda: None,
                   live: LiveConfig | None = None) -> None:
     from mta.odmr import OdmrHandler, OdmrProtocol
+    from mta.stsserver import PolicyServer
     from mta.submission import SubmissionHandler
 
     db = Database(cfg.database_url)
@@ -311,11 +312,14 @@ async def run_msa(cfg: Config, stop: asyncio.Event,
         cfg.odmr.listen, protocol_factory(odmr, connections, tls, require_auth=False,
                                           listener="odmr", protocol=OdmrProtocol),
         key="odmr.listen")
+    servers += await PolicyServer(lambda: serving.cfg, directory).start(tls)
     drop_privileges(cfg, "msa")
     watcher = asyncio.create_task(watch_certificate(tls, lambda: serving.cfg, stop))
-    log.info("msa ready: submission on %s (STARTTLS), %s (TLS)%s", " ".join(cfg.msa.listen),
+    log.info("msa ready: submission on %s (STARTTLS), %s (TLS)%s%s", " ".join(cfg.msa.listen),
              " ".join(cfg.msa.listen_tls),
-             f", ODMR on {' '.join(cfg.odmr.listen)}" if cfg.odmr.listen else "")
+             f", ODMR on {' '.join(cfg.odmr.listen)}" if cfg.odmr.listen else "",
+             f", MTA-STS policy on {' '.join(cfg.mta_sts.listen)}" if cfg.mta_sts.listen
+             else "")
     ready()
     try:
         await _serve_until(stop, servers, connections, cfg.hostname)

@@ -171,6 +171,13 @@ class OdmrConfig:
 
 
 @dataclass(frozen=True)
+class MtaStsConfig:
+    # Serve our MTA-STS policy over HTTPS for mta-sts.<domain> (RFC 8461 §3.3), in the MSA
+    # process, with our certificate.
+    listen: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str = ""  # "host:port": the Prometheus endpoint (/metrics) of the whole stack
 
@@ -205,6 +212,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     acme: AcmeConfig = field(default_factory=AcmeConfig)
     odmr: OdmrConfig = field(default_factory=OdmrConfig)
+    mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
     source: str = "(embedded defaults)"  # where this config came from, for messages
 
 
@@ -297,6 +305,8 @@ def _validate(cfg: Config) -> None:
         parse_address(addr, f"msa.listen_tls[{i}]")
     for i, addr in enumerate(cfg.odmr.listen):
         parse_address(addr, f"odmr.listen[{i}]")
+    for i, addr in enumerate(cfg.mta_sts.listen):
+        parse_address(addr, f"mta_sts.listen[{i}]")
     if not cfg.mda.listen.startswith("unix:"):
         parse_address(cfg.mda.listen, "mda.listen")
     if cfg.mda.format not in ("maildir", "mbox"):

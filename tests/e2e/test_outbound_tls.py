@@ -317,3 +317,35 @@ def test_tls_sessions_are_counted_and_reported_the_next_day(world):
 def test_nothing_went_wrong_on_the_way(world):
     s, _, _, _ = world
     assert "Traceback" not in s.log("up")
+
+
+def test_our_own_policy_is_served_over_https_as_pochta_dns_prints_it(tmp_path):
+    import http.client
+    import re
+
+    from tests.support.smtp import client_tls
+
+    port = free_port()
+    s = Stack(tmp_path, mta_sts={"listen": [f"127.0.0.1:{port}"]})
+    s.setup_users("example.com", "bob@example.com")
+    s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.mta_port}", f"127.0.0.1:{port}"])
+    try:
+        zone = s.pochta("dns", "example.com").stdout
+        published = "".join(ln[4:] + "\r\n" for ln in zone.splitlines() if ln.startswith(";   "))
+
+        def get(host: str, path: str = "/.well-known/mta-sts.txt") -> tuple[int, str, bytes]:
+            c = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=client_tls())
+            try:
+                c.request("GET", path, headers={"Host": host})
+                r = c.getresponse()
+                return r.status, r.getheader("Content-Type") or "", r.read()
+            finally:
+                c.close()
+
+        status, ctype, body = get("mta-sts.example.com")
+        assert status == 200 and ctype.startswith("text/plain")
+        assert body.decode() == published and re.search(r"mode: testing\r\n", body.decode())
+        assert get("mta-sts.elsewhere.test")[0] == 404  # not a domain of ours
+        assert get("mta-sts.example.com", "/other")[0] == 404
+    finally:
+        s.stop_all()
