@@ -60,6 +60,7 @@ app.command("export")(backup.export)
 app.command("dns")(dnscheck.dns_records)
 app.command("check")(dnscheck.check)
 app.command("import")(backup.import_)
+app.command("tls-reports")(tls_cmds.tls_reports)
 
 
 @app.callback()

@@ -3,8 +3,11 @@ smtp_tls_policy_maps), over what MTA-STS and DANE would decide (mta/tlspolicy.py
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 from sqlalchemy.exc import SQLAlchemyError
@@ -61,3 +64,69 @@ def tls_policy_list(ctx: typer.Context) -> None:
     table(["DOMAIN", "POLICY", "MEANING"], [[d, p, LEVELS[p]] for d, p in rows])
 
 
+
+
+def _messages(path: Path, fmt: str) -> Iterator[bytes]:
+    """The messages of a mailbox, read-only: maildir's new/ and cur/, or an mbox file."""
+    if fmt == "mbox":
+        import mailbox
+
+        if path.is_file():
+            for msg in mailbox.mbox(str(path), create=False):
+                yield msg.as_bytes()
+        return
+    for sub in ("new", "cur"):
+        folder = path / sub
+        if folder.is_dir():
+            for f in sorted(folder.iterdir()):
+                with contextlib.suppress(OSError):
+                    yield f.read_bytes()
+
+
+def tls_reports(
+    ctx: typer.Context,
+    address: list[str] = typer.Option([], "--address", metavar="ADDRESS",
+                                      help="Where reports arrive (default: postmaster of each "
+                                           "of our domains, as `pochta dns` publishes)."),
+    as_json: bool = typer.Option(False, "--json", help="The reports, as JSON."),
+) -> None:
+    """TLS reports (RFC 8460) others sent us: which senders failed to reach us over TLS, and
+    why."""
+    from mda.paths import mailbox_path
+    from mta.tlsrpt import read_report
+
+    c = context(ctx)
+    cfg = c.config
+    targets = address or [f"postmaster@{d}" for d, _, _ in c.directory.list_domains()]
+    mailboxes: list[str] = []
+    for a in targets:
+        mailboxes += [m for m in c.directory.resolve(a) if c.directory.mailbox_exists(m)]
+    reports = []
+    for m in dict.fromkeys(mailboxes):
+        for data in _messages(mailbox_path(cfg.mda.mailbox_root, m), cfg.mda.format):
+            if b"tlsrpt" not in data.lower():
+                continue
+            report = read_report(data)
+            if report is not None:
+                reports.append(report)
+    if as_json:
+        typer.echo(json.dumps({"reports": reports}, indent=2))
+        return
+    rows = []
+    for r in reports:
+        start = str(r.get("date-range", {}).get("start-datetime", "?"))[:10]
+        for p in r.get("policies", []) if isinstance(r.get("policies"), list) else []:
+            pol, summary = p.get("policy", {}), p.get("summary", {})
+            failures = ", ".join(
+                f"{d.get('result-type', '?')}"
+                + (f"@{d['receiving-mx-hostname']}" if d.get("receiving-mx-hostname") else "")
+                + f" x{d.get('failed-session-count', '?')}"
+                for d in p.get("failure-details", []) if isinstance(d, dict))
+            rows.append([start, str(r.get("organization-name", "?"))[:40],
+                         str(pol.get("policy-domain", "?")), str(pol.get("policy-type", "?")),
+                         str(summary.get("total-successful-session-count", 0)),
+                         str(summary.get("total-failure-session-count", 0)), failures or "-"])
+    if not rows:
+        typer.echo(f"no TLS reports in the mailboxes of {', '.join(targets) or '(none)'}")
+        return
+    table(["DAY", "FROM", "DOMAIN", "POLICY", "OK", "FAILED", "FAILURES"], sorted(rows))

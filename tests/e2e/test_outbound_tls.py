@@ -302,6 +302,14 @@ def test_tls_sessions_are_counted_and_reported_the_next_day(world):
                                           "receiving-mx-hostname": "mx1.enforce.test"}]
     assert report["date-range"]["start-datetime"] == f"{day}T00:00:00Z"
     assert b'report-type="tlsrpt"' in mails[0]
+    # What a receiver of such reports reads (here our own, mailed to bob).
+    out = s.pochta("tls-reports", "--address", "bob@example.com").stdout
+    [row] = [ln for ln in out.splitlines() if "enforce.test" in ln]
+    assert row.split()[2:6] == ["enforce.test", "sts", "7", "2"], out
+    assert "certificate-expired@mx1.enforce.test x2" in row
+    listed = json.loads(s.pochta("tls-reports", "--address", "bob@example.com", "--json").stdout)
+    assert listed["reports"][0]["report-id"] == report["report-id"]
+    assert "no TLS reports" in s.pochta("tls-reports").stdout  # postmaster@ has none
     [(where, ctype, body)] = wait_for(lambda: sts.posts)
     assert where == "reports.test/tlsrpt" and ctype == "application/tlsrpt+gzip"
     assert json.loads(gzip.decompress(body))["policies"] == report["policies"]
