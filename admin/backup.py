@@ -13,6 +13,7 @@ The format, version 1 (docs/export-format.md)::
      "aliases": [{"source": "x@example.com" | "@example.com", "targets": ["a@..."]}],
      "relay_domains": [{"name": "example.net", "to": "", "hold": false, "odmr_user": "",
                         "recipients": ["b@example.net"]}],
+     "tls_policies": [{"domain": "partner.example", "policy": "verify"}],
      "greylist": [{"key": "<sha256 hex>", "first_seen": float, "last_seen": float,
                    "passed": bool}]}     # only with `export --greylist`
 
@@ -38,7 +39,8 @@ from admin.context import UserError, context
 from store import addresses, passwords
 from store.db import Database
 from store.fsio import atomic_write, ensure_dir
-from store.models import Alias, Domain, Greylist, RelayDomain, RelayRecipient, User
+from store.models import Alias, Domain, Greylist, RelayDomain, RelayRecipient, TLSPolicy, User
+from store.tlspolicy import POLICIES
 
 FORMAT = "pochta-export"
 VERSION = 1
@@ -92,6 +94,8 @@ def export_document(db: Database, keys_root: Path, greylist: bool = False) -> di
             "relay_domains": [{"name": r.name, "to": r.to, "hold": r.hold,
                                "odmr_user": r.odmr_user, "recipients": recipients.get(r.id, [])}
                               for r in relays],
+            "tls_policies": [{"domain": p.domain, "policy": p.policy}
+                             for p in s.scalars(select(TLSPolicy).order_by(TLSPolicy.domain))],
         }
         if greylist:
             doc["greylist"] = [{"key": g.key, "first_seen": g.first_seen,
@@ -125,6 +129,7 @@ class Document:
     users: list[dict[str, Any]] = field(default_factory=list)
     aliases: list[dict[str, Any]] = field(default_factory=list)
     relay_domains: list[dict[str, Any]] = field(default_factory=list)
+    tls_policies: list[dict[str, Any]] = field(default_factory=list)
     greylist: list[dict[str, Any]] | None = None
 
 
@@ -166,7 +171,7 @@ def check_document(raw: Any) -> Document:
         raise ImportError_(f"format version {version} is newer than this pochta reads "
                            f"({VERSION}): upgrade pochta first")
     known = {"format", "version", "exported", "domains", "users", "aliases", "relay_domains",
-             "greylist"}
+             "tls_policies", "greylist"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ImportError_(f"unknown key {unknown[0]!r}")
@@ -215,6 +220,18 @@ def check_document(raw: Any) -> Document:
             "hold": _typed(r.get("hold", False), bool, f"{where}.hold"),
             "odmr_user": _typed(r.get("odmr_user", ""), str, f"{where}.odmr_user"),
             "recipients": recipients})
+    policy_domains: set[str] = set()
+    for i, p in enumerate(_list(raw, "tls_policies")):
+        where = f"tls_policies[{i}]"
+        _typed(p, dict, where)
+        name = _domain_name(p.get("domain"), f"{where}.domain")
+        level = _typed(p.get("policy"), str, f"{where}.policy")
+        if level not in POLICIES:
+            raise ImportError_(f"{where}.policy: {level!r} is none of {', '.join(POLICIES)}")
+        if name in policy_domains:
+            raise ImportError_(f"{where}: domain {name} twice")
+        policy_domains.add(name)
+        doc.tls_policies.append({"domain": name, "policy": level})
     seen: set[str] = set()
     for i, u in enumerate(_list(raw, "users")):
         where = f"users[{i}]"
@@ -294,6 +311,10 @@ def conflicts(db: Database, keys_root: Path, doc: Document) -> list[str]:
         for a in doc.aliases:
             if s.scalar(select(Alias.id).where(Alias.source == a["source"]).limit(1)) is not None:
                 found.append(f"alias {a['source']}")
+        for p in doc.tls_policies:
+            existing = s.scalar(select(TLSPolicy.policy).where(TLSPolicy.domain == p["domain"]))
+            if existing is not None and existing != p["policy"]:
+                found.append(f"TLS policy of {p['domain']}")
     for d in doc.domains:
         folder = keys_root / addresses.ascii_domain(d["name"])
         for k in d["dkim"]["keys"]:
@@ -346,6 +367,12 @@ def import_document(db: Database, keys_root: Path, doc: Document) -> dict[str, i
             for t in a["targets"]:
                 s.add(Alias(source=a["source"], target=t,
                             domain_id=ids[a["source"].rpartition("@")[2]]))
+        for p in doc.tls_policies:
+            row = s.scalar(select(TLSPolicy).where(TLSPolicy.domain == p["domain"]))
+            if row is None:
+                s.add(TLSPolicy(domain=p["domain"], policy=p["policy"]))
+            else:
+                row.policy = p["policy"]
         if doc.greylist is not None:
             for g in doc.greylist:
                 s.merge(Greylist(**g))
@@ -359,6 +386,7 @@ def import_document(db: Database, keys_root: Path, doc: Document) -> dict[str, i
         if d["dkim"]["active"]:
             atomic_write(folder / "selector", d["dkim"]["active"].encode() + b"\n", mode=0o600)
     return {"domains": len(doc.domains), "relay domains": len(doc.relay_domains),
+            "TLS policies": len(doc.tls_policies),
             "users": len(doc.users), "aliases": len(doc.aliases),
             "DKIM keys": sum(len(d["dkim"]["keys"]) for d in doc.domains),
             **({"greylist entries": len(doc.greylist)} if doc.greylist is not None else {})}

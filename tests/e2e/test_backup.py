@@ -24,6 +24,7 @@ def exported(tmp_path_factory):
     src.pochta("dkim", "keygen", "example.com", "--selector", "s1")
     src.pochta("domain", "add", "example.net", "--relay", "--to", "127.0.0.9:2525", "--hold")
     src.pochta("relay-recipient", "add", "x@example.net")
+    src.pochta("tls-policy", "add", "partner.example", "verify")
     out = src.pochta("export").stdout
     path = src.base / "export.json"
     path.write_text(out)
@@ -43,6 +44,7 @@ def test_the_export_is_the_documented_format(exported):
         "info@example.com": ["bob@example.com", "amy@example.com"]}
     assert doc["relay_domains"] == [{"name": "example.net", "to": "127.0.0.9:2525", "hold": True,
                                      "odmr_user": "", "recipients": ["x@example.net"]}]
+    assert doc["tls_policies"] == [{"domain": "partner.example", "policy": "verify"}]
     assert "greylist" not in doc
 
 
@@ -50,9 +52,10 @@ def test_import_into_an_empty_database_moves_everything(exported, database_url, 
     src, path, _doc = exported
     dst = Stack(tmp_path / "target", top={"database_url": database_url})
     r = dst.pochta("import", str(path))
-    assert "imported 1 domains, 1 relay domains, 2 users, 2 aliases, 1 DKIM keys" in r.stdout
+    assert "imported 1 domains, 1 relay domains, 1 TLS policies, 2 users, 2 aliases, " \
+        "1 DKIM keys" in r.stdout
     for verb in (("user", "list"), ("alias", "list"), ("domain", "list"),
-                 ("relay-recipient", "list")):
+                 ("relay-recipient", "list"), ("tls-policy", "list")):
         assert dst.pochta(*verb).stdout == src.pochta(*verb).stdout, verb
     assert (dst.base / "dkim" / "example.com" / "s1.key").read_bytes() == \
         (src.base / "dkim" / "example.com" / "s1.key").read_bytes()
