@@ -25,7 +25,11 @@ MX_HOSTS = {
     "mx1.testing.test": HOSTILE, "mx1.cached.test": GOOD, "mx2.cached.test": GOOD,
     "mx.dane.test": GOOD, "mx.danebad.test": GOOD, "mx.daneinsecure.test": GOOD,
     "mx.plain.test": PLAIN, "mx.verify.test": HOSTILE,
+    # policies that are not policies (RFC 8461 §3.3): delivered as if there were none
+    "mx1.wrongtype.test": HOSTILE, "mx1.toolarge.test": HOSTILE, "mx1.redirect.test": HOSTILE,
+    "mx1.badhttps.test": HOSTILE, "mx.daneunusable.test": HOSTILE,
 }
+NOT_POLICIES = ("wrongtype.test", "toolarge.test", "redirect.test", "badhttps.test")
 GOOD_NAMES = [n for n, ip in MX_HOSTS.items() if ip == GOOD]
 
 
@@ -65,8 +69,17 @@ def world(tmp_path_factory):
         z(name, "A", ip, secure=domain.startswith("dane"))
     sts = PolicyServer("127.0.0.39", ca, ["reports.test"] + [
         f"mta-sts.{d}" for d in ("enforce.test", "badmx.test", "badcert.test", "testing.test",
-                                 "cached.test")])
+                                 "cached.test", "wrongtype.test", "toolarge.test",
+                                 "redirect.test")])  # not badhttps.test
     z("reports.test", "A", "127.0.0.39")
+    strict = policy("enforce", "mx.nowhere.test")  # would defer everything, were it taken
+    for domain in NOT_POLICIES:
+        z(f"_mta-sts.{domain}", "TXT", '"v=STSv1; id=first"')
+        z(f"mta-sts.{domain}", "A", "127.0.0.39")
+        sts.set(domain, strict)  # badhttps: a valid policy, behind a certificate for others
+    sts.set("wrongtype.test", strict, ctype="text/html")
+    sts.set("toolarge.test", strict + "# padding\r\n" * 8000)
+    sts.set("redirect.test", strict, status=301)
     z("_smtp._tls.enforce.test", "TXT",
       '"v=TLSRPTv1; rua=mailto:bob@example.com,https://reports.test/tlsrpt"')
     for domain, mode, mx in (("enforce.test", "enforce", ["mx1.enforce.test"]),
@@ -82,6 +95,8 @@ def world(tmp_path_factory):
     z(f"_{port}._tcp.mx.danebad.test", "TLSA", "3 1 1 " + "00" * 32, "1 1 1 " + match,
       secure=True)  # 1 (PKIX-EE) is unusable for SMTP; the usable one does not match
     z(f"_{port}._tcp.mx.daneinsecure.test", "TLSA", "3 1 1 " + "00" * 32)  # no AD bit
+    z(f"_{port}._tcp.mx.daneunusable.test", "TLSA", "0 0 1 " + "00" * 32, "3 4 1 " + "00" * 32,
+      secure=True)  # nothing usable: opportunistic TLS
     s = Stack(base / "pochta", delivery={"resolver": dns_server.address, "smtp_port": port,
                                          "ca_file": str(ca_file), "dnssec": True,
                                          "retry_initial": 3600, "retry_max": 3600},
@@ -108,6 +123,14 @@ def received(sinks: dict, ip: str, subject: str) -> list:
     return [m for m in sinks[ip].messages if f"Subject: {subject}".encode() in m.data]
 
 
+def deferred(s: Stack, sinks: dict, ip: str, rcpt: str, subject: str) -> str:
+    """Send, wait for the attempt's reply, check the host at ``ip`` got nothing; the reply."""
+    send(s, rcpt, subject)
+    reply = wait_for(lambda: last_reply(s, rcpt))
+    assert not received(sinks, ip, subject)
+    return reply
+
+
 def last_reply(s: Stack, rcpt: str) -> str:
     """The recipient's last reply once an attempt has been made ("" before)."""
     out = json.loads(s.pochta("queue", "list", "--json").stdout)["messages"]
@@ -128,18 +151,14 @@ def test_enforce_with_a_matching_mx_and_a_valid_certificate_delivers(world):
 
 def test_enforce_refuses_an_mx_the_policy_does_not_name(world):
     s, sinks, _, _ = world
-    send(s, "a@badmx.test", "sts-badmx")
-    reply = wait_for(lambda: last_reply(s, "a@badmx.test"))
+    reply = deferred(s, sinks, GOOD, "a@badmx.test", "sts-badmx")
     assert reply.startswith("451 4.7.5") and "MTA-STS" in reply, reply
-    assert not received(sinks, GOOD, "sts-badmx")
 
 
 def test_enforce_never_gives_the_message_to_a_host_with_a_certificate_for_another_name(world):
     s, sinks, _, _ = world
-    send(s, "a@badcert.test", "sts-badcert")
-    reply = wait_for(lambda: last_reply(s, "a@badcert.test"))
+    reply = deferred(s, sinks, HOSTILE, "a@badcert.test", "sts-badcert")
     assert reply.startswith("451 4.7.5") and "mx1.badcert.test" in reply, reply
-    assert not received(sinks, HOSTILE, "sts-badcert")
 
 
 def test_testing_mode_delivers_and_records_the_failure(world):
@@ -176,10 +195,8 @@ def test_dane_ee_match_delivers(world):
 
 def test_dane_mismatch_defers_and_nothing_is_sent(world):
     s, sinks, _, _ = world
-    send(s, "a@danebad.test", "dane-bad")
-    reply = wait_for(lambda: last_reply(s, "a@danebad.test"))
+    reply = deferred(s, sinks, GOOD, "a@danebad.test", "dane-bad")
     assert reply.startswith("451 4.7.5") and "TLSA" in reply and "dane" in reply, reply
-    assert not received(sinks, GOOD, "dane-bad")
 
 
 def test_dane_records_in_an_insecure_answer_are_ignored(world):
@@ -188,22 +205,32 @@ def test_dane_records_in_an_insecure_answer_are_ignored(world):
     assert wait_for(lambda: received(sinks, GOOD, "dane-insecure"))
 
 
+@pytest.mark.parametrize("domain", NOT_POLICIES)
+def test_a_policy_of_the_wrong_type_size_redirect_or_certificate_is_no_policy(world, domain):
+    s, sinks, _, _ = world
+    send(s, f"a@{domain}", f"notpolicy-{domain}")
+    assert wait_for(lambda: received(sinks, HOSTILE, f"notpolicy-{domain}")), s.log("up")
+    assert f"MTA-STS policy of {domain} not usable" in s.log("up")
+
+
+def test_tlsa_records_with_unknown_parameters_are_not_fatal(world):
+    s, sinks, _, _ = world
+    send(s, "a@daneunusable.test", "dane-unusable")
+    assert wait_for(lambda: received(sinks, HOSTILE, "dane-unusable"))
+
+
 def test_tls_policy_encrypt_refuses_a_host_without_starttls(world):
     s, sinks, _, _ = world
-    send(s, "a@plain.test", "policy-encrypt")
-    reply = wait_for(lambda: last_reply(s, "a@plain.test"))
+    reply = deferred(s, sinks, PLAIN, "a@plain.test", "policy-encrypt")
     assert reply.startswith("451 4.7.4") and "STARTTLS" in reply, reply
-    assert not received(sinks, PLAIN, "policy-encrypt")
     out = s.pochta("tls-policy", "list").stdout
     assert "plain.test" in out and "encrypt" in out
 
 
 def test_tls_policy_verify_refuses_a_certificate_for_another_name(world):
     s, sinks, _, _ = world
-    send(s, "a@verify.test", "policy-verify")
-    reply = wait_for(lambda: last_reply(s, "a@verify.test"))
+    reply = deferred(s, sinks, HOSTILE, "a@verify.test", "policy-verify")
     assert reply.startswith("451 4.7.5") and "verify" in reply, reply
-    assert not received(sinks, HOSTILE, "policy-verify")
     # The queue shows why it waits.
     assert "4.7.5" in s.pochta("queue", "list").stdout
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import base64
 import socket
-import ssl
 from dataclasses import dataclass, field
 
-from tests.support.smtp import client_tls
+from tests.support.smtp import Raw, client_tls
 
 
 @dataclass
@@ -29,38 +28,21 @@ class Customer:
     taken: list[Taken] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.sock: socket.socket | ssl.SSLSocket = socket.create_connection(
-            ("127.0.0.1", self.port), timeout=30)
-        self.buf = b""
-        self.greeting = self.reply()
+        self.raw = Raw(self.port)  # reads lines and replies; its socket becomes TLS
+        self.greeting = self.raw.greeting
+        self.cmd = self.raw.cmd
+        self.line = self.raw.line
+
+    @property
+    def sock(self) -> socket.socket:
+        return self.raw.sock
 
     # -- as the client: login and ATRN --------------------------------------------------------
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\r\n")
-        return line
-
-    def reply(self) -> str:
-        lines = []
-        while True:
-            line = self.line()
-            lines.append(line.decode("utf-8", "replace"))
-            if line[3:4] != b"-":
-                return "\n".join(lines)
-
-    def cmd(self, line: str) -> str:
-        self.sock.sendall(line.encode() + b"\r\n")
-        return self.reply()
 
     def login_tls(self) -> None:
         assert self.cmd("EHLO customer.test").startswith("250")
         assert self.cmd("STARTTLS").startswith("220")
-        self.sock = client_tls().wrap_socket(self.sock, server_hostname="mx.pochta.test")
+        self.raw.sock = client_tls().wrap_socket(self.raw.sock, server_hostname="mx.pochta.test")
         ehlo = self.cmd("EHLO customer.test")
         assert "ATRN" in ehlo and "AUTH" in ehlo, ehlo
         token = base64.b64encode(f"\0{self.login}\0{self.password}".encode()).decode()

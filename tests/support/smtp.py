@@ -40,15 +40,22 @@ class Raw:
         self.buf = b""
         self.greeting = self.reply()
 
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line
+
     def reply(self) -> str:
-        lines = []
+        lines: list[str] = []
         while True:
-            while b"\r\n" not in self.buf:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise ConnectionError("closed: " + " | ".join(lines))
-                self.buf += chunk
-            line, _, self.buf = self.buf.partition(b"\r\n")
+            try:
+                line = self.line()
+            except ConnectionError:
+                raise ConnectionError("closed: " + " | ".join(lines)) from None
             lines.append(line.decode("utf-8", "replace"))
             if line[3:4] != b"-":
                 return "\n".join(lines)
