@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import socket
 
+from tests.support.smtp import Raw
 
-class RawLMTP:
+
+class RawLMTP(Raw):
+    """Raw's line and reply reading, over TCP or a unix socket; QUIT on close."""
+
     def __init__(self, addr: str, timeout: float = 15) -> None:
         if addr.startswith("unix:"):
             self.sock = socket.socket(socket.AF_UNIX)
@@ -17,27 +21,8 @@ class RawLMTP:
         self.buf = b""
         self.greeting = self.reply()
 
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\r\n")
-        return line
-
-    def reply(self) -> str:
-        lines = [self.line().decode()]
-        while lines[-1][3:4] == "-":
-            lines.append(self.line().decode())
-        return "\n".join(lines)
-
-    def cmd(self, text: str) -> str:
-        self.sock.sendall(text.encode() + b"\r\n")
-        return self.reply()
-
     def send_data(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        self.send(data)
 
     def close(self) -> None:
         try:
