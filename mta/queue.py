@@ -40,7 +40,8 @@ from store.directory import Directory, DirectoryUnavailable, lookup
 
 log = logging.getLogger("pochta.queue")
 
-HEARTBEAT_INTERVAL = 5.0  # seconds between the queue gauges' updates and heartbeats
+HEARTBEAT_INTERVAL = 5.0  # seconds between heartbeats (and, at most, gauge updates)
+GAUGE_SHARE = 0.02  # the queue gauges walk every envelope: at most this share of the time
 
 class QueueRunner:
     """The scheduler: which message is attempted when, and how many at once.
@@ -162,7 +163,7 @@ class QueueRunner:
 
     async def run(self, stop: asyncio.Event) -> None:
         next_gc = time.monotonic() + 3600.0
-        next_beat = 0.0
+        next_beat = next_gauges = 0.0
         stopping = asyncio.create_task(stop.wait())
         stopping.add_done_callback(lambda _: self.wake.set())
         while not stop.is_set():
@@ -174,6 +175,13 @@ class QueueRunner:
                 await self._rescan()  # a safety net: nothing stays unknown for long
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + HEARTBEAT_INTERVAL
+                if next_beat >= next_gauges:
+                    # A walk of 100,000 envelopes takes a fraction of a second: with a big
+                    # queue the gauges are refreshed less often, the heartbeat never.
+                    started = time.monotonic()
+                    self._gauges()
+                    spent = time.monotonic() - started
+                    next_gauges = started + max(HEARTBEAT_INTERVAL, spent / GAUGE_SHARE)
                 self._heartbeat()
             if self.reporter is not None and time.monotonic() >= self.reporter.next_check:
                 self.reporter.next_check = time.monotonic() + CHECK_EVERY
@@ -561,14 +569,16 @@ class QueueRunner:
         self.cfg = cfg
         self.remote = remote
 
-    def _heartbeat(self) -> None:
-        """The queue gauges, and the heartbeat `pochta status` reads: this loop turns."""
+    def _gauges(self) -> None:
         by_state = Counter(env.state for env in self.items.values())
         for state in ("new", "deferred", "held"):
             metrics.QUEUE_MESSAGES.labels(state).set(by_state[state])
         now = self.clock()
         oldest = min((env.created for env in self.items.values()), default=now)
         metrics.QUEUE_OLDEST.set(max(0.0, now - oldest))
+
+    def _heartbeat(self) -> None:
+        """The heartbeat `pochta status` reads: this loop turns."""
         try:
             self.spool.beat()
         except OSError as e:

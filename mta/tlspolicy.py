@@ -98,7 +98,15 @@ class TLSPolicies:
     async def for_domain(self, domain: str) -> DomainPolicy:
         admin = None
         if self.store is not None:
-            admin = await asyncio.to_thread(self.store.get, domain)
+            try:
+                admin = await asyncio.to_thread(self.store.get, domain)
+            except Exception as e:
+                # A database not upgraded yet has no policies to apply (`pochta db upgrade`);
+                # any other failure defers the delivery rather than weakening a policy.
+                if "no such table" not in str(e) and "does not exist" not in str(e):
+                    raise
+                log.warning("no TLS policy table (run 'pochta db upgrade'): %s",
+                            str(e).splitlines()[0])
         sts = None if admin is not None else await self.sts_policy(domain)
         return DomainPolicy(admin, sts if sts is not None and sts.mode != "none" else None)
 

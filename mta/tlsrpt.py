@@ -172,8 +172,9 @@ class Reporter:
         """The runner starts this at most once per CHECK_EVERY (``next_check``)."""
         try:
             await self.send_pending()
-        except Exception:
-            log.exception("TLS reports not sent (tried again in an hour)")
+        except Exception as e:  # the database, DNS: tried again in an hour
+            log.warning("TLS reports not sent (tried again in an hour): %s",
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
 
     async def send_pending(self) -> None:
         today = time.strftime("%Y-%m-%d", time.gmtime(self.clock()))
