@@ -58,6 +58,9 @@ def _as_json(env: Envelope) -> dict[str, object]:
                            for r in env.recipients]}
 
 
+DEFAULT_PAGE = 100  # table rows `queue list` shows unless told --limit
+
+
 @queue_app.command("list")
 def queue_list(
     ctx: typer.Context,
@@ -68,16 +71,31 @@ def queue_list(
                                             help="Only messages queued longer than this."),
     state: str = typer.Option("", "--state", help="Only messages in this state: "
                                                   + ", ".join(STATES) + "."),
+    limit: int | None = typer.Option(None, "--limit", metavar="N", min=0,
+                                     help="At most N messages, oldest first (default: 100 "
+                                          "in the table, all with --json; 0: all)."),
+    after: str = typer.Option("", "--after", metavar="ID",
+                              help="Only messages queued after this one (the next page)."),
 ) -> None:
-    """Messages waiting in the queue, with their pending recipients."""
+    """Messages waiting in the queue, with their pending recipients, oldest first."""
     state = state.strip().lower()
     if state and state not in STATES:
         raise UserError(f"--state: expected one of {', '.join(STATES)}, got {state!r}")
+    if after:
+        _valid_id(after)
     domain = domain.strip().lower().rstrip(".")
     spool = _spool(ctx)
     now = time.time()
-    envelopes = []
-    for qid in spool.ids():
+    # Ids sort by arrival: a page reads only the envelopes it shows (a queue of 100,000 is
+    # not loaded, nor drawn as a table, to show its first lines).
+    ids = [q for q in spool.ids() if q > after] if after else spool.ids()
+    most = (0 if as_json else DEFAULT_PAGE) if limit is None else limit
+    envelopes: list[Envelope] = []
+    more = False
+    for qid in ids:
+        if most and len(envelopes) == most:
+            more = True
+            break
         try:
             env = spool.load(qid)
         except (OSError, SpoolError):
@@ -91,6 +109,7 @@ def queue_list(
     if as_json:
         typer.echo(json.dumps({
             "messages": [_as_json(e) for e in envelopes],
+            **({"next_after": envelopes[-1].id} if more else {}),
             "damaged": [{"id": qid, "size": size, "state": "damaged",
                          "kept_in": str(spool.dir / DAMAGED_DIR)} for qid, size in damaged]},
             ensure_ascii=False, indent=2))
@@ -107,8 +126,15 @@ def queue_list(
         rows.append([qid, "-", str(size), "-", "-", "-",
                      f"DAMAGED: unreadable, kept in {spool.dir / DAMAGED_DIR}"])
     table(["ID", "ARRIVED", "SIZE", "FROM", "PENDING", "NEXT", "LAST REPLY"], rows)
-    typer.echo(f"{len(envelopes)} message(s) in the queue"
-               + (f", {len(damaged)} damaged (see the log)" if damaged else ""))
+    filtered = bool(domain or older_than is not None or state or after)
+    if more:
+        typer.echo(f"the oldest {len(envelopes)} of "
+                   + (f"{len(ids)} message(s) in the queue" if not filtered
+                      else "the matching messages")
+                   + f"; next page: --after {envelopes[-1].id} (--limit 0: all)")
+    else:
+        typer.echo(f"{len(envelopes)} message(s) in the queue"
+                   + (f", {len(damaged)} damaged (see the log)" if damaged else ""))
 
 
 @queue_app.command("show")

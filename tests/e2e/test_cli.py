@@ -117,3 +117,32 @@ def test_the_database_and_the_data_folder_are_private(tmp_path):
     (data / "pochta.db").chmod(0o644)  # made by an earlier version
     assert run_pochta(p, "domain", "list").returncode == 0
     assert stat.S_IMODE((data / "pochta.db").stat().st_mode) == 0o600
+
+
+def test_queue_list_pages_oldest_first(tmp_path):
+    """A page reads only what it shows; --after gives the next one, --limit 0 all."""
+    import json
+    import time
+
+    from mta.envelope import Envelope, Recipient
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    p = tmp_path / "pochta.toml"
+    p.write_text(f'data_dir = "{tmp_path}"\nspool_dir = "{spool}"\n')
+    now = time.time()
+    ids = [f"{int(now * 1e6) + i:014x}abcdef" for i in range(5)]
+    for i, qid in enumerate(ids):
+        env = Envelope(id=qid, created=now, mail_from="a@example.com",
+                       recipients=[Recipient(address=f"u{i}@down.test", original=f"u{i}@down.test")])
+        (spool / f"{qid}.msg").write_bytes(env.to_json() + b"\nSubject: x\r\n\r\nx\r\n")
+    first = ok(p, "queue", "list", "--limit", "2")
+    assert [ln.split()[0] for ln in first.splitlines()[1:3]] == ids[:2]
+    assert first.splitlines()[-1] == (f"the oldest 2 of 5 message(s) in the queue; next page: "
+                                      f"--after {ids[1]} (--limit 0: all)")
+    page = json.loads(ok(p, "queue", "list", "--json", "--limit", "2", "--after", ids[1]))
+    assert [m["id"] for m in page["messages"]] == ids[2:4] and page["next_after"] == ids[3]
+    rest = json.loads(ok(p, "queue", "list", "--json", "--after", ids[3]))
+    assert [m["id"] for m in rest["messages"]] == ids[4:] and "next_after" not in rest
+    assert ok(p, "queue", "list", "--limit", "0").splitlines()[-1] == "5 message(s) in the queue"
+    assert "not a queue id" in fails(p, "queue", "list", "--after", "../x")
