@@ -1,0 +1,204 @@
+"""A big queue (issue 22), pochta's side: N messages for a remote domain whose MX is down, and
+what that does to local mail. Not a test: it prints figures and a met/MISSED line per target.
+
+    .venv/bin/python bench/bigqueue.py              # 100,000 queued 4 KB messages
+    .venv/bin/python bench/bigqueue.py -n 20000
+
+Measured: the queue runner's RSS per queued message; restart to the first local delivery;
+`pochta queue list`'s first page; local mail's end-to-end rate with the queue full against
+an empty queue. The remote domain's DNS points at a closed port on 127.0.0.1 (connection
+refused), as the issue describes. Postfix's side of the same load is not measured yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.run import free_port, load, pochta_bin, proc_cpu, proc_rss_mb, wait_files  # noqa: E402
+from mta.envelope import Envelope, Recipient  # noqa: E402
+
+
+def dns_stub(port: int) -> tuple[socket.socket, list[bool]]:
+    """down.test: MX mx.down.test, A 127.0.0.1 (nothing listens on the SMTP port)."""
+    import threading
+
+    import dns.message
+    import dns.rdatatype
+    import dns.rrset
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", port))
+    sock.settimeout(0.2)
+    zones = {("down.test.", "MX"): ["10 mx.down.test."], ("mx.down.test.", "A"): ["127.0.0.1"]}
+    running = [True]
+
+    def serve() -> None:
+        while running[0]:
+            try:
+                data, peer = sock.recvfrom(4096)
+                q = dns.message.from_wire(data)
+            except Exception:
+                continue
+            r = dns.message.make_response(q)
+            name = q.question[0].name.to_text().lower()
+            rtype = dns.rdatatype.to_text(q.question[0].rdtype)
+            if (name, rtype) in zones:
+                r.answer.append(dns.rrset.from_text_list(name, 60, "IN", rtype,
+                                                         zones[(name, rtype)]))
+            sock.sendto(r.to_wire(), peer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return sock, running
+
+
+class Stack:
+    def __init__(self, folder: Path) -> None:
+        self.dir = folder
+        self.port = free_port()
+        self.dns_port = free_port()
+        self.cfg = folder / "pochta.toml"
+        self.cfg.write_text(f"""
+hostname = "mx.bench.test"
+data_dir = "{folder}"
+log_level = "warning"
+[mta]
+listen = ["127.0.0.1:{self.port}"]
+[msa]
+listen = []
+listen_tls = []
+[mda]
+listen = "127.0.0.1:{free_port()}"
+[delivery]
+resolver = "127.0.0.1:{self.dns_port}"
+smtp_port = {free_port()}
+""")
+        self.run = [pochta_bin(), "--config", str(self.cfg)]
+        subprocess.run(self.run + ["db", "upgrade"], check=True, capture_output=True)
+        subprocess.run(self.run + ["domain", "add", "bench.test"], check=True, capture_output=True)
+        subprocess.run(self.run + ["user", "add", "user@bench.test", "--password-stdin"],
+                       input=b"bench\n", check=True, capture_output=True)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.new_dir = folder / "mail" / "bench.test" / "user" / "new"
+
+    def start(self) -> float:
+        """Start mda and mta; when port 25 accepts (monotonic)."""
+        self.procs = [subprocess.Popen(self.run + ["serve", role], stderr=subprocess.DEVNULL)
+                      for role in ("mda", "mta")]
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return time.monotonic()
+            except OSError:
+                time.sleep(0.02)
+        raise TimeoutError("the MTA did not start")
+
+    def queue_pid(self) -> int:
+        """The queue runner (serve mta's child), once it has started (its CPU time still)."""
+        mta = self.procs[1].pid
+        for _ in range(200):
+            children = Path(f"/proc/{mta}/task/{mta}/children").read_text().split()
+            if children:
+                pid = int(children[0])
+                last, deadline = -1.0, time.time() + 120
+                while time.time() < deadline and (now := proc_cpu(pid)) != last:
+                    last = now
+                    time.sleep(0.5)
+                return pid
+            time.sleep(0.05)
+        raise TimeoutError("no queue runner")
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def fill(spool: Path, n: int) -> None:
+    """n committed 4 KB messages for down.test, as the MTA writes them (no fsync: setup)."""
+    body = b"Subject: queued\r\n\r\n" + b"x" * 4000 + b"\r\n"
+    now = time.time()
+    for i in range(n):
+        env = Envelope(id=f"{int(now * 1e6) - n + i:014x}{i % 0xffffff:06x}", created=now,
+                       mail_from="sender@bench.test", size=len(body),
+                       recipients=[Recipient(address=f"u{i}@down.test",
+                                             original=f"u{i}@down.test", next_attempt=now)])
+        (spool / f"{env.id}.msg").write_bytes(env.to_json() + b"\n" + body)
+
+
+def local_rate(port: int, new_dir: Path, n: int, run: str) -> float:
+    before = len(list(new_dir.iterdir())) if new_dir.is_dir() else 0
+    t0 = time.monotonic()
+    asyncio.run(load(port, n, 10, 4096, run))
+    wait_files(new_dir, before + n, timeout=300)
+    return n / (time.monotonic() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", "--messages", type=int, default=100_000)
+    parser.add_argument("--local", type=int, default=1000, help="local messages per rate run")
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="pochta-bigq-"))
+    s = Stack(folder)
+    dns_sock, running = dns_stub(s.dns_port)
+    verdicts = []
+    try:
+        s.start()
+        empty_rss = proc_rss_mb(s.queue_pid())
+        empty_rate = local_rate(s.port, s.new_dir, args.local, "empty")
+        s.stop()
+        fill(folder / "spool", args.messages)
+        up = s.start()
+        delivered = 0.0
+        asyncio.run(load(s.port, 1, 1, 4096, "first"))
+        wait_files(s.new_dir, args.local + 1, timeout=600)
+        delivered = time.monotonic() - up
+        full_rss = proc_rss_mb(s.queue_pid())
+        per_message_kb = 1024 * (full_rss - empty_rss) / args.messages
+        full_rate = local_rate(s.port, s.new_dir, args.local, "full")
+        t0 = time.monotonic()
+        listing = subprocess.run(s.run + ["queue", "list"], capture_output=True, text=True)
+        first_page = time.monotonic() - t0
+        print(f"queued for a dead MX: {args.messages} x 4 KB")
+        print(f"queue runner RSS: {empty_rss:.0f} MB empty -> {full_rss:.0f} MB full "
+              f"({per_message_kb:.2f} KB per message)")
+        print(f"restart to the first local delivery: {delivered:.2f} s")
+        print(f"`pochta queue list` first page: {first_page:.2f} s "
+              f"({listing.stdout.strip().splitlines()[-1]})")
+        print(f"local mail end to end (10 sessions, 4 KB): {empty_rate:.0f} msg/s with the queue "
+              f"empty, {full_rate:.0f} msg/s full ({100 * full_rate / empty_rate:.0f} %)")
+        verdicts = [
+            ("runner RSS grows < 1 KB per queued message", per_message_kb < 1.0,
+             f"{per_message_kb:.2f} KB"),
+            ("restart to first local delivery < 10 s", delivered < 10, f"{delivered:.2f} s"),
+            ("queue list first page < 1 s", first_page < 1, f"{first_page:.2f} s"),
+            ("local rate with a full queue >= 80 % of empty", full_rate >= 0.8 * empty_rate,
+             f"{100 * full_rate / empty_rate:.0f} %"),
+        ]
+        for what, ok, figure in verdicts:
+            print(f"target {'met' if ok else 'MISSED'}: {what} ({figure})")
+    finally:
+        s.stop()
+        running[0] = False
+        dns_sock.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
