@@ -384,3 +384,30 @@ def test_our_own_policy_is_served_over_https_as_pochta_dns_prints_it(tmp_path):
         assert get("mta-sts.example.com", "/other")[0] == 404
     finally:
         s.stop_all()
+
+
+def test_a_database_not_upgraded_yet_still_delivers_and_says_why(tmp_path):
+    """Migration 0005 brings the TLS policy tables: until `pochta db upgrade`, mail goes
+    out with opportunistic TLS and a warning, not deferred for a missing table."""
+    import sqlite3
+
+    port = free_port("127.0.0.44")
+    sink = SinkMX("127.0.0.44", port)
+    dns_server = FakeDNS()
+    dns_server.add("old.test", "MX", "10 mx.old.test.")
+    dns_server.add("mx.old.test", "A", "127.0.0.44")
+    s = Stack(tmp_path, delivery={"resolver": dns_server.address, "smtp_port": port},
+              mta={"relay_networks": ["127.0.0.1/32"]})
+    s.setup_users("example.com", "bob@example.com")
+    with sqlite3.connect(tmp_path / "pochta.db") as db:
+        for table in ("tls_policies", "mta_sts_policies", "tls_report_counts"):
+            db.execute(f"DROP TABLE {table}")
+    s.start("up")
+    try:
+        send(s, "a@old.test", "not-upgraded")
+        assert wait_for(lambda: [m for m in sink.messages if b"not-upgraded" in m.data])
+        assert "run 'pochta db upgrade'" in s.log("up") and "Traceback" not in s.log("up")
+    finally:
+        s.stop_all()
+        sink.stop()
+        dns_server.close()
