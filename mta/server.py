@@ -114,9 +114,8 @@ async def run_queue(cfg: Config, stop: asyncio.Event,
     outbound = runner.remote
     assert isinstance(outbound, Outbound)
     runner.reporter = Reporter(cfg.hostname, tls_store, spool, outbound.resolver,
-                               enqueue=runner.add,
-                               signer=Signer(cfg.dkim.keys_dir) if cfg.dkim.sign else None,
-                               ca_file=cfg.delivery.ca_file)
+                               enqueue=runner.add, https=outbound.policies.https,
+                               signer=Signer(cfg.dkim.keys_dir) if cfg.dkim.sign else None)
 
     def apply(new: Config) -> None:
         directory.ttl = new.directory_cache_ttl

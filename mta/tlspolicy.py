@@ -37,6 +37,7 @@ from store.tlspolicy import StsPolicy, TLSPolicyStore
 log = logging.getLogger("pochta.tlspolicy")
 
 RECHECK = 300.0  # seconds between looks at a domain's _mta-sts TXT record, per process
+ADMIN_TTL = 5.0  # seconds an administrator's policy is remembered (as directory look-ups)
 REFRESH_AFTER = 86_400.0  # a cached policy older than this is fetched again in the background
 FETCH_TIMEOUT = 30.0  # seconds for the whole HTTPS fetch (RFC 8461 §3.3: "reasonable")
 
@@ -92,23 +93,37 @@ class TLSPolicies:
         self.https = ssl.create_default_context(cafile=ca_file or None)
         self.https.minimum_version = ssl.TLSVersion.TLSv1_2
         self.memo: dict[str, tuple[float, StsPolicy | None]] = {}
+        self.admin_memo: dict[str, tuple[float, str | None]] = {}
         self.refreshing: set[str] = set()
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def for_domain(self, domain: str) -> DomainPolicy:
-        admin = None
-        if self.store is not None:
-            try:
-                admin = await asyncio.to_thread(self.store.get, domain)
-            except Exception as e:
-                # A database not upgraded yet has no policies to apply (`pochta db upgrade`);
-                # any other failure defers the delivery rather than weakening a policy.
-                if "no such table" not in str(e) and "does not exist" not in str(e):
-                    raise
-                log.warning("no TLS policy table (run 'pochta db upgrade'): %s",
-                            str(e).splitlines()[0])
+        admin = await self._admin(domain)
         sts = None if admin is not None else await self.sts_policy(domain)
         return DomainPolicy(admin, sts if sts is not None and sts.mode != "none" else None)
+
+    async def _admin(self, domain: str) -> str | None:
+        """The administrator's level for ``domain``, remembered for ADMIN_TTL seconds."""
+        if self.store is None:
+            return None
+        now = time.monotonic()
+        memo = self.admin_memo.get(domain)
+        if memo is not None and now - memo[0] < ADMIN_TTL:
+            return memo[1]
+        try:
+            admin = await asyncio.to_thread(self.store.get, domain)
+        except Exception as e:
+            # A database not upgraded yet has no policies to apply (`pochta db upgrade`);
+            # any other failure defers the delivery rather than weakening a policy.
+            if "no such table" not in str(e) and "does not exist" not in str(e):
+                raise
+            log.warning("no TLS policy table (run 'pochta db upgrade'): %s",
+                        str(e).splitlines()[0])
+            admin = None
+        if len(self.admin_memo) >= 10_000:
+            self.admin_memo.clear()
+        self.admin_memo[domain] = (now, admin)
+        return admin
 
     async def for_host(self, policy: DomainPolicy, host: Host, port: int,
                        tls_optional: bool = False) -> Requirement:

@@ -149,8 +149,9 @@ class Reporter:
     """Sends the days before today's reports; claims each (day, domain) before sending."""
 
     def __init__(self, hostname: str, store: TLSPolicyStore, spool: Spool, resolver: Resolver,
-                 enqueue: Callable[[Envelope], None], signer: Signer | None = None,
-                 ca_file: str = "", clock: Callable[[], float] = time.time) -> None:
+                 enqueue: Callable[[Envelope], None], https: ssl.SSLContext,
+                 signer: Signer | None = None, clock: Callable[[], float] = time.time) -> None:
+        """``https``: the verifying TLS context for POSTs (the MTA-STS fetcher's)."""
         self.hostname = hostname
         self.store = store
         self.spool = spool
@@ -158,7 +159,7 @@ class Reporter:
         self.enqueue = enqueue
         self.signer = signer
         self.clock = clock
-        self.https = ssl.create_default_context(cafile=ca_file or None)
+        self.https = https
         self.next_check = 0.0
 
     @property

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from sqlalchemy import delete, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from store import addresses
-from store.addresses import AddressError
 from store.db import Database
+from store.directory import Directory
 from store.models import MtaStsPolicy, TLSPolicy, TLSReportCount
 
 POLICIES = ("none", "may", "encrypt", "verify", "dane")
@@ -56,12 +55,7 @@ class TLSPolicyStore:
 
     # -- the administrator's policies ---------------------------------------------------------
 
-    @staticmethod
-    def _domain(name: str) -> str:
-        try:
-            return addresses.normalize_domain(name)
-        except AddressError as e:
-            raise TLSPolicyError(str(e)) from None
+    _domain = staticmethod(Directory.domain_arg)  # a DirectoryError for a malformed name
 
     def add(self, domain: str, policy: str) -> str:
         name = self._domain(domain)

@@ -263,17 +263,13 @@ class Outbound:
                     raise _Retry(reply(454, f"4.7.5 TLS with the smarthost failed: {e}")) \
                         from None
                 await smtp.ehlo()
-            elif smarthost:
-                if use_tls and not implicit and smtp.supports_extension("starttls") and \
-                        not await self._starttls(env, smtp, host, relay):
-                    return await self._session(env, host, port, rcpts, data,
-                                               use_tls=False, smarthost=smarthost)
-            else:
+            elif not implicit:  # (an unverified smarthost's requirement is OPPORTUNISTIC)
                 secured = await self._secure(env, smtp, host, relay, use_tls, requirement,
                                              domain, refuse)
                 if secured is None:  # the handshake failed: opportunistic, so again
                     return await self._session(env, host, port, rcpts, data, use_tls=False,
-                                               requirement=requirement, domain=domain)
+                                               smarthost=smarthost, requirement=requirement,
+                                               domain=domain)
                 if secured == "unverified":  # MTA-STS testing: the failure is recorded
                     return await self._session(env, host, port, rcpts, data,
                                                requirement=OPPORTUNISTIC, domain=domain)
@@ -284,8 +280,8 @@ class Outbound:
                     raise _Retry(reply(454, "4.7.0 smarthost offers no TLS; "
                                        "not sending credentials in the clear"))
                 await smtp.login(d.smarthost_user, d.smarthost_password)
-            verified = smarthost and verify or not smarthost and authenticated
-            return await self.transaction(env, smtp, rcpts, data, reply, refuse, verified)
+            return await self.transaction(env, smtp, rcpts, data, reply, refuse,
+                                          verify or authenticated)
         except aiosmtplib.SMTPResponseException as e:
             r = reply(e.code, e.message)
             if e.code >= 500:
@@ -299,21 +295,6 @@ class Outbound:
                     await smtp.quit()
                 except (aiosmtplib.SMTPException, OSError, TimeoutError):
                     smtp.close()
-
-    async def _starttls(self, env: Envelope, smtp: aiosmtplib.SMTP, host: Host, relay: str
-                        ) -> bool:
-        """Opportunistic STARTTLS and the EHLO after it; False if the handshake failed (the
-        caller starts again in clear text)."""
-        try:
-            await smtp.starttls(tls_context=self.tls, server_hostname=host.name)
-        except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
-            log.info("%s: %s: STARTTLS failed (%s); retrying without TLS", env.id, relay, e)
-            smtp.close()
-            return False
-        # RFC 3207 §4.2: what the server said before TLS is forgotten (aiosmtplib clears it);
-        # its extensions are those of a new EHLO over the encrypted channel.
-        await smtp.ehlo()
-        return True
 
     async def _secure(self, env: Envelope, smtp: aiosmtplib.SMTP, host: Host, relay: str,
                       use_tls: bool, req: Requirement, domain: str,
@@ -365,7 +346,9 @@ class Outbound:
             raise _Retry(refuse(451, f"4.7.5 {problem} ({req.describe()})"))
         if checked:
             await self.policies.record(domain, req, "success")
-        await smtp.ehlo()  # RFC 3207 §4.2: the extensions are those said over TLS
+        # RFC 3207 §4.2: what the server said before TLS is forgotten (aiosmtplib clears it);
+        # its extensions are those of a new EHLO over the encrypted channel.
+        await smtp.ehlo()
         return req.authenticated
 
     async def transaction(self, env: Envelope, smtp: aiosmtplib.SMTP, rcpts: list[Recipient],

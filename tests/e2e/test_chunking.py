@@ -83,11 +83,7 @@ def test_a_chunk_over_size_ends_the_transaction_and_delivers_nothing(stack):
     # The rest of it, and its LAST, find no transaction: refused, and still read as data.
     assert bdat(c, b"tail\r\n", last=True).startswith("503")
     assert c.cmd("NOOP").startswith("250")
-    assert c.cmd("MAIL FROM:<someone@elsewhere.test>").startswith("250")
-    assert c.cmd("RCPT TO:<bob@example.com>").startswith("250")
-    assert bdat(c, b"Subject: sentinel-size\r\n\r\nok\r\n", last=True).startswith("250")
-    c.cmd("QUIT")
-    assert wait_mail_with(stack, "bob@example.com", b"sentinel-size")
+    sentinel(stack, c, b"sentinel-size")
     assert not delivered(stack, "bob@example.com", b"too-big")
 
 
@@ -95,11 +91,7 @@ def test_bare_line_feeds_in_a_chunk_refuse_the_message(stack):
     c = transaction(stack, "bob@example.com")
     assert bdat(c, b"Subject: bare-lf\r\n\r\nsmuggled\n.\nMAIL FROM:<x@y>\r\n",
                 last=True).startswith("554 5.6.0")
-    assert c.cmd("MAIL FROM:<someone@elsewhere.test>").startswith("250")
-    assert c.cmd("RCPT TO:<bob@example.com>").startswith("250")
-    assert bdat(c, b"Subject: sentinel-lf\r\n\r\nok\r\n", last=True).startswith("250")
-    c.cmd("QUIT")
-    assert wait_mail_with(stack, "bob@example.com", b"sentinel-lf")
+    sentinel(stack, c, b"sentinel-lf")
     assert not delivered(stack, "bob@example.com", b"bare-lf")
 
 
@@ -159,6 +151,16 @@ def test_binarymime_to_a_host_without_it_bounces_with_5_6_3(stack):
     dsn = wait_for(lambda: delivered(stack, "bob@example.com", b"far@remote.test"))
     assert dsn and b"5.6.3" in dsn[0] and b"BINARYMIME" in dsn[0]
     assert not any(b"Subject: binary" in m.data for m in stack.remote.messages)
+
+
+def sentinel(s: Stack, c: Raw, marker: bytes) -> None:
+    """A good message on the same session, then QUIT; once it is delivered, whatever the
+    session sent before it has been dealt with."""
+    assert c.cmd("MAIL FROM:<someone@elsewhere.test>").startswith("250")
+    assert c.cmd("RCPT TO:<bob@example.com>").startswith("250")
+    assert bdat(c, b"Subject: " + marker + b"\r\n\r\nok\r\n", last=True).startswith("250")
+    c.cmd("QUIT")
+    assert wait_mail_with(s, "bob@example.com", marker)
 
 
 def wait_mail_with(s: Stack, rcpt: str, marker: bytes) -> bool:

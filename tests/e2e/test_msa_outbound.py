@@ -66,6 +66,14 @@ def submit(s: Stack, sender: str, rcpts: list[str], body: bytes, login: str = "a
         return c.sendmail(sender, rcpts, body)
 
 
+def stack_with_alice(tmp_path, delivery: dict) -> Stack:
+    """`pochta up` with these [delivery] settings and the user alice@example.com."""
+    s = Stack(tmp_path, delivery=delivery)
+    s.setup_users("example.com", "alice@example.com", password=PW)
+    s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.mta_port}", f"127.0.0.1:{s.msa_port}"])
+    return s
+
+
 def find(sink: SinkMX, marker: bytes, timeout: float = 20):
     return wait_for(lambda: next((m for m in sink.messages if marker in m.data), None), timeout)
 
@@ -287,10 +295,9 @@ def test_swaks_submission(world):
 def test_expiry_bounces(tmp_path):
     dns_server = FakeDNS()
     dns_server.servfail.add("flaky.test.")
-    s = Stack(tmp_path, delivery={"resolver": dns_server.address, "smtp_port": free_port(),
-                                  "retry_initial": 1, "retry_max": 1, "max_queue_lifetime": 2})
-    s.setup_users("example.com", "alice@example.com", password=PW)
-    s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.mta_port}", f"127.0.0.1:{s.msa_port}"])
+    s = stack_with_alice(tmp_path, {"resolver": dns_server.address, "smtp_port": free_port(),
+                                    "retry_initial": 1, "retry_max": 1,
+                                    "max_queue_lifetime": 2})
     try:
         submit(s, "alice@example.com", ["x@flaky.test"],
                b"From: alice@example.com\r\nSubject: expires\r\n\r\nx\r\n")
@@ -375,11 +382,9 @@ def test_dsn_notify_never_and_ret_hdrs_failure(world):
 def test_delay_dsn(tmp_path):
     dns_server = FakeDNS()
     dns_server.servfail.add("slowdns.test.")
-    s = Stack(tmp_path, delivery={"resolver": dns_server.address, "smtp_port": free_port(),
-                                  "retry_initial": 1, "retry_max": 1, "delay_warning": 1,
-                                  "max_queue_lifetime": 600})
-    s.setup_users("example.com", "alice@example.com", password=PW)
-    s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.mta_port}", f"127.0.0.1:{s.msa_port}"])
+    s = stack_with_alice(tmp_path, {"resolver": dns_server.address, "smtp_port": free_port(),
+                                    "retry_initial": 1, "retry_max": 1, "delay_warning": 1,
+                                    "max_queue_lifetime": 600})
     try:
         submit(s, "alice@example.com", ["x@slowdns.test"],
                b"From: alice@example.com\r\nSubject: slow\r\n\r\nx\r\n")
@@ -423,9 +428,7 @@ def test_smarthost_gets_verified_tls_before_credentials(tmp_path, trusted):
                 "resolver": "127.0.0.1:9"}  # DNS unused with a smarthost
     if trusted:
         delivery["ca_file"] = str(ca_file)
-    s = Stack(tmp_path, delivery=delivery)
-    s.setup_users("example.com", "alice@example.com", password=PW)
-    s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.mta_port}", f"127.0.0.1:{s.msa_port}"])
+    s = stack_with_alice(tmp_path, delivery)
     try:
         submit(s, "alice@example.com", ["anyone@anywhere.test"],
                b"From: alice@example.com\r\nSubject: via-smarthost\r\n\r\nx\r\n")
@@ -456,9 +459,7 @@ def test_tls_required_no_accepts_an_unverified_smarthost_only_without_a_password
     delivery = {"smarthost": f"127.0.0.5:{port}", "resolver": "127.0.0.1:9"}
     if password:
         delivery |= {"smarthost_user": "relayuser", "smarthost_password": "relay secret"}
-    s = Stack(tmp_path, delivery=delivery)
-    s.setup_users("example.com", "alice@example.com", password=PW)
-    s.start("up", listen=[s.mda_listen, f"127.0.0.1:{s.mta_port}", f"127.0.0.1:{s.msa_port}"])
+    s = stack_with_alice(tmp_path, delivery)
     try:
         submit(s, "alice@example.com", ["a@anywhere.test"],
                b"From: alice@example.com\r\nSubject: strict\r\n\r\nx\r\n")
