@@ -20,6 +20,7 @@ from admin import (
     runfiles,
     serve,
     status,
+    sieve_cmds,
     tls_cmds,
     units,
 )
@@ -50,6 +51,7 @@ app.add_typer(alias_app, name="alias")
 app.add_typer(queue_cmds.queue_app, name="queue")
 app.add_typer(relay_recipient_app, name="relay-recipient")
 app.add_typer(tls_cmds.tls_policy_app, name="tls-policy")
+app.add_typer(sieve_cmds.sieve_app, name="sieve")
 app.command("serve")(serve.serve)
 app.command("up")(serve.up)
 app.command("dovecot-config")(dovecot.dovecot_config)

@@ -30,6 +30,19 @@ log = logging.getLogger("pochta.mda")
 STORAGE_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
+class FolderUnavailable(Exception):
+    """A Sieve folder that cannot be created or written (a bad name, permissions)."""
+
+
+def mbox_folder_path(inbox: Path, folder: str) -> Path:
+    """An mbox folder ``A/B``: the file ``<domain>/.<local>/A/B`` beside the INBOX file
+    (Dovecot: ``mbox:<root>/%d/.%n:INBOX=<root>/%d/%n``)."""
+    parts = folder.split("/")
+    if any(not p or p in (".", "..") or p.startswith(".") or "\0" in p for p in parts):
+        raise FolderUnavailable(f"bad folder name {folder!r}")
+    return inbox.parent.joinpath("." + inbox.name, *parts)
+
+
 @dataclass(frozen=True)
 class Job:
     """One recipient's copy of one message."""
@@ -164,6 +177,49 @@ class Deliverer:
         for (i, item, size, path), error in zip(written, errors, strict=True):
             replies[i] = self._outcome(jobs[i].rcpt, path, item, size, error)
         return replies
+
+    def deliver_to(self, job: Job, folder: str, flags: list[str]) -> str:
+        """One copy into ``folder`` ("" the INBOX) with IMAP ``flags`` (a Sieve outcome);
+        blocking. ``FolderUnavailable`` when the folder cannot be made (the caller keeps the
+        message in the INBOX instead)."""
+        prepared = self._prepare(job)
+        if isinstance(prepared, str):
+            return prepared
+        path, message = prepared
+        if self.format == "mbox":
+            target = mbox_folder_path(path, folder) if folder else path
+            try:
+                self.mbox.deliver(target, message, job.mail_from, self.owner)
+            except OSError as e:
+                if folder and e.errno not in STORAGE_FULL:
+                    raise FolderUnavailable(f"{target}: {e.strerror or e}") from e
+                return self._failed(job.rcpt, target, e)
+            return self._delivered(job.rcpt, len(message), str(target))
+        key = job.key
+        if folder:
+            try:
+                target = maildir.folder_path(path, folder)
+                maildir.ensure_folder(target, self.owner)
+            except (ValueError, OSError) as e:
+                if isinstance(e, OSError) and e.errno in STORAGE_FULL:
+                    return self._failed(job.rcpt, path, e)
+                raise FolderUnavailable(f"{folder!r}: {e}") from e
+            if key:
+                key += "-" + hashlib.blake2s(folder.encode(), digest_size=4).hexdigest()
+        else:
+            target = path
+            maildir.ensure_maildir(target, self.owner)
+        if job.retry and key:
+            found = maildir.find_copy(target, key)
+            if found:
+                return self._already(job.rcpt, found)
+        try:
+            item = maildir.write_unsynced(target, message, self.names, self.owner, key,
+                                          maildir.info_letters(flags))
+        except OSError as e:
+            return self._failed(job.rcpt, target, e)
+        [error] = commit_files([item])
+        return self._outcome(job.rcpt, target, item, len(message), error)
 
     def _mailbox(self, job: Job) -> Path | str:
         """The job's mailbox path, or the refusal reply."""

@@ -61,9 +61,66 @@ def ensure_maildir(path: Path, owner: tuple[int, int] | None = None) -> None:
 
 
 def write_unsynced(path: Path, message: bytes, names: UniqueNames,
-                   owner: tuple[int, int] | None = None, key: str = "") -> Unpublished:
+                   owner: tuple[int, int] | None = None, key: str = "",
+                   flags: str = "") -> Unpublished:
     """Write ``message`` into the tmp/ of the maildir at ``path`` (which must exist); its
-    final name is in new/ (store/fsio.py commits it: fsync, rename, fsync new/)."""
+    final name is in new/ (store/fsio.py commits it: fsync, rename, fsync new/), or with
+    ``flags`` (maildir info letters, "FS") in cur/ as ``<name>:2,<flags>``."""
     name = names.next(len(message), key=key)
     base = os.fspath(path)
-    return write_unpublished(f"{base}/tmp/{name}", f"{base}/new/{name}", message, 0o600, owner)
+    final = f"{base}/cur/{name}:2,{flags}" if flags else f"{base}/new/{name}"
+    return write_unpublished(f"{base}/tmp/{name}", final, message, 0o600, owner)
+
+
+# IMAP system flags as maildir info letters (https://cr.yp.to/proto/maildir.html); keywords
+# have no letter of their own here and are left out.
+FLAG_LETTERS = {"\\Draft": "D", "\\Flagged": "F", "\\Answered": "R", "\\Seen": "S",
+                "\\Deleted": "T"}
+
+
+def info_letters(flags: list[str]) -> str:
+    return "".join(sorted({FLAG_LETTERS[f] for f in flags if f in FLAG_LETTERS}))
+
+
+def folder_path(mailbox: Path, folder: str) -> Path:
+    """The maildir++ folder ``A/B`` of a mailbox: ``<mailbox>/.A.B`` (names in IMAP's
+    modified UTF-7, as Dovecot keeps them); ValueError for a name that cannot be one."""
+    parts = folder.split("/")
+    if not parts or any(not p or p in (".", "..") or any(ord(c) < 0x20 or c == "\x7f"
+                                                         for c in p) for p in parts):
+        raise ValueError(f"bad folder name {folder!r}")
+    return mailbox / ("." + ".".join(imap_utf7(p) for p in parts))
+
+
+def imap_utf7(name: str) -> str:
+    """RFC 3501 §5.1.3 modified UTF-7: "&" as "&-", non-ASCII runs as "&<base64>-"."""
+    import base64
+
+    out: list[str] = []
+    run: list[str] = []
+
+    def flush() -> None:
+        if run:
+            b64 = base64.b64encode("".join(run).encode("utf-16-be")).decode().rstrip("=")
+            out.append("&" + b64.replace("/", ",") + "-")
+            run.clear()
+
+    for c in name:
+        if 0x20 <= ord(c) <= 0x7e:
+            flush()
+            out.append("&-" if c == "&" else c)
+        else:
+            run.append(c)
+    flush()
+    return "".join(out)
+
+
+def ensure_folder(path: Path, owner: tuple[int, int] | None = None) -> None:
+    """A maildir++ folder: a maildir with the ``maildirfolder`` marker file."""
+    ensure_maildir(path, owner)
+    marker = path / "maildirfolder"
+    if not marker.exists():
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT, 0o600)
+        if owner is not None:
+            os.fchown(fd, *owner)
+        os.close(fd)

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 
 from mda.deliver import Deliverer
+from mda.filtering import SieveDelivery
 from mda.session import LMTPHandler
 from mta.smtp.data import delivery_size_limit
 from mta.smtp.lmtp import LMTPProtocol
@@ -15,6 +16,7 @@ from store.config import Config, LiveConfig
 from store.db import Database
 from store.directory import CachedDirectory
 from store.privileges import drop as drop_privileges
+from store.sieve import SieveStore
 
 log = logging.getLogger("pochta.mda")
 
@@ -25,7 +27,8 @@ async def run(cfg: Config, stop: asyncio.Event,
     db = Database(cfg.database_url)
     deliverer = Deliverer(cfg.mda, cfg.hostname, use_syncfs=cfg.sync_method == "auto")
     directory = CachedDirectory(db, cfg.directory_cache_ttl)
-    handler = LMTPHandler(directory, deliverer)
+    handler = LMTPHandler(directory, deliverer,
+                          SieveDelivery(deliverer, SieveStore(db), cfg.spool_dir, cfg.hostname))
     connections = Connections(max_total=500, max_per_ip=0)
     current = [cfg]  # the last (re)loaded config, for new connections
 

@@ -9,6 +9,7 @@ import asyncio
 import logging
 
 from mda.deliver import Deliverer, Job, delivery_key
+from mda.filtering import SieveDelivery
 from mda.message import to_lf
 from mta.smtp import Session, replies
 from mta.smtp.lmtp import LMTPEnvelope, LMTPProtocol
@@ -20,9 +21,11 @@ from store.directory import Directory, DirectoryUnavailable, lookup
 log = logging.getLogger("pochta.mda")
 
 class LMTPHandler(Handler):
-    def __init__(self, directory: Directory, deliverer: Deliverer) -> None:
+    def __init__(self, directory: Directory, deliverer: Deliverer,
+                 sieve: SieveDelivery | None = None) -> None:
         self.directory = directory
         self.deliverer = deliverer
+        self.sieve = sieve  # users with an active Sieve script: their copies go through it
         # maildir copies of concurrent sessions share a thread hop and their fsyncs; mbox
         # copies go one thread each, since one may wait for a mailbox lock held elsewhere.
         self.maildir_batches: Batcher[Job, str] = Batcher(deliverer.deliver_batch)
@@ -80,9 +83,10 @@ class LMTPHandler(Handler):
         jobs = [Job(mb, rcpt, mail_from, data, delivery_key(envelope.queue_id, rcpt),
                     envelope.retry)
                 for mb, rcpt in zip(envelope.mailboxes, envelope.rcpt_tos, strict=True)]
-        if self.deliverer.format == "maildir":
-            replies = await asyncio.gather(*(self.maildir_batches.submit(j) for j in jobs))
-        else:
-            replies = await asyncio.gather(*(asyncio.to_thread(self.deliverer.deliver, j)
-                                             for j in jobs))
+        sieve = self.sieve
+        replies = await asyncio.gather(*(
+            sieve.deliver(j) if sieve is not None and j.mailbox.sieve is not None
+            else self.maildir_batches.submit(j) if self.deliverer.format == "maildir"
+            else asyncio.to_thread(self.deliverer.deliver, j)
+            for j in jobs))
         return "\r\n".join(replies)  # RFC 2033 §4.2: one reply per accepted RCPT, in order

@@ -12,6 +12,8 @@ spaces or one command starting with ``!``:
   ODMR customer's ATRN (RFC 2645), from the MSA process, which holds the customer's TLS
   connection and passes its bytes through that socket (mta/odmr.py). The runner answers the
   ATRN on it, then delivers over it as the SMTP client.
+- ``!outbox`` with one socket passed along: a message the MDA makes (a Sieve redirect, a
+  vacation reply, mta/outbox.py) comes over that socket; the runner spools it and answers.
 
 Nothing is lost when no runner listens: a message is committed before its notice is sent, and a
 runner binds the socket before it scans the spool at start, so whatever was committed before it
@@ -61,7 +63,9 @@ class Notice:
     rescan: bool = False
     admin: tuple[str, str] | None = None  # ("hold"|"release"|"bounce", queue id or "*")
     atrn: AtrnRequest | None = None
-    channel: socket.socket | None = None  # with atrn: the customer's connection, relayed
+    channel: socket.socket | None = None  # with atrn: the customer's connection, relayed;
+    # with outbox: the MDA's end, a message to queue
+    outbox: bool = False
 
 
 def parse_notice(data: bytes) -> Notice:
@@ -76,6 +80,8 @@ def parse_notice(data: bytes) -> Notice:
             name = args[0][1:] if sub else args[0]
             if DOMAIN.fullmatch(name):
                 return Notice(flush=True, flush_domain=name.lower().rstrip("."), subdomains=sub)
+        if command == "!outbox" and not args:
+            return Notice(outbox=True)
         if command == "!rescan" and not args:
             return Notice(rescan=True)
         if command in ("!hold", "!release", "!bounce") and len(args) == 1 and (
@@ -107,7 +113,8 @@ def send_command(spool_dir: Path | str, command: str) -> None:
 
 
 def send_channel(spool_dir: Path | str, command: str, channel: socket.socket) -> None:
-    """A command with a socket for the runner (``!atrn``); NoRunner when none listens."""
+    """A command with a socket for the runner (``!atrn``, ``!outbox``); NoRunner when none
+    listens."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.settimeout(5.0)
         try:
@@ -125,10 +132,10 @@ _FD = array.array("i").itemsize
 class NoticeSocket:
     """The runner's end: bound before the start-up scan, read without blocking."""
 
-    def __init__(self, spool_dir: Path | str) -> None:
+    def __init__(self, spool_dir: Path | str, also_heard: set[int] | None = None) -> None:
         self.address = notice_address(spool_dir)
         self.sock: socket.socket | None = None
-        self.heard = {0, os.geteuid()}
+        self.heard = {0, os.geteuid(), *(also_heard or ())}  # the MDA may run as mail_owner
 
     def bind(self) -> bool:
         """False while another runner of this spool still holds the name."""
@@ -159,12 +166,13 @@ class NoticeSocket:
                 break
             fds = self._passed_fds(ancillary)
             notice = parse_notice(data) if self._sender_uid(ancillary) in self.heard else None
-            if notice is not None and notice.atrn is not None and fds:
+            wants_channel = notice is not None and (notice.atrn is not None or notice.outbox)
+            if notice is not None and wants_channel and fds:
                 notice.channel = socket.socket(fileno=fds.pop(0))
                 notice.channel.setblocking(False)
             for fd in fds:  # sent with anything else, or by someone not heard
                 os.close(fd)
-            if notice is not None and (notice.atrn is None or notice.channel is not None):
+            if notice is not None and (not wants_channel or notice.channel is not None):
                 got.append(notice)
         return got
 

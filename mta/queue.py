@@ -16,20 +16,24 @@ Acceptance never waits for this: sessions only write the spool and send a notice
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import heapq
 import logging
 import socket
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from mta import policy
+from mta import outbox, policy
 from mta.courier import Courier
 from mta.courier.odmr import TurnedConnection
 from mta.courier.remote import Outbound
+from mta.dkimsign import Signer
 from mta.dsn import Bouncer, wants
-from mta.envelope import EXPIRED, FAILED, HELD, SENT, Envelope, Recipient
+from mta.envelope import EXPIRED, FAILED, HELD, SENT, Envelope, Recipient, new_id
+from mta.forwarding import Srs
 from mta.notice import AtrnRequest, Notice, NoticeSocket
 from mta.reply import LOCAL_DECISION, Reply
 from mta.spool import Spool, SpooledMessage, SpoolError
@@ -88,6 +92,10 @@ class QueueRunner:
         self.local_domains: set[str] = set()  # learnt from routing: no destination limit
         self.atrn_domains: set[str] = set()  # taken by an ODMR customer now (one at a time)
         self.reporter: Reporter | None = None  # TLS-RPT reports (mta/tlsrpt.py), daily
+        self.srs: Srs | None = None  # forwarded copies' envelope sender (mta/forwarding.py)
+        self.signer: Signer | None = None  # DKIM for the MDA's vacation replies
+        self.heard: set[int] = set()  # uids besides ours whose notices count (the MDA's)
+        self.outbox_keys: OrderedDict[str, str] = OrderedDict()  # key -> queue id (outbox.py)
 
     def add(self, env: Envelope, maybe_sent: bool = False) -> None:
         """A message this process just spooled (a DSN): deliver it now. ``maybe_sent``: it
@@ -120,7 +128,7 @@ class QueueRunner:
 
     async def listen(self, wait: float = 30.0) -> None:
         """Take notices (mta/notice.py); waits while an older runner of this spool exits."""
-        notices = NoticeSocket(self.spool.dir)
+        notices = NoticeSocket(self.spool.dir, self.heard)
         deadline = time.monotonic() + wait
         while not notices.bind():
             if time.monotonic() > deadline:
@@ -147,6 +155,8 @@ class QueueRunner:
                 self.ready.append(qid)
             if notice.atrn is not None and notice.channel is not None:
                 self._spawn(self._atrn(notice.atrn, notice.channel))
+            if notice.outbox and notice.channel is not None:
+                self._spawn(self._outbox(notice.channel))
             if notice.rescan or notice.flush or notice.admin:
                 self.commands.append(notice)
         self.wake.set()
@@ -296,6 +306,52 @@ class QueueRunner:
                 if env.id in self.items:
                     self._schedule(env)
             self.wake.set()
+
+    async def _outbox(self, channel: socket.socket) -> None:
+        """A message the MDA made (mta/outbox.py): spooled, scheduled, its id answered."""
+        loop = asyncio.get_running_loop()
+        try:
+            limit = max(self.cfg.mta.max_message_size, self.cfg.msa.max_message_size) + (1 << 20)
+            try:
+                out = await asyncio.wait_for(outbox.receive(channel, limit), 60)
+            except (outbox.OutboxError, TimeoutError) as e:
+                await loop.sock_sendall(channel, f"554 {e or 'time-out'}\n".encode())
+                return
+            qid = self.outbox_keys.get(out.key) if out.key else None
+            if qid is None:
+                qid = await self._spool_outgoing(out)
+                if out.key:
+                    self.outbox_keys[out.key] = qid
+                    while len(self.outbox_keys) > 10_000:
+                        self.outbox_keys.popitem(last=False)
+            await loop.sock_sendall(channel, f"250 {qid}\n".encode())
+        except (OSError, DirectoryUnavailable) as e:  # the MDA keeps the message instead
+            log.error("outbox: cannot queue the MDA's message: %s", e)
+            with contextlib.suppress(OSError):
+                await loop.sock_sendall(channel, f"451 {e}\n".encode())
+        finally:
+            channel.close()
+
+    async def _spool_outgoing(self, out: outbox.Outgoing) -> str:
+        now = self.clock()
+        data = out.message
+        sender = out.mail_from
+        if out.forwarded_by and self.srs is not None and sender and not await lookup(
+                self.directory, "is_local_domain", addresses.domain_of(sender)):
+            sender = self.srs.forward(sender, out.forwarded_by)
+        if out.sign and self.signer is not None:
+            data = await asyncio.to_thread(self.signer.sign, data, out.sign) + data
+        env = Envelope(id=new_id(), created=now, mail_from=sender, size=len(data),
+                       smtputf8=out.smtputf8, body="8BITMIME",
+                       recipients=[Recipient(address=r, original=r, next_attempt=now,
+                                             notify=out.notify) for r in out.recipients],
+                       client={"protocol": out.kind, "ip": "", "helo": ""},
+                       dsn={"ret": "HDRS", "envid": None})
+        await asyncio.to_thread(self.spool.put, env, data)
+        log.info("%s: queued from the MDA (%s) from=<%s> to=%s", env.id, out.kind, sender,
+                 ",".join(f"<{r}>" for r in out.recipients))
+        self.add(env)
+        return env.id
 
     async def _admin(self, verb: str, target: str) -> None:
         """`pochta queue hold|release|bounce`: held messages are not attempted (the flag is in
@@ -508,6 +564,15 @@ class QueueRunner:
         if local:
             retry = env.id in self.recovered or any(r.attempts for r in local)
             groups.append((local, "mda", self.local.deliver(env, local, data, retry)))
+        try:
+            forwarded = await self._forwarded(env, remote)
+        except DirectoryUnavailable as e:
+            return {r.address: Reply(451, f"4.3.0 directory unavailable: {e}") for r in rcpts}
+        if forwarded is not None:
+            # Forwarded by an alias: leaves with an SRS sender, in a transaction of its own.
+            srs_env, fwd = forwarded
+            remote = [r for r in remote if r not in fwd]
+            groups.append((fwd, "none", self.remote.deliver(srs_env, fwd, data)))
         if remote:
             groups.append((remote, "none", self.remote.deliver(env, remote, data)))
         outcomes = await asyncio.gather(*(job for _, _, job in groups), return_exceptions=True)
@@ -522,6 +587,20 @@ class QueueRunner:
                                             relay) for r in rcpts_of_group}
             results.update(outcome)
         return results
+
+    async def _forwarded(self, env: Envelope, remote: list[Recipient]
+                         ) -> tuple[Envelope, list[Recipient]] | None:
+        """The recipients an alias of ours forwards to a foreign address, and the envelope
+        they leave with (SRS sender); None when there are none or SRS is off. A sender of
+        our own domains, or the null sender, needs no rewriting."""
+        if self.srs is None or not env.mail_from or env.mail_from == "<>":
+            return None
+        fwd = [r for r in remote if r.original != r.address]
+        if not fwd or await lookup(self.directory, "is_local_domain",
+                                   addresses.domain_of(env.mail_from)):
+            return None
+        sender = self.srs.forward(env.mail_from, addresses.domain_of(fwd[0].original))
+        return dataclasses.replace(env, mail_from=sender), fwd
 
     def _record(self, env: Envelope, rcpts: list[Recipient], results: dict[str, Reply]
                 ) -> list[Recipient]:

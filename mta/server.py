@@ -23,6 +23,7 @@ from mta.courier.local import LocalDelivery
 from mta.courier.remote import Outbound
 from mta.dkimsign import Signer
 from mta.dsn import Bouncer
+from mta.forwarding import srs_of
 from mta.notice import Notifier
 from mta.queue import QueueRunner
 from mta.session import Defences, Mode, SMTPHandler
@@ -34,6 +35,7 @@ from mta.tlsrpt import Reporter
 from store.config import Config, ListenerLimits, LiveConfig
 from store.db import Database
 from store.directory import CachedDirectory
+from store.privileges import account_for
 from store.privileges import drop as drop_privileges
 from store.tlscert import reload_certificate, server_context, watch_certificate
 from store.tlspolicy import TLSPolicyStore
@@ -113,9 +115,14 @@ async def run_queue(cfg: Config, stop: asyncio.Event,
     bouncer.enqueue = runner.add
     outbound = runner.remote
     assert isinstance(outbound, Outbound)
+    signer = Signer(cfg.dkim.keys_dir) if cfg.dkim.sign else None
     runner.reporter = Reporter(cfg.hostname, tls_store, spool, outbound.resolver,
-                               enqueue=runner.add, https=outbound.policies.https,
-                               signer=Signer(cfg.dkim.keys_dir) if cfg.dkim.sign else None)
+                               enqueue=runner.add, https=outbound.policies.https, signer=signer)
+    runner.signer = signer
+    runner.srs = srs_of(cfg)
+    mda = account_for(cfg, "mda")
+    if mda is not None:
+        runner.heard.add(mda.uid)  # its outbox notices (Sieve redirects, vacation replies)
 
     def apply(new: Config) -> None:
         directory.ttl = new.directory_cache_ttl

@@ -23,10 +23,11 @@ from typing import Any, BinaryIO
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from mta import policy
+from mta import forwarding, policy
 from mta.abuse import Greylister, PregreetMemory, RateLimiter, dnsbl_listed, in_networks
 from mta.authcheck import InboundChecks, strip_forged_results
 from mta.envelope import Envelope, Recipient, new_id
+from mta.forwarding import srs_of
 from mta.notice import NoRunner, send_command
 from mta.smtp import Session, replies
 from mta.smtp.protocol import BadCommandLine, SMTPEnvelope, SMTPProtocol
@@ -88,6 +89,7 @@ class SMTPHandler(Handler):
         self.offers_auth = mode.submission
         self.offers_etrn = not mode.submission
         self.defences = defences or Defences()
+        self.srs = srs_of(cfg)  # bounces to our SRS addresses go back to the original sender
         self.limits: ListenerLimits = cfg.msa if mode.submission else cfg.mta
 
     def trusted(self, server: SMTPProtocol, session: Session) -> bool:
@@ -215,7 +217,13 @@ class SMTPHandler(Handler):
             domain = addresses.domain_of(rcpt)
             local = await lookup(self.directory, "is_local_domain", domain)
             relay = None if local else await lookup(self.directory, "relay_route", domain)
-            if local:
+            if local and self.srs is not None and forwarding.is_srs(rcpt):
+                try:
+                    targets = [self.srs.reverse(rcpt)]
+                except forwarding.ForgedSrs as e:
+                    log.info("%s: forged SRS recipient <%s>: %s", server.peer_ip, rcpt, e)
+                    return replies.FORGED_SRS.format(addr=address)
+            elif local:
                 targets = await lookup(self.directory, "resolve", rcpt)
             elif relay is not None:  # we are its backup MX: its recipients, or the listed ones
                 listed = not relay.restricted or await lookup(

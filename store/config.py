@@ -178,6 +178,28 @@ class MtaStsConfig:
 
 
 @dataclass(frozen=True)
+class ManageSieveConfig:
+    # ManageSieve (RFC 5804), served by the MSA process: users edit their Sieve scripts.
+    listen: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ForwardingConfig:
+    # Mail forwarded to foreign addresses (aliases, Sieve redirect) leaves with an SRS
+    # envelope sender (mta/forwarding.py), so that SPF passes where it arrives.
+    srs: bool = True
+
+
+@dataclass(frozen=True)
+class SpamConfig:
+    rspamd: str = ""  # "http://127.0.0.1:11333": messages on port 25 are checked; "": off
+    fail_open: bool = True  # rspamd down or slow: accept (and count it); false: 451
+    timeout: float = 20.0  # seconds to wait for rspamd's verdict
+    check_submission: bool = False  # also check authenticated submissions
+    junk_folder: str = "Junk"  # where "add header" verdicts are filed ("": leave in INBOX)
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str = ""  # "host:port": the Prometheus endpoint (/metrics) of the whole stack
 
@@ -213,6 +235,9 @@ class Config:
     acme: AcmeConfig = field(default_factory=AcmeConfig)
     odmr: OdmrConfig = field(default_factory=OdmrConfig)
     mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
+    managesieve: ManageSieveConfig = field(default_factory=ManageSieveConfig)
+    forwarding: ForwardingConfig = field(default_factory=ForwardingConfig)
+    spam: SpamConfig = field(default_factory=SpamConfig)
     source: str = "(embedded defaults)"  # where this config came from, for messages
 
 
@@ -307,6 +332,11 @@ def _validate(cfg: Config) -> None:
         parse_address(addr, f"odmr.listen[{i}]")
     for i, addr in enumerate(cfg.mta_sts.listen):
         parse_address(addr, f"mta_sts.listen[{i}]")
+    for i, addr in enumerate(cfg.managesieve.listen):
+        parse_address(addr, f"managesieve.listen[{i}]")
+    if cfg.spam.rspamd and not cfg.spam.rspamd.startswith(("http://", "https://")):
+        raise ConfigError(f"config key 'spam.rspamd': expected \"http://host:port\", got "
+                          f"{cfg.spam.rspamd!r}")
     if not cfg.mda.listen.startswith("unix:"):
         parse_address(cfg.mda.listen, "mda.listen")
     if cfg.mda.format not in ("maildir", "mbox"):

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from store import addresses, passwords
 from store.addresses import AddressError
 from store.db import Database
-from store.models import Alias, Domain, RelayDomain, RelayRecipient, User
+from store.models import Alias, Domain, RelayDomain, RelayRecipient, SieveScript, User
 
 log = logging.getLogger("pochta.directory")
 
@@ -45,6 +45,7 @@ class UserInfo:
     enabled: bool
     created: datetime
     quota_bytes: int | None
+    sieve: str | None = None  # the text of the active Sieve script (store/sieve.py)
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,10 @@ class Directory:
             return None
         with self._read() as s:
             u = s.scalar(select(User).where(User.address == addr, User.enabled.is_(True)))
-            return None if u is None else UserInfo(u.address, u.enabled, u.created, u.quota_bytes)
+            if u is None:
+                return None
+            info = UserInfo(u.address, u.enabled, u.created, u.quota_bytes)
+        return replace(info, sieve=active_script(self.db, addr))
 
     def relay_route(self, domain: str) -> RelayRoute | None:
         """The route of a relay domain, or None if ``domain`` is not one."""
@@ -365,6 +369,7 @@ class Directory:
                                      f"with ATRN: remove that domain first")
             if _deleted(s, delete(User).where(User.address == addr)) == 0:
                 raise DirectoryError(f"user {addr} does not exist")
+            s.execute(delete(SieveScript).where(SieveScript.address == addr))
 
     def add_alias(self, source: str, targets: list[str]) -> tuple[str, list[str]]:
         try:
@@ -414,8 +419,8 @@ class Directory:
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _read(self) -> _Guard:
-        return _Guard(self.db)
+    def _read(self) -> Guard:
+        return Guard(self.db)
 
     _write = _read  # the same transaction; the two names say what the caller intends
 
@@ -487,6 +492,30 @@ class Directory:
             self._expand(s, t, (*chain, addr), out)
 
 
+_no_sieve_table_until = 0.0  # migration 0006 missing: asked again after this (monotonic)
+
+
+def active_script(db: Database, address: str) -> str | None:
+    """The text of ``address``'s active Sieve script, None without one. A database not yet
+    upgraded to migration 0006 has none (mail is delivered without filters; a warning says
+    so), and any other failure is DirectoryUnavailable like every look-up."""
+    global _no_sieve_table_until
+    if time.monotonic() < _no_sieve_table_until:
+        return None
+    try:
+        with db.transaction() as s:
+            return s.scalar(select(SieveScript.content).where(
+                SieveScript.address == address, SieveScript.active.is_(True)))
+    except SQLAlchemyError as e:
+        text = _describe(e)
+        if "sieve_scripts" in text and ("no such table" in text or "does not exist" in text):
+            log.warning("the database has no Sieve scripts table: run `pochta db upgrade`; "
+                        "mail is delivered without filters until then")
+            _no_sieve_table_until = time.monotonic() + 60.0
+            return None
+        raise DirectoryUnavailable(text) from e
+
+
 def _check_password(password: str) -> None:
     if not password:
         raise DirectoryError("the password is empty")
@@ -494,8 +523,9 @@ def _check_password(password: str) -> None:
         raise DirectoryError("the password holds a line break or NUL")
 
 
-class _Guard:
-    """A transaction that turns database failures into DirectoryUnavailable."""
+class Guard:
+    """A transaction that turns database failures into DirectoryUnavailable (and conflicting
+    writes into DirectoryError)."""
 
     def __init__(self, db: Database) -> None:
         self._cm = db.transaction()

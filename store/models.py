@@ -18,6 +18,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -160,3 +161,29 @@ class TLSReportCount(Base):
     result: Mapped[str] = mapped_column(String(64))  # "success" or an RFC 8460 result-type
     mx: Mapped[str] = mapped_column(String(255), default="")  # receiving-mx-hostname
     count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class SieveScript(Base):
+    """A user's Sieve script (RFC 5228); at most one per user is active, the one the MDA runs.
+    Kept in the database, so every host, ManageSieve and `pochta export` see the same."""
+
+    __tablename__ = "sieve_scripts"
+    __table_args__ = (UniqueConstraint("address", "name", name="uq_sieve_scripts_address_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    address: Mapped[str] = mapped_column(String(320), index=True)  # the user's mailbox
+    name: Mapped[str] = mapped_column(String(255))
+    content: Mapped[str] = mapped_column(Text)
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class VacationReply(Base):
+    """When a user's vacation action last answered one sender (RFC 5230 §4.2: at most once per
+    sender, handle and period). ``key``: sha256 of user, sender and handle."""
+
+    __tablename__ = "vacation_replies"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    address: Mapped[str] = mapped_column(String(320), index=True)
+    sent: Mapped[float] = mapped_column(Float, index=True)  # unix time

@@ -1,0 +1,190 @@
+"""Users' Sieve scripts and the vacation replies sent, in the database every host shares.
+
+Used by `pochta sieve`, ManageSieve (mta/managesieve.py) and the MDA (vacation). Checking a
+script's syntax is the caller's (the sieve package); this only stores: at most
+``MAX_SCRIPTS`` scripts of at most ``MAX_SCRIPT_BYTES`` each per user, one of them active.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select, update
+
+from store import addresses
+from store.addresses import AddressError
+from store.db import Database
+from store.directory import DirectoryError, Guard
+from store.models import SieveScript, User, VacationReply, utcnow
+
+MAX_SCRIPTS = 32
+MAX_SCRIPT_BYTES = 256 * 1024
+MAX_NAME = 128
+
+
+class SieveStoreError(ValueError):
+    """A request to correct, in one line; ``code`` is ManageSieve's response code for it."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ScriptInfo:
+    name: str
+    active: bool
+    size: int
+
+
+def check_name(name: str) -> str:
+    """A script name as RFC 5804 §1.6 allows it (no control characters, not empty)."""
+    if not name or len(name) > MAX_NAME or any(ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f
+                                               or c in "\u2028\u2029" for c in name):
+        raise SieveStoreError(f"bad script name {name!r}")
+    return name
+
+
+class SieveStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def _user(self, address: str) -> str:
+        try:
+            addr = addresses.normalize(address)
+        except AddressError as e:
+            raise SieveStoreError(str(e)) from None
+        with self._tx() as s:
+            if s.scalar(select(User.id).where(User.address == addr)) is None:
+                raise SieveStoreError(f"user {addr} does not exist", "NONEXISTENT")
+        return addr
+
+    def _tx(self) -> Guard:
+        return Guard(self.db)
+
+    def scripts(self, address: str) -> list[ScriptInfo]:
+        addr = self._user(address)
+        with self._tx() as s:
+            rows = s.execute(select(SieveScript.name, SieveScript.active, SieveScript.content)
+                             .where(SieveScript.address == addr)
+                             .order_by(SieveScript.name)).all()
+        return [ScriptInfo(n, a, len(c.encode())) for n, a, c in rows]
+
+    def get(self, address: str, name: str | None = None) -> tuple[str, str]:
+        """(name, text) of the named script, or of the active one without a name."""
+        addr = self._user(address)
+        with self._tx() as s:
+            q = select(SieveScript.name, SieveScript.content).where(SieveScript.address == addr)
+            q = q.where(SieveScript.name == name) if name is not None else q.where(
+                SieveScript.active.is_(True))
+            row = s.execute(q).first()
+        if row is None:
+            raise SieveStoreError(f"{addr} has no script {name!r}" if name is not None
+                                  else f"{addr} has no active script", "NONEXISTENT")
+        return row[0], row[1]
+
+    def have_space(self, address: str, name: str, size: int) -> None:
+        """SieveStoreError (QUOTA...) unless a script of ``size`` bytes named ``name`` fits."""
+        addr = self._user(address)
+        if size > MAX_SCRIPT_BYTES:
+            raise SieveStoreError(f"a script may hold at most {MAX_SCRIPT_BYTES} bytes",
+                                  "QUOTA/MAXSIZE")
+        with self._tx() as s:
+            names = set(s.scalars(select(SieveScript.name).where(SieveScript.address == addr)))
+        if name not in names and len(names) >= MAX_SCRIPTS:
+            raise SieveStoreError(f"a user may keep at most {MAX_SCRIPTS} scripts",
+                                  "QUOTA/MAXSCRIPTS")
+
+    def put(self, address: str, name: str, text: str, activate: bool = False) -> str:
+        """Store (or replace) a script already checked by the caller; the user's address."""
+        check_name(name)
+        addr = self._user(address)
+        self.have_space(addr, name, len(text.encode()))
+        with self._tx() as s:
+            row = s.scalar(select(SieveScript).where(SieveScript.address == addr,
+                                                     SieveScript.name == name))
+            if row is None:
+                s.add(SieveScript(address=addr, name=name, content=text, active=False))
+            else:
+                row.content = text
+                row.updated = utcnow()
+        if activate:
+            self.activate(addr, name)
+        return addr
+
+    def activate(self, address: str, name: str | None) -> None:
+        """Make ``name`` the active script; None: no script active."""
+        addr = self._user(address)
+        with self._tx() as s:
+            if name is not None and s.scalar(select(SieveScript.id).where(
+                    SieveScript.address == addr, SieveScript.name == name)) is None:
+                raise SieveStoreError(f"{addr} has no script {name!r}", "NONEXISTENT")
+            s.execute(update(SieveScript).where(SieveScript.address == addr)
+                      .values(active=False))
+            if name is not None:
+                s.execute(update(SieveScript).where(SieveScript.address == addr,
+                                                    SieveScript.name == name)
+                          .values(active=True))
+
+    def delete(self, address: str, name: str) -> None:
+        addr = self._user(address)
+        with self._tx() as s:
+            row = s.scalar(select(SieveScript).where(SieveScript.address == addr,
+                                                     SieveScript.name == name))
+            if row is None:
+                raise SieveStoreError(f"{addr} has no script {name!r}", "NONEXISTENT")
+            if row.active:
+                raise SieveStoreError(f"script {name!r} is active: deactivate it first",
+                                      "ACTIVE")
+            s.delete(row)
+
+    def rename(self, address: str, old: str, new: str) -> None:
+        check_name(new)
+        addr = self._user(address)
+        with self._tx() as s:
+            row = s.scalar(select(SieveScript).where(SieveScript.address == addr,
+                                                     SieveScript.name == old))
+            if row is None:
+                raise SieveStoreError(f"{addr} has no script {old!r}", "NONEXISTENT")
+            if s.scalar(select(SieveScript.id).where(SieveScript.address == addr,
+                                                     SieveScript.name == new)) is not None:
+                raise SieveStoreError(f"{addr} has a script {new!r} already", "ALREADYEXISTS")
+            row.name = new
+
+    # -- export and import ---------------------------------------------------------------
+
+    def export(self) -> list[dict[str, object]]:
+        with self._tx() as s:
+            rows = s.execute(select(SieveScript.address, SieveScript.name, SieveScript.content,
+                                    SieveScript.active)
+                             .order_by(SieveScript.address, SieveScript.name)).all()
+        return [{"user": a, "name": n, "script": c, "active": act} for a, n, c, act in rows]
+
+    # -- vacation (RFC 5230 §4.2) ---------------------------------------------------------
+
+    def vacation_due(self, address: str, sender: str, handle: str, period: float,
+                     now: float) -> bool:
+        """True (and remembered) if ``address`` has not answered ``sender`` for ``handle``
+        within ``period`` seconds; False if it has."""
+        key = hashlib.sha256(f"{address.lower()}\0{sender.lower()}\0{handle}".encode()
+                             ).hexdigest()
+        for _ in range(2):  # a concurrent delivery may insert the same key first
+            try:
+                with self._tx() as s:
+                    row = s.get(VacationReply, key)
+                    if row is not None and row.sent > now - period:
+                        return False
+                    if row is None:
+                        s.add(VacationReply(key=key, address=address.lower(), sent=now))
+                    else:
+                        row.sent = now
+                return True
+            except DirectoryError:  # the key was inserted meanwhile
+                continue
+        return False
+
+    def forget_vacations(self, older_than: float) -> int:
+        with self._tx() as s:
+            return int(s.execute(delete(VacationReply).where(
+                VacationReply.sent < older_than)).rowcount)  # type: ignore[attr-defined]

@@ -1,0 +1,197 @@
+"""Sieve filters in the MDA, vacation replies and forwarding with SRS, through the real
+processes (`pochta up`): mail in on port 25, filters set with `pochta sieve`, what leaves
+caught by a sink MX on 127.0.0.2, SPF evaluated by pyspf against the test DNS."""
+
+from __future__ import annotations
+
+import smtplib
+
+import dns.resolver
+import pytest
+import spf
+
+from tests.support.fakes import FakeDNS, SinkMX
+from tests.support.smtp import wait_for, wait_mail
+from tests.support.stack import Stack, free_port
+
+MX_IP = "127.0.0.2"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    dns_server = FakeDNS()
+    port = free_port(MX_IP)
+    mx = SinkMX(MX_IP, port)
+    dns_server.add("remote.test", "MX", "10 mx.remote.test.")
+    dns_server.add("mx.remote.test", "A", MX_IP)
+    # The original sender's domain allows only its own server; ours allows this host.
+    dns_server.add("origin.test", "MX", "10 mx.remote.test.")
+    dns_server.add("origin.test", "TXT", '"v=spf1 ip4:192.0.2.1 -all"')
+    dns_server.add("example.com", "TXT", '"v=spf1 ip4:127.0.0.0/8 -all"')
+    s = Stack(tmp_path_factory.mktemp("sieve"),
+              delivery={"resolver": dns_server.address, "smtp_port": port})
+    s.setup_users("example.com", "bob@example.com", "amy@example.com", "cat@example.com",
+                  "dan@example.com", "eve@example.com")
+    s.start("up")
+    yield s, mx, dns_server
+    s.stop_all()
+    mx.stop()
+    dns_server.close()
+
+
+def put(s: Stack, user: str, script: str, check: bool = True):
+    return s.pochta("sieve", "put", user, "-", "--name", "test", stdin=script, check=check)
+
+
+def send(s: Stack, sender: str, rcpt: str, subject: str, headers: str = "",
+         body: str = "hello\r\n") -> None:
+    msg = (f"From: {sender}\r\nTo: {rcpt}\r\nSubject: {subject}\r\n"
+           f"Message-ID: <{subject.replace(' ', '.')}@origin.test>\r\n{headers}\r\n{body}")
+    with smtplib.SMTP("127.0.0.1", s.mta_port, timeout=15) as c:
+        c.sendmail(sender, [rcpt], msg.encode())
+
+
+def folder_files(s: Stack, address: str, folder: str) -> list[bytes]:
+    local, domain = address.split("@")
+    base = s.mailbox_root / domain / local / folder
+    return [p.read_bytes() for sub in ("new", "cur") if (base / sub).is_dir()
+            for p in sorted((base / sub).iterdir())]
+
+
+def spf_result(ip: str, sender: str, dns_address: str) -> str:
+    host, port = dns_address.rsplit(":", 1)
+    r = dns.resolver.Resolver(configure=False)
+    r.nameservers, r.port = [host], int(port)
+    saved, dns.resolver.default_resolver = dns.resolver.default_resolver, r
+    try:
+        return spf.check2(i=ip, s=sender, h="mx.pochta.test")[0]
+    finally:
+        dns.resolver.default_resolver = saved
+
+
+def test_fileinto_flags_and_subaddress(world):
+    s, _, _ = world
+    put(s, "bob@example.com", """require ["fileinto", "imap4flags", "subaddress", "envelope"];
+if header :contains "subject" "[list]" {
+    fileinto :flags "\\\\Seen" "Lists/pochta";
+} elsif envelope :detail "to" "shop" {
+    fileinto "Shopping";
+}
+""")
+    send(s, "a@origin.test", "bob@example.com", "[list] one")
+    send(s, "a@origin.test", "bob+shop@example.com", "an order")
+    send(s, "a@origin.test", "bob@example.com", "plain")
+    wait_mail(s, "bob@example.com", 1)  # the plain one, in the INBOX: the others went before
+    listed = wait_for(lambda: folder_files(s, "bob@example.com", ".Lists.pochta"))
+    assert b"[list] one" in listed[0]
+    base = s.mailbox_root / "example.com" / "bob" / ".Lists.pochta"
+    [name] = [p.name for p in (base / "cur").iterdir()]
+    assert name.endswith(":2,S") and (base / "maildirfolder").exists()
+    shop = wait_for(lambda: folder_files(s, "bob@example.com", ".Shopping"))
+    assert b"an order" in shop[0]
+    inbox = wait_mail(s, "bob@example.com", 1)
+    assert len(inbox) == 1 and b"plain" in inbox[0]
+
+
+def test_redirect_leaves_with_an_srs_sender_that_passes_spf(world):
+    s, mx, dns_server = world
+    put(s, "amy@example.com", 'require "copy";\nredirect :copy "amy@remote.test";\n')
+    send(s, "alice@origin.test", "amy@example.com", "forward me")
+    got = wait_for(lambda: next((m for m in mx.messages if b"forward me" in m.data), None))
+    assert got.rcpts == ["amy@remote.test"]
+    assert got.mail_from.upper().startswith("SRS0=") and got.mail_from.endswith("@example.com")
+    assert b"Delivered-To: amy@example.com" in got.data
+    # SPF at the destination: our SRS sender passes from our address, the original would not.
+    assert spf_result("127.0.0.1", got.mail_from, dns_server.address) == "pass"
+    assert spf_result("127.0.0.1", "alice@origin.test", dns_server.address) == "fail"
+    assert b"forward me" in wait_mail(s, "amy@example.com", 1)[0]  # :copy kept it too
+
+    # A bounce to that SRS address reaches the original sender.
+    with smtplib.SMTP("127.0.0.1", s.mta_port, timeout=15) as c:
+        c.sendmail("", [got.mail_from], b"Subject: bounce of forward me\r\n\r\nreturned\r\n")
+    back = wait_for(lambda: next((m for m in mx.messages if b"bounce of forward me" in m.data),
+                                 None))
+    assert back.rcpts == ["alice@origin.test"] and back.mail_from in ("", "<>")
+
+
+def test_forged_or_tampered_srs_addresses_are_refused_at_rcpt(world):
+    s, _, _ = world
+    with smtplib.SMTP("127.0.0.1", s.mta_port, timeout=15) as c:
+        c.ehlo()
+        c.mail("")
+        for forged in ("SRS0=AAAA=JY=origin.test=alice@example.com",
+                       "SRS0=zz=@example.com"):
+            code, text = c.rcpt(forged)
+            assert code == 550 and b"5.7.1" in text and b"SRS" in text
+
+
+def test_alias_to_a_foreign_address_is_forwarded_with_srs(world):
+    s, mx, _ = world
+    s.pochta("alias", "add", "sales@example.com", "sales@remote.test")
+    send(s, "carol@origin.test", "sales@example.com", "alias forward")
+    got = wait_for(lambda: next((m for m in mx.messages if b"alias forward" in m.data), None))
+    assert got.rcpts == ["sales@remote.test"]
+    assert got.mail_from.upper().startswith("SRS0=") and "origin.test" in got.mail_from
+
+
+def test_vacation_once_per_sender_and_never_to_lists(world):
+    s, mx, _ = world
+    put(s, "cat@example.com", """require "vacation";
+vacation :days 7 :subject "Away" "I am away until Monday.";
+""")
+    for i in range(3):
+        send(s, "dora@remote.test", "cat@example.com", f"question {i}")
+    send(s, "list@remote.test", "cat@example.com", "digest",
+         headers="List-Id: <news.remote.test>\r\nPrecedence: list\r\n")
+    send(s, "robot@remote.test", "cat@example.com", "notice",
+         headers="Auto-Submitted: auto-generated\r\n")
+    send(s, "last@remote.test", "cat@example.com", "sentinel")
+    wait_for(lambda: any(m.rcpts == ["last@remote.test"] for m in mx.messages))
+    wait_mail(s, "cat@example.com", 6)  # every message was kept too
+    replies = [m for m in mx.messages if m.mail_from in ("", "<>") and b"Away" in m.data]
+    assert sorted(m.rcpts[0] for m in replies) == ["dora@remote.test", "last@remote.test"]
+    reply = next(m for m in replies if m.rcpts == ["dora@remote.test"]).data
+    assert b"Auto-Submitted: auto-replied" in reply
+    assert b"In-Reply-To: <question.0@origin.test>" in reply
+    assert b"I am away until Monday." in reply
+
+
+def test_reject_returns_the_message_with_the_reason(world):
+    s, mx, _ = world
+    put(s, "dan@example.com", """require "reject";
+if header :contains "subject" "buy now" { reject "No adverts, thank you."; }
+""")
+    send(s, "shop@remote.test", "dan@example.com", "buy now")
+    send(s, "friend@remote.test", "dan@example.com", "hello dan")
+    dsn = wait_for(lambda: next((m for m in mx.messages if m.rcpts == ["shop@remote.test"]),
+                                None))
+    assert dsn.mail_from in ("", "<>") and b"No adverts, thank you." in dsn.data
+    inbox = wait_mail(s, "dan@example.com", 1)
+    assert len(inbox) == 1 and b"hello dan" in inbox[0]
+
+
+def test_a_script_that_fails_at_run_time_keeps_the_message(world):
+    s, _, _ = world
+    put(s, "eve@example.com", """require ["variables", "fileinto"];
+set "t" "x@remote.test";
+redirect "a@remote.test"; redirect "b@remote.test"; redirect "c@remote.test";
+redirect "d@remote.test"; redirect "e@remote.test";
+""")
+    send(s, "f@remote.test", "eve@example.com", "too many redirects")
+    inbox = wait_mail(s, "eve@example.com", 1)
+    assert b"too many redirects" in inbox[0]
+    assert "more than 4 redirects" in s.log("up")
+
+
+def test_cli_refuses_a_broken_script_with_its_position(world):
+    s, _, _ = world
+    r = put(s, "bob@example.com", 'require "fileinto";\nif true {\n  fileinto "x"\n}\n',
+            check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "line 4, column 1" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "Lists/pochta" in s.pochta("sieve", "get", "bob@example.com").stdout  # unchanged
+    r = s.pochta("sieve", "put", "nobody@example.com", "-", stdin="keep;\n", check=False)
+    assert r.returncode != 0 and "does not exist" in r.stderr
+    listing = s.pochta("sieve", "list", "bob@example.com").stdout
+    assert "test" in listing and "yes" in listing
+    assert s.pochta("sieve", "check", "bob@example.com").stdout.strip().endswith("OK")
