@@ -19,8 +19,8 @@ from admin import (
     queue_cmds,
     runfiles,
     serve,
-    status,
     sieve_cmds,
+    status,
     tls_cmds,
     units,
 )
