@@ -154,3 +154,53 @@ def test_dovecot_config_logs_users_in_with_pochta_passwords(tmp_path, shared_dir
         if dv:
             dv.stop()
         stack.stop_all()
+
+
+def test_dovecot_shows_a_sieve_fileinto_folder(tmp_path, shared_dir):
+    """Sieve's fileinto "Lists/pochta" makes a maildir++ folder Dovecot lists as such, with
+    the message in it and the flag the script set."""
+    stack = Stack(tmp_path, mda={"mailbox_root": str(shared_dir / "mail"),
+                                 "mail_owner": MAIL_OWNER})
+    stack.setup_users("example.com", "bob@example.com")
+    stack.pochta("sieve", "put", "bob@example.com", "-", stdin=(
+        'require ["fileinto", "imap4flags"];\n'
+        'if header :contains "subject" "caf" { fileinto :flags "\\\\Flagged" "Lists/pochta"; }\n'))
+    stack.start("mda")
+    dv = None
+    try:
+        _, data = lmtp_send(stack.mda_listen, "a@remote.test", ["bob@example.com"], MSG)
+        assert data[0].startswith("250")
+        conf = f"""
+protocols = imap pop3
+mail_location = maildir:{shared_dir}/mail/%d/%n
+mail_uid = {MAIL_OWNER}
+mail_gid = nogroup
+auth_mechanisms = plain
+passdb {{
+  driver = static
+  args = password=static-pw
+}}
+userdb {{
+  driver = static
+  args = home={shared_dir}/home/%d/%n
+}}
+"""
+        dv = Dovecot(tmp_path / "dovecot", conf)
+        m = imaplib.IMAP4("127.0.0.1", dv.imap_port, timeout=15)
+        try:
+            m.authenticate("PLAIN", lambda _: b"\0bob@example.com\0static-pw")
+            typ, listing = m.list()
+            assert typ == "OK" and any(b'"Lists.pochta"' in line or b"Lists.pochta" in line
+                                       for line in listing), listing
+            typ, data = m.select('"Lists.pochta"', readonly=True)
+            assert typ == "OK" and int(data[0]) == 1, dv.log()
+            typ, fetched = m.fetch("1", "(FLAGS BODY.PEEK[])")
+            assert b"\\Flagged" in fetched[0][0] and fetched[0][1] == expected("bob@example.com")
+            typ, data = m.select("INBOX", readonly=True)
+            assert int(data[0]) == 0
+        finally:
+            m.logout()
+    finally:
+        if dv:
+            dv.stop()
+        stack.stop_all()
