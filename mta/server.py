@@ -37,6 +37,7 @@ from store.db import Database
 from store.directory import CachedDirectory
 from store.privileges import account_for
 from store.privileges import drop as drop_privileges
+from store.sieve import SieveStore
 from store.tlscert import reload_certificate, server_context, watch_certificate
 from store.tlspolicy import TLSPolicyStore
 
@@ -270,6 +271,7 @@ async def run_mta(cfg: Config, stop: asyncio.Event, config_path: str | None = No
 async def run_msa(cfg: Config, stop: asyncio.Event,
                   ready: Callable[[], object] = lambda: None,
                   live: LiveConfig | None = None) -> None:
+    from mta.managesieve import ManageSieveServer
     from mta.odmr import OdmrHandler, OdmrProtocol
     from mta.stsserver import PolicyServer
     from mta.submission import SubmissionHandler
@@ -319,12 +321,15 @@ async def run_msa(cfg: Config, stop: asyncio.Event,
                                           listener="odmr", protocol=OdmrProtocol),
         key="odmr.listen")
     servers += await PolicyServer(lambda: serving.cfg, directory).start(tls)
+    servers += await ManageSieveServer(lambda: serving.cfg, directory, SieveStore(db)).start(tls)
     drop_privileges(cfg, "msa")
     watcher = asyncio.create_task(watch_certificate(tls, lambda: serving.cfg, stop))
-    log.info("msa ready: submission on %s (STARTTLS), %s (TLS)%s%s", " ".join(cfg.msa.listen),
-             " ".join(cfg.msa.listen_tls),
+    log.info("msa ready: submission on %s (STARTTLS), %s (TLS)%s%s%s",
+             " ".join(cfg.msa.listen), " ".join(cfg.msa.listen_tls),
              f", ODMR on {' '.join(cfg.odmr.listen)}" if cfg.odmr.listen else "",
              f", MTA-STS policy on {' '.join(cfg.mta_sts.listen)}" if cfg.mta_sts.listen
+             else "",
+             f", ManageSieve on {' '.join(cfg.managesieve.listen)}" if cfg.managesieve.listen
              else "")
     ready()
     try:
