@@ -14,6 +14,8 @@ The format, version 1 (docs/export-format.md)::
      "relay_domains": [{"name": "example.net", "to": "", "hold": false, "odmr_user": "",
                         "recipients": ["b@example.net"]}],
      "tls_policies": [{"domain": "partner.example", "policy": "verify"}],
+     "sieve_scripts": [{"user": "a@example.com", "name": "filters", "script": "<Sieve>",
+                        "active": true}],
      "greylist": [{"key": "<sha256 hex>", "first_seen": float, "last_seen": float,
                    "passed": bool}]}     # only with `export --greylist`
 
@@ -33,13 +35,24 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from admin.context import UserError, context
+from sieve import check as check_script
 from store import addresses, passwords
 from store.db import Database
 from store.fsio import atomic_write, ensure_dir
-from store.models import Alias, Domain, Greylist, RelayDomain, RelayRecipient, TLSPolicy, User
+from store.models import (
+    Alias,
+    Domain,
+    Greylist,
+    RelayDomain,
+    RelayRecipient,
+    SieveScript,
+    TLSPolicy,
+    User,
+)
+from store.sieve import SieveStoreError, check_name
 from store.tlspolicy import POLICIES
 
 FORMAT = "pochta-export"
@@ -96,6 +109,10 @@ def export_document(db: Database, keys_root: Path, greylist: bool = False) -> di
                               for r in relays],
             "tls_policies": [{"domain": p.domain, "policy": p.policy}
                              for p in s.scalars(select(TLSPolicy).order_by(TLSPolicy.domain))],
+            "sieve_scripts": [{"user": x.address, "name": x.name, "script": x.content,
+                               "active": x.active}
+                              for x in s.scalars(select(SieveScript).order_by(
+                                  SieveScript.address, SieveScript.name))],
         }
         if greylist:
             doc["greylist"] = [{"key": g.key, "first_seen": g.first_seen,
@@ -130,6 +147,7 @@ class Document:
     aliases: list[dict[str, Any]] = field(default_factory=list)
     relay_domains: list[dict[str, Any]] = field(default_factory=list)
     tls_policies: list[dict[str, Any]] = field(default_factory=list)
+    sieve_scripts: list[dict[str, Any]] = field(default_factory=list)
     greylist: list[dict[str, Any]] | None = None
 
 
@@ -171,7 +189,7 @@ def check_document(raw: Any) -> Document:
         raise ImportError_(f"format version {version} is newer than this pochta reads "
                            f"({VERSION}): upgrade pochta first")
     known = {"format", "version", "exported", "domains", "users", "aliases", "relay_domains",
-             "tls_policies", "greylist"}
+             "tls_policies", "sieve_scripts", "greylist"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ImportError_(f"unknown key {unknown[0]!r}")
@@ -276,6 +294,30 @@ def check_document(raw: Any) -> Document:
         if not targets:
             raise ImportError_(f"{where}.targets: empty")
         doc.aliases.append({"source": source, "targets": list(dict.fromkeys(targets))})
+    scripts: set[tuple[str, str]] = set()
+    active_of: set[str] = set()
+    for i, x in enumerate(_list(raw, "sieve_scripts")):
+        where = f"sieve_scripts[{i}]"
+        _typed(x, dict, where)
+        user = _address(x.get("user"), f"{where}.user")
+        if user not in seen:
+            raise ImportError_(f"{where}: {user} is not in the file's users")
+        name = _typed(x.get("name"), str, f"{where}.name")
+        try:
+            check_name(name)
+        except SieveStoreError as e:
+            raise ImportError_(f"{where}.name: {e}") from None
+        text = _typed(x.get("script"), str, f"{where}.script")
+        error = check_script(text)
+        if error:
+            raise ImportError_(f"{where}.script: {error}")
+        active = _typed(x.get("active", False), bool, f"{where}.active")
+        if (user, name) in scripts or (active and user in active_of):
+            raise ImportError_(f"{where}: script {name!r} of {user} twice, or two active")
+        scripts.add((user, name))
+        if active:
+            active_of.add(user)
+        doc.sieve_scripts.append({"user": user, "name": name, "script": text, "active": active})
     if "greylist" in raw:
         doc.greylist = []
         for i, g in enumerate(_list(raw, "greylist")):
@@ -315,6 +357,11 @@ def conflicts(db: Database, keys_root: Path, doc: Document) -> list[str]:
             existing = s.scalar(select(TLSPolicy.policy).where(TLSPolicy.domain == p["domain"]))
             if existing is not None and existing != p["policy"]:
                 found.append(f"TLS policy of {p['domain']}")
+        for x in doc.sieve_scripts:
+            existing = s.scalar(select(SieveScript.content).where(
+                SieveScript.address == x["user"], SieveScript.name == x["name"]))
+            if existing is not None and existing != x["script"]:
+                found.append(f"Sieve script {x['name']!r} of {x['user']}")
     for d in doc.domains:
         folder = keys_root / addresses.ascii_domain(d["name"])
         for k in d["dkim"]["keys"]:
@@ -373,6 +420,17 @@ def import_document(db: Database, keys_root: Path, doc: Document) -> dict[str, i
                 s.add(TLSPolicy(domain=p["domain"], policy=p["policy"]))
             else:
                 row.policy = p["policy"]
+        for x in doc.sieve_scripts:
+            if x["active"]:
+                s.execute(update(SieveScript).where(SieveScript.address == x["user"])
+                          .values(active=False))
+            stored = s.scalar(select(SieveScript).where(SieveScript.address == x["user"],
+                                                        SieveScript.name == x["name"]))
+            if stored is None:
+                s.add(SieveScript(address=x["user"], name=x["name"], content=x["script"],
+                                  active=x["active"]))
+            else:
+                stored.content, stored.active = x["script"], x["active"]
         if doc.greylist is not None:
             for g in doc.greylist:
                 s.merge(Greylist(**g))
@@ -387,6 +445,7 @@ def import_document(db: Database, keys_root: Path, doc: Document) -> dict[str, i
             atomic_write(folder / "selector", d["dkim"]["active"].encode() + b"\n", mode=0o600)
     return {"domains": len(doc.domains), "relay domains": len(doc.relay_domains),
             "TLS policies": len(doc.tls_policies),
+            "Sieve scripts": len(doc.sieve_scripts),
             "users": len(doc.users), "aliases": len(doc.aliases),
             "DKIM keys": sum(len(d["dkim"]["keys"]) for d in doc.domains),
             **({"greylist entries": len(doc.greylist)} if doc.greylist is not None else {})}

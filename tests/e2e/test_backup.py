@@ -25,6 +25,8 @@ def exported(tmp_path_factory):
     src.pochta("domain", "add", "example.net", "--relay", "--to", "127.0.0.9:2525", "--hold")
     src.pochta("relay-recipient", "add", "x@example.net")
     src.pochta("tls-policy", "add", "partner.example", "verify")
+    src.pochta("sieve", "put", "bob@example.com", "-", "--name", "filters",
+               stdin='require "fileinto";\nfileinto "Archive";\n')
     out = src.pochta("export").stdout
     path = src.base / "export.json"
     path.write_text(out)
@@ -45,6 +47,9 @@ def test_the_export_is_the_documented_format(exported):
     assert doc["relay_domains"] == [{"name": "example.net", "to": "127.0.0.9:2525", "hold": True,
                                      "odmr_user": "", "recipients": ["x@example.net"]}]
     assert doc["tls_policies"] == [{"domain": "partner.example", "policy": "verify"}]
+    assert doc["sieve_scripts"] == [{"user": "bob@example.com", "name": "filters",
+                                     "script": 'require "fileinto";\nfileinto "Archive";\n',
+                                     "active": True}]
     assert "greylist" not in doc
 
 
@@ -52,10 +57,11 @@ def test_import_into_an_empty_database_moves_everything(exported, database_url, 
     src, path, _doc = exported
     dst = Stack(tmp_path / "target", top={"database_url": database_url})
     r = dst.pochta("import", str(path))
-    assert "imported 1 domains, 1 relay domains, 1 TLS policies, 2 users, 2 aliases, " \
-        "1 DKIM keys" in r.stdout
+    assert "imported 1 domains, 1 relay domains, 1 TLS policies, 1 Sieve scripts, 2 users, " \
+        "2 aliases, 1 DKIM keys" in r.stdout
     for verb in (("user", "list"), ("alias", "list"), ("domain", "list"),
-                 ("relay-recipient", "list"), ("tls-policy", "list")):
+                 ("relay-recipient", "list"), ("tls-policy", "list"),
+                 ("sieve", "get", "bob@example.com")):
         assert dst.pochta(*verb).stdout == src.pochta(*verb).stdout, verb
     assert (dst.base / "dkim" / "example.com" / "s1.key").read_bytes() == \
         (src.base / "dkim" / "example.com" / "s1.key").read_bytes()
