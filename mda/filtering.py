@@ -36,6 +36,7 @@ from sieve import (
     compile_script,
     evaluate,
 )
+from sieve.interpreter import normalize_folder
 from store import addresses, metrics
 from store.directory import DirectoryUnavailable
 from store.sieve import SieveStore
@@ -48,7 +49,10 @@ Send = Callable[[outbox.Outgoing], str]
 class SieveDelivery:
     def __init__(self, deliverer: Deliverer, store: SieveStore, spool_dir: str | Path,
                  hostname: str, limits: Limits | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, junk_folder: str = "") -> None:
+        # The default rule before any user's script (rspamd on): what the MTA marked
+        # X-Spam-Flag: YES goes into this folder. "": off.
+        self.junk_folder = junk_folder
         self.deliverer = deliverer
         self.store = store
         self.hostname = hostname
@@ -56,6 +60,10 @@ class SieveDelivery:
         self.clock = clock
         self.send: Send = lambda out: outbox.send(spool_dir, out)
         self.compiled: OrderedDict[str, tuple[list[Node], set[str]] | str] = OrderedDict()
+
+    def applies(self, job: Job) -> bool:
+        """Whether ``job`` goes through here (a script, or the Junk rule), not the fast path."""
+        return job.mailbox.sieve is not None or (bool(self.junk_folder) and is_spam(job.data))
 
     async def deliver(self, job: Job) -> str:
         return await asyncio.to_thread(self.deliver_blocking, job)
@@ -75,7 +83,11 @@ class SieveDelivery:
 
     def outcome(self, job: Job) -> Outcome:
         """What the script decides; keep in the INBOX when it cannot decide."""
-        assert job.mailbox.sieve is not None
+        if self.junk_folder and is_spam(job.data):
+            log.info("to=<%s> marked as spam: into %s", job.rcpt, self.junk_folder)
+            return Outcome(folders={normalize_folder(self.junk_folder): []})
+        if job.mailbox.sieve is None:
+            return _keep()
         compiled = self._compiled(job.mailbox.sieve)
         if isinstance(compiled, str):
             log.error("to=<%s> the active Sieve script does not compile (%s): kept in INBOX",
@@ -181,6 +193,15 @@ class SieveDelivery:
             log.error("to=<%s> vacation reply to <%s> not queued: %s", job.rcpt, sender, e)
             return
         log.info("to=<%s> vacation reply to <%s> queued as %s", job.rcpt, sender, qid)
+
+
+_SPAM_FLAG = re.compile(rb"(?im)^X-Spam-Flag:[ \t]*YES[ \t]*$")
+
+
+def is_spam(message: bytes) -> bool:
+    """Whether the header section (LF endings) holds the MTA's ``X-Spam-Flag: YES``."""
+    end = message.find(b"\n\n")
+    return bool(_SPAM_FLAG.search(message, 0, end if end >= 0 else len(message)))
 
 
 def _keep() -> Outcome:

@@ -85,7 +85,7 @@ class LMTPHandler(Handler):
                 for mb, rcpt in zip(envelope.mailboxes, envelope.rcpt_tos, strict=True)]
         sieve = self.sieve
         replies = await asyncio.gather(*(
-            sieve.deliver(j) if sieve is not None and j.mailbox.sieve is not None
+            sieve.deliver(j) if sieve is not None and sieve.applies(j)
             else self.maildir_batches.submit(j) if self.deliverer.format == "maildir"
             else asyncio.to_thread(self.deliverer.deliver, j)
             for j in jobs))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from typing import Any, BinaryIO
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from mta import forwarding, policy
+from mta import forwarding, policy, spamcheck
 from mta.abuse import Greylister, PregreetMemory, RateLimiter, dnsbl_listed, in_networks
 from mta.authcheck import InboundChecks, strip_forged_results
 from mta.envelope import Envelope, Recipient, new_id
@@ -90,6 +91,8 @@ class SMTPHandler(Handler):
         self.offers_etrn = not mode.submission
         self.defences = defences or Defences()
         self.srs = srs_of(cfg)  # bounces to our SRS addresses go back to the original sender
+        self.spam = spamcheck.RspamdClient(cfg.spam.rspamd, cfg.spam.timeout) \
+            if cfg.spam.rspamd and (not mode.submission or cfg.spam.check_submission) else None
         self.limits: ListenerLimits = cfg.msa if mode.submission else cfg.mta
 
     def trusted(self, server: SMTPProtocol, session: Session) -> bool:
@@ -302,6 +305,12 @@ class SMTPHandler(Handler):
                 return verdict.reply
             content = verdict.header + content
         qid = new_id()
+        if self.spam is not None and (not session.authenticated
+                                      or self.cfg.spam.check_submission):
+            refusal, content = await self.check_spam(qid, server, session, envelope, content,
+                                                     spilled, body_offset)
+            if refusal is not None:
+                return refusal
         protocol = policy.protocol_name(
             esmtp=bool(session.extended_smtp), tls=server.tls_active,
             auth=bool(session.authenticated), utf8=bool(envelope.smtp_utf8))
@@ -329,6 +338,42 @@ class SMTPHandler(Handler):
                  env.size, len(env.recipients), server.peer_ip or "local", protocol,
                  " relay=network" if envelope.relayed_for_network else "")
         return replies.QUEUED.format(id=qid)
+
+    async def check_spam(self, qid: str, server: SMTPProtocol, session: Session,
+                         envelope: SMTPEnvelope, content: bytes, spilled: Path | None,
+                         body_offset: int) -> tuple[str | None, bytes]:
+        """rspamd's verdict (mta/spamcheck.py): a refusal, or the header section with its
+        X-Spam-* lines added."""
+        assert self.spam is not None
+        size = len(content) + (await asyncio.to_thread(os.path.getsize, spilled) - body_offset
+                               if spilled else 0)
+        if size > spamcheck.MAX_SCAN:
+            log.info("%s: not checked for spam (%d bytes)", qid, size)
+            return None, content
+        whole = content
+        if spilled is not None:
+            whole = content + await asyncio.to_thread(_read_from, spilled, body_offset)
+        sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
+        login = session.login_data if session.authenticated else ""
+        user = login.decode("utf-8", "replace") if isinstance(login, bytes) else str(login or "")
+        env = spamcheck.Envelope(sender, list(envelope.rcpt_tos), server.peer_ip or "",
+                                 session.host_name or "", qid, user)
+        verdict: spamcheck.Verdict | None = None
+        try:
+            verdict = await self.spam.check(env, whole)
+        except spamcheck.SpamCheckError as e:
+            log.warning("%s: spam check failed (%s): %s", qid, e,
+                        "accepted unchecked" if self.cfg.spam.fail_open else "deferred")
+        decision = spamcheck.decide(verdict, self.cfg.spam.fail_open, self.cfg.hostname)
+        metrics.SPAM_CHECKS.labels(decision.result).inc()
+        if verdict is not None:
+            log.info("%s: rspamd: %s score=%.2f/%.2f", qid, verdict.action, verdict.score,
+                     verdict.required)
+        if decision.reply is not None:
+            log.info("%s: refused by the spam filter from=<%s> client=%s: %s", qid, sender,
+                     server.peer_ip, decision.reply)
+            return decision.reply, content
+        return None, decision.header + content
 
     async def check_message(self, session: Session, content: bytes) -> bytes | str:
         """Submission's header rules hook in here; the MTA takes messages as they come."""
@@ -392,6 +437,12 @@ class SMTPHandler(Handler):
             return replies.EXPN_UNKNOWN.format(addr=address)
         return "\r\n".join(replies.EXPN_MEMBER.format(sep="-" if i < len(members) - 1 else " ",
                                                       addr=m) for i, m in enumerate(members))
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read()
 
 
 async def commit_and_announce(spool: Spool, env: Envelope, message: bytes | MessageParts,

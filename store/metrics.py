@@ -31,6 +31,8 @@ AUTH_FAILURES = Counter("pochta_auth_failures", "AUTH attempts refused, by liste
 DEFENCE_HITS = Counter("pochta_defence_hits", "Clients refused or delayed by a defence "
                        "(dnsbl, greylist, pregreet, connection_rate, message_rate, auth_rate)",
                        ["check"])
+SPAM_CHECKS = Counter("pochta_spam_checks", "Messages checked by rspamd, by result (ham, spam, "
+                      "rejected, deferred, error: no verdict)", ["result"])
 AUTH_RESULTS = Counter("pochta_authentication_results", "SPF, DKIM and DMARC results of "
                        "inbound messages", ["method", "result"])
 DELIVERIES = Counter("pochta_deliveries", "Delivery attempts per recipient, by relay (local, "
