@@ -121,6 +121,7 @@ def tokenize(text: str) -> list[Token]:
             line += newlines
             line_start = pos + consumed.rindex("\n") + 1
         pos = end
+    tokens.append(Token("end", "", *where(len(text))))  # where "unexpected end" points
     return tokens
 
 
@@ -146,13 +147,14 @@ class _Parser:
         self.i = 0
 
     def peek(self) -> Token | None:
-        return self.tokens[self.i] if self.i < len(self.tokens) else None
+        token = self.tokens[self.i]
+        return None if token.kind == "end" else token
 
     def take(self) -> Token:
         token = self.peek()
         if token is None:
-            last = self.tokens[-1] if self.tokens else Token("", "", 1, 1)
-            raise SieveError("unexpected end of script", last.line, last.column)
+            end = self.tokens[-1]
+            raise SieveError("unexpected end of script", end.line, end.column)
         self.i += 1
         return token
 
@@ -168,8 +170,8 @@ class _Parser:
             token = self.peek()
             if token is None:
                 if closing:
-                    last = self.tokens[-1]
-                    raise SieveError("block not closed with }", last.line, last.column)
+                    end = self.tokens[-1]
+                    raise SieveError("block not closed with }", end.line, end.column)
                 return out
             if token.kind == "}" and closing:
                 self.i += 1

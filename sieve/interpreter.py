@@ -15,6 +15,7 @@ import email.message
 import email.parser
 import email.policy
 import email.utils
+import html
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -288,6 +289,10 @@ class Run:
                 text = payload.decode(charset, "replace")
             except LookupError:
                 text = payload.decode("utf-8", "replace")
+            if ctype == "text/html" and ":content" not in node.tags:
+                # RFC 5173 §5.2: :text means the text a reader sees, not the markup.
+                text = html.unescape(re.sub(r"(?s)<(script|style)\b.*?</\1\s*>|<[^>]*>", " ",
+                                            text))
             parts.append(text)
             size += len(text)
             if size >= limit:
