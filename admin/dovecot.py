@@ -65,8 +65,9 @@ def mail_location(cfg: Config) -> str:
     root = cfg.mda.mailbox_root
     if cfg.mda.format == "maildir":
         return f"maildir:{root}/%d/%n"
-    # The mbox file is INBOX; other folders and Dovecot's indexes live in the user's home.
-    return f"mbox:~/mail:INBOX={root}/%d/%n"
+    # The mbox file is INBOX; the other folders are files beside it, in <root>/<domain>/
+    # .<localpart>/ (where Sieve's fileinto writes them); Dovecot's indexes stay in the home.
+    return f"mbox:{root}/%d/.%n:INBOX={root}/%d/%n:INDEX=~/mail"
 
 
 def mail_owner(cfg: Config) -> tuple[int, int]:

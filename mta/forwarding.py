@@ -18,11 +18,11 @@ from pathlib import Path
 
 import srslib
 
+from mta.policy import MAX_RECEIVED
 from store import addresses
 from store.config import Config
 
 KEY_FILE = "srs.key"
-MAX_RECEIVED = 50  # more Received headers than this: a loop (RFC 5321 §6.3 suggests 100)
 
 
 class ForgedSrs(ValueError):
@@ -96,7 +96,7 @@ def loops(header_section: bytes, rcpt: str) -> str:
         if m.group(1).strip().decode("utf-8", "replace").lower() == rcpt.lower():
             return f"already delivered to {rcpt} (Delivered-To)"
     hops = len(_RECEIVED.findall(header_section))
-    if hops > MAX_RECEIVED:
+    if hops > MAX_RECEIVED:  # the MTA's own limit: such a copy would be refused anyway
         return f"{hops} Received headers"
     return ""
 
