@@ -31,7 +31,7 @@ def world(tmp_path_factory):
     s = Stack(tmp_path_factory.mktemp("sieve"),
               delivery={"resolver": dns_server.address, "smtp_port": port})
     s.setup_users("example.com", "bob@example.com", "amy@example.com", "cat@example.com",
-                  "dan@example.com", "eve@example.com")
+                  "dan@example.com", "eve@example.com", "fay@example.com")
     s.start("up")
     yield s, mx, dns_server
     s.stop_all()
@@ -181,6 +181,18 @@ redirect "d@remote.test"; redirect "e@remote.test";
     inbox = wait_mail(s, "eve@example.com", 1)
     assert b"too many redirects" in inbox[0]
     assert "more than 4 redirects" in s.log("up")
+
+
+def test_a_folder_that_cannot_be_made_keeps_the_message_in_the_inbox(world):
+    s, _, _ = world
+    mailbox = s.mailbox_root / "example.com" / "fay"
+    mailbox.mkdir(parents=True, exist_ok=True)
+    (mailbox / ".Blocked").write_text("a file where the folder would go\n")
+    put(s, "fay@example.com", 'require "fileinto";\nfileinto "Blocked";\n')
+    send(s, "g@remote.test", "fay@example.com", "blocked folder")
+    inbox = wait_mail(s, "fay@example.com", 1)
+    assert b"blocked folder" in inbox[0]
+    assert "folder 'Blocked' unavailable" in s.log("up")
 
 
 def test_cli_refuses_a_broken_script_with_its_position(world):
