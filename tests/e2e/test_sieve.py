@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import smtplib
 
+import dkim
 import dns.resolver
 import pytest
 import spf
@@ -31,7 +32,8 @@ def world(tmp_path_factory):
     s = Stack(tmp_path_factory.mktemp("sieve"),
               delivery={"resolver": dns_server.address, "smtp_port": port})
     s.setup_users("example.com", "bob@example.com", "amy@example.com", "cat@example.com",
-                  "dan@example.com", "eve@example.com", "fay@example.com")
+                  "dan@example.com", "eve@example.com", "fay@example.com", "gus@example.com",
+                  "hal@example.com", "ivy@example.com")
     s.start("up")
     yield s, mx, dns_server
     s.stop_all()
@@ -207,3 +209,35 @@ def test_cli_refuses_a_broken_script_with_its_position(world):
     listing = s.pochta("sieve", "list", "bob@example.com").stdout
     assert "test" in listing and "yes" in listing
     assert s.pochta("sieve", "check", "bob@example.com").stdout.strip().endswith("OK")
+
+
+def test_a_redirected_message_keeps_its_dkim_signature(world, tmp_path):
+    s, mx, _ = world
+    from mta import dkimsign
+
+    record = dkimsign.generate(tmp_path, "origin.test", "sel")
+    key = (tmp_path / "origin.test" / "sel.key").read_bytes()
+    put(s, "gus@example.com", 'redirect "gus@remote.test";\n')
+    message = (b"From: Alice <alice@origin.test>\r\nTo: gus@example.com\r\n"
+               b"Subject: signed and forwarded\r\nMessage-ID: <dkim1@origin.test>\r\n\r\n"
+               b"A body that must arrive as it was signed.\r\n\r\nSecond paragraph.\r\n")
+    signed = dkim.sign(message, b"sel", b"origin.test", key, canonicalize=(b"relaxed", b"simple"),
+                       include_headers=[b"from", b"to", b"subject", b"message-id"]) + message
+    with smtplib.SMTP("127.0.0.1", s.mta_port, timeout=15) as c:
+        c.sendmail("alice@origin.test", ["gus@example.com"], signed)
+    got = wait_for(lambda: next((m for m in mx.messages
+                                 if b"signed and forwarded" in m.data), None))
+    assert got.rcpts == ["gus@remote.test"]
+    txt = record.encode()
+    assert dkim.verify(got.data, dnsfunc=lambda name, timeout=5: txt)
+
+
+def test_a_redirect_loop_between_two_mailboxes_is_cut(world):
+    s, _, _ = world
+    put(s, "hal@example.com", 'redirect "ivy@example.com";\n')
+    put(s, "ivy@example.com", 'redirect "hal@example.com";\n')
+    send(s, "j@remote.test", "hal@example.com", "ping pong")
+    # hal -> ivy -> hal: hal sees its own Delivered-To and keeps the message.
+    inbox = wait_mail(s, "hal@example.com", 1)
+    assert b"ping pong" in inbox[0] and inbox[0].count(b"Delivered-To: hal@example.com") >= 2
+    assert "not done (already delivered to hal@example.com" in s.log("up")
