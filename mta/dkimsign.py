@@ -14,13 +14,15 @@ import logging
 import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dkim
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from store import addresses
 from store.fsio import atomic_write, ensure_dir
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 log = logging.getLogger("pochta.dkim")
 
@@ -45,6 +47,9 @@ def key_dir(keys_root: Path, domain: str) -> Path:
 
 def generate(keys_root: Path, domain: str, selector: str, algorithm: str = "rsa") -> str:
     """Make and activate a key; return the DNS TXT record value to publish."""
+    # cryptography costs a process ~8 MB of memory: only those that make or load keys pay.
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
     if not _SELECTOR.match(selector):
         raise DKIMError(f"selector {selector!r}: use lower-case letters, digits and '-'")
     folder = ensure_dir(key_dir(keys_root, domain), 0o700)
@@ -65,6 +70,9 @@ def generate(keys_root: Path, domain: str, selector: str, algorithm: str = "rsa"
 
 
 def txt_record(key_path: Path) -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     if isinstance(key, ed25519.Ed25519PrivateKey):
         raw = key.public_key().public_bytes(serialization.Encoding.Raw,
@@ -98,6 +106,9 @@ class Signer:
         mtime = path.stat().st_mtime
         cached = self._keys.get(domain)
         if cached is None or cached[0] != mtime or cached[1] != selector:
+            from cryptography.hazmat.primitives import serialization
+            from cryptography.hazmat.primitives.asymmetric import ed25519
+
             pem = path.read_bytes()
             is_ed = isinstance(serialization.load_pem_private_key(pem, password=None),
                                ed25519.Ed25519PrivateKey)

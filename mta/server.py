@@ -19,19 +19,14 @@ from collections.abc import Callable
 
 from mta.abuse import Greylister, PregreetMemory, RateLimiter, in_networks, make_async_resolver
 from mta.authcheck import InboundChecks
-from mta.courier.local import LocalDelivery
-from mta.courier.remote import Outbound
 from mta.dkimsign import Signer
-from mta.dsn import Bouncer
 from mta.forwarding import srs_of
 from mta.notice import Notifier
-from mta.queue import QueueRunner
 from mta.session import Defences, Mode, SMTPHandler
 from mta.smtp.protocol import SMTPProtocol
 from mta.smtp.server import Connections, start_listeners
 from mta.spool import Spool
 from mta.supervision import restart_delay
-from mta.tlsrpt import Reporter
 from store.config import Config, ListenerLimits, LiveConfig
 from store.db import Database
 from store.directory import CachedDirectory
@@ -39,7 +34,6 @@ from store.privileges import account_for
 from store.privileges import drop as drop_privileges
 from store.sieve import SieveStore
 from store.tlscert import reload_certificate, server_context, watch_certificate
-from store.tlspolicy import TLSPolicyStore
 
 log = logging.getLogger("pochta.server")
 
@@ -104,6 +98,15 @@ PARENT_PIPE = "POCHTA_QUEUE_PARENT_PIPE"  # set by serve mta: our stdin is a pip
 async def run_queue(cfg: Config, stop: asyncio.Event,
                     ready: Callable[[], object] = lambda: None,
                     live: LiveConfig | None = None) -> None:
+    # Here, not at the top: the MTA process (which only accepts) does not pay the memory of
+    # the delivery side (TLS verification, cryptography, aiosmtplib) for each of its sessions.
+    from mta.courier.local import LocalDelivery
+    from mta.courier.remote import Outbound
+    from mta.dsn import Bouncer
+    from mta.queue import QueueRunner
+    from mta.tlsrpt import Reporter
+    from store.tlspolicy import TLSPolicyStore
+
     drop_privileges(cfg, "queue")  # it binds nothing
     db = Database(cfg.database_url)
     directory = CachedDirectory(db, cfg.directory_cache_ttl)
