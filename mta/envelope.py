@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import secrets
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 FORMAT_VERSION = 1
@@ -35,7 +36,7 @@ class EnvelopeError(ValueError):
 HELD = "held"  # last_relay of a recipient of a held relay domain: waiting, not attempted
 
 
-@dataclass
+@dataclass(slots=True)  # slots: a queue of 100,000 is 100,000 of these in memory
 class Recipient:
     address: str
     original: str
@@ -50,7 +51,7 @@ class Recipient:
     dsn_passed: bool = False  # the next hop took our NOTIFY: it reports success, not us
 
 
-@dataclass
+@dataclass(slots=True)
 class Envelope:
     id: str
     created: float
@@ -101,8 +102,9 @@ class Envelope:
         return "new"
 
     def to_json(self) -> bytes:
-        raw = dict(vars(self))
-        raw["recipients"] = [vars(r) for r in self.recipients]
+        raw = {f.name: getattr(self, f.name) for f in fields(self)}
+        raw["recipients"] = [{f.name: getattr(r, f.name) for f in _RECIPIENT_FIELDS}
+                             for r in self.recipients]
         return json.dumps(raw, ensure_ascii=False, separators=(",", ":")).encode()
 
     @classmethod
@@ -111,12 +113,52 @@ class Envelope:
             raw = json.loads(data)
             if raw.get("version") != FORMAT_VERSION:
                 raise EnvelopeError(f"unknown spool format version {raw.get('version')!r}")
-            raw["recipients"] = [Recipient(**r) for r in raw["recipients"]]
-            return cls(**raw)
+            raw["recipients"] = [Recipient(**_interned(r, _RECIPIENT_STRINGS))
+                                 for r in raw["recipients"]]
+            for r in raw["recipients"]:
+                if r.original == r.address:
+                    r.original = r.address  # one string, not two equal ones
+            # A queue of 100,000 holds 100,000 envelopes: the parts most of them have in
+            # common (client, DSN options, sender, states) are one object each, not one per
+            # envelope. Nothing changes client or dsn after acceptance.
+            raw["client"] = _shared(raw.get("client"))
+            raw["dsn"] = _shared(raw.get("dsn"))
+            return cls(**_interned(raw, _ENVELOPE_STRINGS))
         except EnvelopeError:
             raise
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise EnvelopeError(f"not an envelope: {e!r}") from None
+
+
+_RECIPIENT_FIELDS = fields(Recipient)
+_RECIPIENT_STRINGS = ("status", "last_relay")
+_ENVELOPE_STRINGS = ("mail_from", "body")
+_SHARED: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
+
+
+def _interned(raw: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    for key in keys:
+        value = raw.get(key)
+        if isinstance(value, str):
+            raw[key] = sys.intern(value)
+    return raw
+
+
+def _shared(value: Any) -> Any:
+    """One dict for every envelope whose ``client`` (or ``dsn``) is equal: read-only."""
+    if not isinstance(value, dict):
+        return value
+    try:
+        key = tuple(sorted(value.items()))
+        hash(key)
+    except TypeError:  # a value that is not hashable: keep this one's own
+        return value
+    found = _SHARED.get(key)
+    if found is None:
+        if len(_SHARED) >= 10_000:
+            _SHARED.clear()  # bounded; the envelopes keep theirs
+        found = _SHARED[key] = {sys.intern(k): v for k, v in value.items()}
+    return found
 
 
 def new_id() -> str:

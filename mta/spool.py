@@ -273,13 +273,17 @@ class Spool:
         if not fresh:
             try:
                 with open(self._json(qid), "rb") as f:
-                    return _parse(f.read())
+                    env = _parse(f.read())
+                if env.id == qid:
+                    env.id = qid  # one string for the id, the queue's key and its timers
+                return env
             except FileNotFoundError:
                 pass
         with open(self._msg(qid), "rb") as f:
             env = _parse(_envelope_line(f))
         if env.id != qid:
             raise SpoolError(f"the file holds message {env.id}")
+        env.id = qid
         return env
 
     def ids(self) -> list[str]:
