@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import dataclass
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
 
 from store import addresses
 from store.addresses import AddressError
@@ -127,13 +128,18 @@ class SieveStore:
                                                     SieveScript.name == name)
                           .values(active=True))
 
+    @staticmethod
+    def _script(s: Session, addr: str, name: str) -> SieveScript:
+        row = s.scalar(select(SieveScript).where(SieveScript.address == addr,
+                                                 SieveScript.name == name))
+        if row is None:
+            raise SieveStoreError(f"{addr} has no script {name!r}", "NONEXISTENT")
+        return row
+
     def delete(self, address: str, name: str) -> None:
         addr = self._user(address)
         with self._tx() as s:
-            row = s.scalar(select(SieveScript).where(SieveScript.address == addr,
-                                                     SieveScript.name == name))
-            if row is None:
-                raise SieveStoreError(f"{addr} has no script {name!r}", "NONEXISTENT")
+            row = self._script(s, addr, name)
             if row.active:
                 raise SieveStoreError(f"script {name!r} is active: deactivate it first",
                                       "ACTIVE")
@@ -143,10 +149,7 @@ class SieveStore:
         check_name(new)
         addr = self._user(address)
         with self._tx() as s:
-            row = s.scalar(select(SieveScript).where(SieveScript.address == addr,
-                                                     SieveScript.name == old))
-            if row is None:
-                raise SieveStoreError(f"{addr} has no script {old!r}", "NONEXISTENT")
+            row = self._script(s, addr, old)
             if s.scalar(select(SieveScript.id).where(SieveScript.address == addr,
                                                      SieveScript.name == new)) is not None:
                 raise SieveStoreError(f"{addr} has a script {new!r} already", "ALREADYEXISTS")

@@ -70,6 +70,25 @@ def imap_scram_login(port: int, user: str, password: str) -> None:
         m.logout()
 
 
+def static_conf(location: str, shared_dir: Path) -> str:
+    """Dovecot over our mailboxes with one static password (the SQL userdb has its own test)."""
+    return f"""
+protocols = imap pop3
+mail_location = {location}
+mail_uid = {MAIL_OWNER}
+mail_gid = nogroup
+auth_mechanisms = plain
+passdb {{
+  driver = static
+  args = password=static-pw
+}}
+userdb {{
+  driver = static
+  args = home={shared_dir}/home/%d/%n
+}}
+"""
+
+
 def expected(rcpt: str) -> bytes:
     # IMAP gives CRLF line endings back; we stored LF, plus our two trace headers.
     return f"Return-Path: <a@remote.test>\r\nDelivered-To: {rcpt}\r\n".encode() + MSG
@@ -88,22 +107,7 @@ def test_dovecot_reads_our_mailbox(tmp_path, shared_dir, fmt):
         root = shared_dir / "mail"
         location = (f"maildir:{root}/%d/%n" if fmt == "maildir"
                     else f"mbox:{shared_dir}/home/%d/%n/mail:INBOX={root}/%d/%n")
-        conf = f"""
-protocols = imap pop3
-mail_location = {location}
-mail_uid = {MAIL_OWNER}
-mail_gid = nogroup
-auth_mechanisms = plain
-passdb {{
-  driver = static
-  args = password=static-pw
-}}
-userdb {{
-  driver = static
-  args = home={shared_dir}/home/%d/%n
-}}
-"""
-        dv = Dovecot(tmp_path / "dovecot", conf)
+        dv = Dovecot(tmp_path / "dovecot", static_conf(location, shared_dir))
         got = imap_fetch(dv.imap_port, "bob@example.com", "static-pw")
         assert got == [expected("bob@example.com")], dv.log()
     finally:
@@ -170,22 +174,8 @@ def test_dovecot_shows_a_sieve_fileinto_folder(tmp_path, shared_dir):
     try:
         _, data = lmtp_send(stack.mda_listen, "a@remote.test", ["bob@example.com"], MSG)
         assert data[0].startswith("250")
-        conf = f"""
-protocols = imap pop3
-mail_location = maildir:{shared_dir}/mail/%d/%n
-mail_uid = {MAIL_OWNER}
-mail_gid = nogroup
-auth_mechanisms = plain
-passdb {{
-  driver = static
-  args = password=static-pw
-}}
-userdb {{
-  driver = static
-  args = home={shared_dir}/home/%d/%n
-}}
-"""
-        dv = Dovecot(tmp_path / "dovecot", conf)
+        dv = Dovecot(tmp_path / "dovecot",
+                     static_conf(f"maildir:{shared_dir}/mail/%d/%n", shared_dir))
         m = imaplib.IMAP4("127.0.0.1", dv.imap_port, timeout=15)
         try:
             m.authenticate("PLAIN", lambda _: b"\0bob@example.com\0static-pw")
