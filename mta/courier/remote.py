@@ -79,6 +79,77 @@ class _Retry(Exception):
 
 # Per-command time limits, RFC 5321 §4.5.3.2 (a slow receiver is not a dead one), and
 # Postfix's 30 s for the TCP connection (a host that drops SYNs; the next MX is tried).
+IDLE_REUSE = 2.0  # seconds a connection waits for the next message to its host (Postfix: 2 s)
+MAX_REUSE = 100  # messages over one connection, then a fresh one
+MAX_IDLE = 64  # idle connections kept in all
+
+
+class IdleConnections:
+    """Connections whose transaction is over, kept for the next message to the same host
+    with the same TLS requirement (Postfix's scache): no new TCP, greeting, EHLO, TLS
+    handshake for every message of a newsletter or a queue draining. A connection is taken
+    only after RSET succeeds on it; one that fails is closed and a fresh one made, so reuse
+    never costs a message anything but that round trip."""
+
+    def __init__(self) -> None:
+        self.idle: dict[tuple[object, ...], list[tuple[aiosmtplib.SMTP, bool, int, float]]] = {}
+        self.count = 0
+        self.reused = 0  # for the log and the benchmark
+
+    async def take(self, key: tuple[object, ...]) -> tuple[aiosmtplib.SMTP, bool, int] | None:
+        """An idle connection for ``key`` that answered RSET: (smtp, authenticated, uses)."""
+        now = asyncio.get_running_loop().time()
+        entries = self.idle.get(key)
+        while entries:
+            smtp, authenticated, uses, since = entries.pop()
+            self.count -= 1
+            if not entries:
+                del self.idle[key]
+            if now - since > IDLE_REUSE or not smtp.is_connected:
+                await _quit(smtp)
+                continue
+            try:
+                await smtp.rset(timeout=10)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                smtp.close()
+                continue
+            self.reused += 1
+            return smtp, authenticated, uses
+        return None
+
+    def give(self, key: tuple[object, ...], smtp: aiosmtplib.SMTP, authenticated: bool,
+             uses: int) -> bool:
+        """Keep ``smtp`` for the next message to its host; False: the caller closes it."""
+        if uses >= MAX_REUSE or self.count >= MAX_IDLE or not smtp.is_connected:
+            return False
+        loop = asyncio.get_running_loop()
+        self.idle.setdefault(key, []).append((smtp, authenticated, uses, loop.time()))
+        self.count += 1
+        loop.call_later(IDLE_REUSE + 0.1, lambda: loop.create_task(self.expire()))
+        return True
+
+    async def expire(self, everything: bool = False) -> None:
+        now = asyncio.get_running_loop().time()
+        for key in list(self.idle):
+            keep = []
+            for entry in self.idle.pop(key):
+                if everything or now - entry[3] > IDLE_REUSE or not entry[0].is_connected:
+                    self.count -= 1
+                    await _quit(entry[0])
+                else:
+                    keep.append(entry)
+            if keep:
+                self.idle[key] = keep
+
+
+async def _quit(smtp: aiosmtplib.SMTP) -> None:
+    if smtp.is_connected:
+        try:
+            await smtp.quit(timeout=5)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            smtp.close()
+
+
 CONNECT_TIMEOUT = 30.0
 GREETING_TIMEOUT = 300.0  # §4.5.3.2.1; also EHLO, STARTTLS and AUTH
 MAIL_TIMEOUT = 300.0  # §4.5.3.2.2
@@ -113,9 +184,11 @@ class Outbound:
         self.smarthost_tls = cfg.delivery.smarthost_tls
         self.verified_tls = ssl.create_default_context(cafile=cfg.delivery.ca_file or None)
         self.verified_tls.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.connections = IdleConnections()
 
     async def close(self) -> None:
-        """Nothing pooled (yet): one connection per destination and attempt."""
+        """QUIT the idle connections."""
+        await self.connections.expire(everything=True)
 
     async def deliver(self, env: Envelope, rcpts: list[Recipient], data: bytes | SpooledMessage,
                       retry: bool = False) -> dict[str, Reply]:
@@ -224,10 +297,6 @@ class Outbound:
             # Our own decision about this host: no remote MTA said it (no Remote-MTA in a DSN).
             return Reply(code, f"{text} ({relay})", LOCAL_DECISION)
 
-        try:
-            sock = await _connect(host.ip, port, self.timeouts["connect"])
-        except (OSError, TimeoutError) as e:
-            raise _Retry(reply(451, f"4.4.1 cannot connect: {e or 'timed out'}")) from None
         # To the smarthost TLS is verified unless configured otherwise: it gets our password
         # and all our mail; a message marked "TLS-Required: No" (RFC 8689 §5) may do with
         # unverified TLS when no password is at stake. To MX hosts it is opportunistic (RFC 7435).
@@ -236,11 +305,29 @@ class Outbound:
         implicit = smarthost and self.smarthost_tls == "implicit"
         context = self.verified_tls if verify else self.tls
         authenticated = False  # (an MX host's identity, checked by _secure)
-        smtp = aiosmtplib.SMTP(sock=sock, hostname=host.name if implicit else None,
-                               local_hostname=self.cfg.hostname, timeout=self.timeouts["greeting"],
-                               use_tls=implicit, tls_context=context if implicit else None,
-                               start_tls=False, validate_certs=verify)
+        # What a connection was opened for: only a message needing the same may reuse it.
+        key = (host.ip, port, host.name, smarthost, verify, implicit, use_tls, requirement)
+        reusable = False
+        uses = 0
+        taken = await self.connections.take(key)
+        if taken is not None:
+            smtp, authenticated, uses = taken
+        else:
+            try:
+                sock = await _connect(host.ip, port, self.timeouts["connect"])
+            except (OSError, TimeoutError) as e:
+                raise _Retry(reply(451, f"4.4.1 cannot connect: {e or 'timed out'}")) from None
+            smtp = aiosmtplib.SMTP(sock=sock, hostname=host.name if implicit else None,
+                                   local_hostname=self.cfg.hostname,
+                                   timeout=self.timeouts["greeting"], use_tls=implicit,
+                                   tls_context=context if implicit else None, start_tls=False,
+                                   validate_certs=verify)
         try:
+            if taken is not None:
+                results = await self.transaction(env, smtp, rcpts, data, reply, refuse,
+                                                 authenticated)
+                reusable = True
+                return results
             try:
                 await smtp.connect(timeout=self.timeouts["greeting"])
             except (aiosmtplib.SMTPException, OSError) as e:
@@ -280,8 +367,11 @@ class Outbound:
                     raise _Retry(reply(454, "4.7.0 smarthost offers no TLS; "
                                        "not sending credentials in the clear"))
                 await smtp.login(d.smarthost_user, d.smarthost_password)
-            return await self.transaction(env, smtp, rcpts, data, reply, refuse,
-                                          verify or authenticated)
+            authenticated = verify or authenticated
+            results = await self.transaction(env, smtp, rcpts, data, reply, refuse,
+                                             authenticated)
+            reusable = True
+            return results
         except aiosmtplib.SMTPResponseException as e:
             r = reply(e.code, e.message)
             if e.code >= 500:
@@ -290,11 +380,8 @@ class Outbound:
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
             raise _Retry(reply(451, f"4.4.2 connection with {relay} failed: {e}")) from None
         finally:
-            if smtp.is_connected:
-                try:
-                    await smtp.quit()
-                except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                    smtp.close()
+            if not (reusable and self.connections.give(key, smtp, authenticated, uses + 1)):
+                await _quit(smtp)
 
     async def _secure(self, env: Envelope, smtp: aiosmtplib.SMTP, host: Host, relay: str,
                       use_tls: bool, req: Requirement, domain: str,

@@ -165,7 +165,8 @@ class ScriptedMX:
         self.connections = 0
         # Per connection, in order: "421-at-rcpt" (421 and close), "reset-in-data" (the
         # connection reset after the first bytes of the message), "tls-silent" (STARTTLS
-        # offered and answered 220, then no handshake), else a normal session.
+        # offered and answered 220, then no handshake), "close-after-message" (the
+        # connection closed once a message is stored), else a normal session.
         self.plan: list[str] = []
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.sock.settimeout(0.2)
@@ -231,6 +232,8 @@ class ScriptedMX:
                     data, _, buf = buf.partition(b"\r\n.\r\n")
                     self.messages.append(data)
                     ok = self._reply(conn, "DATA", b"250 2.0.0 stored\r\n")
+                    if mode == "close-after-message":
+                        return
                 elif verb == "QUIT":
                     conn.sendall(b"221 bye\r\n")
                     return
