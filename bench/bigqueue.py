@@ -69,6 +69,7 @@ class Sink:
 
         self.port = port
         self.count = 0
+        self.connections = 0
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
 
@@ -83,6 +84,7 @@ class Sink:
         ready.wait(10)
 
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
             writer.write(b"220 sink.test ESMTP\r\n")
             while line := await reader.readline():
@@ -107,8 +109,8 @@ class Sink:
             writer.close()
 
     def stop(self) -> None:
+        # The loop's thread is a daemon: it ends with the benchmark, sessions and all.
         self.loop.call_soon_threadsafe(self.server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 class Stack:
@@ -204,6 +206,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", "--messages", type=int, default=100_000)
     parser.add_argument("--local", type=int, default=1000, help="local messages per rate run")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="py-spy's collapsed stacks of the queue runner while it drains")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="pochta-bigq-"))
     s = Stack(folder)
@@ -235,6 +239,10 @@ def main() -> None:
         print(f"local mail end to end (10 sessions, 4 KB): {empty_rate:.0f} msg/s with the queue "
               f"empty, {full_rate:.0f} msg/s full ({100 * full_rate / empty_rate:.0f} %)")
         sink = Sink(s.mx_port)  # the MX is back
+        spy = subprocess.Popen(["py-spy", "record", "-p", str(s.queue_pid()), "-f", "raw",
+                                "-o", args.profile, "-r", "200"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) \
+            if args.profile else None
         t0 = time.monotonic()
         subprocess.run(s.run + ["queue", "flush"], check=True, capture_output=True)
         deadline = t0 + 1800
@@ -242,8 +250,12 @@ def main() -> None:
             time.sleep(0.2)
         drained = time.monotonic() - t0
         sink.stop()
-        print(f"drain once the MX is back (flush): {sink.count} messages in {drained:.1f} s, "
-              f"{sink.count / drained:.0f} msg/s (Postfix's side not measured yet)")
+        if spy is not None:
+            spy.send_signal(2)  # SIGINT: py-spy writes what it sampled
+            spy.wait(60)
+        print(f"drain once the MX is back (flush): {sink.count} messages in {drained:.1f} s "
+              f"over {sink.connections} connections, {sink.count / drained:.0f} msg/s "
+              f"(Postfix's side not measured yet)")
         verdicts = [
             ("runner RSS grows < 1 KB per queued message", per_message_kb < 1.0,
              f"{per_message_kb:.2f} KB"),

@@ -64,6 +64,9 @@ def better_than(by_pref: dict[int, list[str]], ourselves: str) -> dict[int, list
 class Resolver:
     def __init__(self, server: str = "", timeout: float = 5.0, dnssec: bool = False) -> None:
         self.r = configured(dns.asyncresolver.Resolver, server, timeout)
+        # Answers kept for their TTL: a queue draining to one domain asked for its MX and
+        # addresses once per message, most of the runner's CPU (py-spy, bench/bigqueue.py).
+        self.r.cache = dns.resolver.LRUCache(10_000)
         self.dnssec = dnssec
         if dnssec:
             self.r.flags = dns.flags.RD | dns.flags.AD

@@ -69,7 +69,9 @@ class FakeDNS:
             if name in self.servfail:
                 r.set_rcode(dns.rcode.SERVFAIL)
             elif (name, rtype) in self.zones:
-                r.answer.append(dns.rrset.from_text_list(name, 60, "IN", rtype,
+                # TTL 0: the tests change records while the servers run, and a resolver
+                # that caches (ours does, for the TTL) must see the change at once.
+                r.answer.append(dns.rrset.from_text_list(name, 0, "IN", rtype,
                                                          self.zones[(name, rtype)]))
             elif not any(n == name for n, _ in self.zones):
                 r.set_rcode(dns.rcode.NXDOMAIN)
