@@ -356,6 +356,11 @@ class BaseSMTP(SMTP):
         if self._admitted:
             self._admitted = False
             metrics.SESSIONS.labels(self.listener).dec()
+        if self.session is None:
+            # asyncio's TLS layer may report a failed implicit-TLS handshake as the loss of a
+            # connection that was never made: no session to end (aiosmtpd would assert).
+            self._break_cycles()
+            return
         super().connection_lost(error)
         task = self._handler_coroutine  # cancelled by aiosmtpd: it ends on the next turn
         if task is None or task.done():

@@ -127,3 +127,18 @@ def test_a_closed_session_is_freed_without_the_garbage_collector():
         assert [ref() for ref in sessions] == [None, None]
     finally:
         gc.enable()
+
+
+def test_a_connection_lost_before_it_was_made_is_no_error():
+    """asyncio's TLS layer may report a failed implicit-TLS handshake (a probe that connects
+    and hangs up) as connection_lost of a protocol whose connection_made never ran."""
+    from mta.smtp.server import BaseSMTP
+    from mta.smtp.server import Handler as HandlerBase
+
+    async def main():
+        connections = Connections(10, 10)
+        proto = BaseSMTP(HandlerBase(), connections=connections, hostname="mx.test")
+        proto.connection_lost(ConnectionResetError())  # no AssertionError from aiosmtpd
+        assert not connections.open
+
+    asyncio.run(main())
