@@ -44,6 +44,7 @@ from store.sieve import SieveStore
 log = logging.getLogger("pochta.sieve")
 
 Send = Callable[[outbox.Outgoing], str]
+VACATION_KEPT = 31 * 86400.0  # longer than the longest :days (30): older state means nothing
 
 
 class SieveDelivery:
@@ -60,6 +61,7 @@ class SieveDelivery:
         self.clock = clock
         self.send: Send = lambda out: outbox.send(spool_dir, out)
         self.compiled: OrderedDict[str, tuple[list[Node], set[str]] | str] = OrderedDict()
+        self.next_cleanup = 0.0  # when vacation state older than any period is next removed
 
     def applies(self, job: Job) -> bool:
         """Whether ``job`` goes through here (a script, or the Junk rule), not the fast path."""
@@ -173,8 +175,11 @@ class SieveDelivery:
             log.info("to=<%s> vacation: no reply to <%s> (%s)", job.rcpt, sender, why)
             return
         try:
-            if not self.store.vacation_due(user, sender, v.handle, v.days * 86400.0,
-                                           self.clock()):
+            now = self.clock()
+            if now >= self.next_cleanup:  # at most daily: who was answered over 30 days ago
+                self.next_cleanup = now + 86400.0
+                self.store.forget_vacations(older_than=now - VACATION_KEPT)
+            if not self.store.vacation_due(user, sender, v.handle, v.days * 86400.0, now):
                 log.info("to=<%s> vacation: <%s> was answered within %d day(s)", job.rcpt,
                          sender, v.days)
                 return
