@@ -9,11 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
-from sqlalchemy.exc import SQLAlchemyError
 
 from admin.context import UserError, context, table
 from sieve import check
-from store.directory import DirectoryUnavailable
 from store.sieve import SieveStore, SieveStoreError
 
 sieve_app = typer.Typer(help="Users' Sieve filters (RFC 5228): put, get, list, activate, "
@@ -22,15 +20,12 @@ sieve_app = typer.Typer(help="Users' Sieve filters (RFC 5228): put, get, list, a
 
 @contextmanager
 def _store(ctx: typer.Context) -> Iterator[SieveStore]:
+    # Database failures come as DirectoryUnavailable, which `main` reports (with the hint
+    # to upgrade a database without the scripts table).
     try:
         yield SieveStore(context(ctx).db)
     except SieveStoreError as e:
         raise UserError(str(e)) from None
-    except (SQLAlchemyError, DirectoryUnavailable) as e:
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        hint = " (run 'pochta db upgrade')" if "no such table" in text or \
-            "does not exist" in text else ""
-        raise UserError(f"database error: {text}{hint}") from None
 
 
 def _read(file: str) -> tuple[str, str]:

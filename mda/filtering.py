@@ -83,7 +83,7 @@ class SieveDelivery:
                 self.compiled.popitem(last=False)
         return hit
 
-    def outcome(self, job: Job) -> Outcome:
+    def outcome(self, job: Job, ctx: Context) -> Outcome:
         """What the script decides; keep in the INBOX when it cannot decide."""
         if self.junk_folder and is_spam(job.data):
             log.info("to=<%s> marked as spam: into %s", job.rcpt, self.junk_folder)
@@ -96,7 +96,6 @@ class SieveDelivery:
                       job.rcpt, compiled)
             return _keep()
         nodes, required = compiled
-        ctx = Context(job.data, "" if job.mail_from in ("", "<>") else job.mail_from, job.rcpt)
         try:
             return evaluate(nodes, required, ctx, self.limits)
         except SieveRuntimeError as e:
@@ -107,8 +106,9 @@ class SieveDelivery:
             return _keep()
 
     def deliver_blocking(self, job: Job) -> str:
-        outcome = self.outcome(job)
         sender = "" if job.mail_from in ("", "<>") else job.mail_from
+        ctx = Context(job.data, sender, job.rcpt)  # the header section parsed once, if at all
+        outcome = self.outcome(job, ctx)
         if outcome.reject is not None:
             text = _one_line(outcome.reject) or "rejected by the recipient's filter"
             log.info("to=<%s> status=bounced (Sieve %s: %s)", job.rcpt,
@@ -119,7 +119,7 @@ class SieveDelivery:
         if outcome.redirects:
             self._redirect(job, sender, outcome.redirects, folders)
         if outcome.vacation is not None:
-            self._vacation(job, sender, outcome)
+            self._vacation(job, ctx, outcome)
         if not folders:
             log.info("to=<%s> status=sent (%s by Sieve)", job.rcpt,
                      "discarded" if outcome.discarded else "redirected")
@@ -164,12 +164,12 @@ class SieveDelivery:
                 continue
             log.info("to=<%s> redirected to <%s> as %s", job.rcpt, target, qid)
 
-    def _vacation(self, job: Job, sender: str, outcome: Outcome) -> None:
+    def _vacation(self, job: Job, ctx: Context, outcome: Outcome) -> None:
+        sender = ctx.envelope_from
         v = outcome.vacation
         assert v is not None
         user = job.mailbox.address
         own = {user.lower(), job.rcpt.lower(), *(a.lower() for a in v.addresses)}
-        ctx = Context(job.data, sender, job.rcpt)
         why = vacation.why_not(ctx.headers, sender, own, own)
         if why:
             log.info("to=<%s> vacation: no reply to <%s> (%s)", job.rcpt, sender, why)

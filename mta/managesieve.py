@@ -18,7 +18,7 @@ import re
 import ssl
 from collections.abc import Callable
 
-from sieve import EXTENSIONS, check
+from sieve import EXTENSIONS, Limits, check
 from store.config import Config, parse_address
 from store.directory import Directory, DirectoryUnavailable
 from store.sieve import MAX_SCRIPT_BYTES, SieveStore, SieveStoreError
@@ -44,8 +44,8 @@ def quote(s: str) -> str:
 
 
 def tokens(line: bytes) -> list[str]:
-    """A command line (literals already spliced in as quoted strings is not possible, so
-    ``read_command`` passes them separately) split into atoms and strings."""
+    """A command line without its literals (``read_command`` reads those) split into atoms
+    and quoted strings."""
     out: list[str] = []
     i = 0
     text = line.decode("utf-8", "replace")
@@ -115,7 +115,7 @@ class ManageSieveServer:
 
     def capabilities(self, tls: bool, authenticated: bool) -> str:
         lines = ['"IMPLEMENTATION" "pochta"', f'"SIEVE" "{" ".join(EXTENSIONS)}"',
-                 '"VERSION" "1.0"', '"MAXREDIRECTS" "4"']
+                 '"VERSION" "1.0"', f'"MAXREDIRECTS" "{Limits().redirects}"']
         if not authenticated:
             lines.insert(1, '"SASL" "PLAIN"' if tls else '"SASL" ""')
         if not tls:

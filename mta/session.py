@@ -356,7 +356,7 @@ class SMTPHandler(Handler):
         sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
         login = session.login_data if session.authenticated else ""
         user = login.decode("utf-8", "replace") if isinstance(login, bytes) else str(login or "")
-        env = spamcheck.Envelope(sender, list(envelope.rcpt_tos), server.peer_ip or "",
+        env = spamcheck.Request(sender, list(envelope.rcpt_tos), server.peer_ip or "",
                                  session.host_name or "", qid, user)
         verdict: spamcheck.Verdict | None = None
         try:

@@ -91,7 +91,9 @@ def decide(verdict: Verdict | None, fail_open: bool, hostname: str) -> Decision:
 
 
 @dataclass(frozen=True)
-class Envelope:
+class Request:
+    """What rspamd is told besides the message."""
+
     mail_from: str
     rcpts: list[str]
     ip: str
@@ -110,7 +112,7 @@ class RspamdClient:
         self.path = (parts.path.rstrip("/") or "") + "/checkv2"
         self.timeout = timeout
 
-    async def check(self, env: Envelope, message: bytes) -> Verdict:
+    async def check(self, env: Request, message: bytes) -> Verdict:
         try:
             async with asyncio.timeout(self.timeout):
                 return await self._exchange(env, message)
@@ -119,7 +121,7 @@ class RspamdClient:
         except (OSError, h11.ProtocolError) as e:
             raise SpamCheckError(f"rspamd: {e}") from None
 
-    async def _exchange(self, env: Envelope, message: bytes) -> Verdict:
+    async def _exchange(self, env: Request, message: bytes) -> Verdict:
         headers = [("Host", f"{self.host}:{self.port}"), ("Content-Length", str(len(message))),
                    ("IP", env.ip or "127.0.0.1"), ("Helo", env.helo or "unknown"),
                    ("From", env.mail_from or "<>"), ("Queue-Id", env.queue_id),

@@ -6,7 +6,7 @@ command means (sieve/language.py checks that).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MAX_SCRIPT = 256 * 1024  # bytes: a user's filter, not a program
 MAX_DEPTH = 32  # nested blocks and tests
@@ -55,7 +55,6 @@ class Argument:
     value: str | int | list[str]
     line: int
     column: int
-    quoted: list[bool] = field(default_factory=list)
 
 
 _TOKEN = re.compile(r"""

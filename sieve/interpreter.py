@@ -17,7 +17,7 @@ import email.policy
 import email.utils
 import html
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import regex
@@ -457,8 +457,7 @@ def normalize_folder(name: str) -> str:
 
 
 def evaluate(nodes: list[Node], required: set[str], ctx: Context,
-             limits: Limits | None = None,
-             log: Callable[[str], None] | None = None) -> Outcome:
+             limits: Limits | None = None) -> Outcome:
     """Run the script; the outcome with the implicit keep applied (RFC 5228 §2.10.2)."""
     run = Run(ctx, required, limits or Limits())
     run.run(nodes)

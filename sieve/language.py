@@ -134,7 +134,7 @@ def _check_block(commands: list[Command], required: set[str], out: list[Node],
             if not requires_allowed:
                 raise SieveError("require must come before any other command", cmd.line,
                                  cmd.column)
-            node = _check(cmd, COMMANDS["require"], required, "command")
+            node = _check(cmd, COMMANDS["require"], required)
             for ext in cast("list[str]", node.args[0]):
                 if ext not in EXTENSIONS:
                     raise SieveError(f"unsupported extension {ext!r}", cmd.line, cmd.column)
@@ -148,7 +148,7 @@ def _check_block(commands: list[Command], required: set[str], out: list[Node],
             raise SieveError(f"unknown command {cmd.name!r}{hint}", cmd.line, cmd.column)
         if cmd.name in ("elsif", "else") and previous not in ("if", "elsif"):
             raise SieveError(f"{cmd.name} without a preceding if", cmd.line, cmd.column)
-        node = _check(cmd, sig, required, "command")
+        node = _check(cmd, sig, required)
         if cmd.block is not None:
             node.block = []
             _check_block(cmd.block, required, node.block)
@@ -161,7 +161,7 @@ def _need(ext: str | None, required: set[str], what: str, line: int, column: int
         raise SieveError(f'{what} needs require "{ext}"', line, column)
 
 
-def _check(item: Command | Test, sig: Signature, required: set[str], kind: str) -> Node:
+def _check(item: Command | Test, sig: Signature, required: set[str]) -> Node:
     _need(sig.extension, required, item.name, item.line, item.column)
     tags: dict[str, object] = {}
     args: list[object] = []
@@ -216,7 +216,7 @@ def _check(item: Command | Test, sig: Signature, required: set[str], kind: str) 
         if tsig is None:
             hint = " (a command, not a test)" if t.name in COMMANDS else ""
             raise SieveError(f"unknown test {t.name!r}{hint}", t.line, t.column)
-        tests.append(_check(t, tsig, required, "test"))
+        tests.append(_check(t, tsig, required))
     if isinstance(item, Command):
         if sig.block and item.block is None:
             raise SieveError(f"{item.name} needs a block {{...}}", item.line, item.column)

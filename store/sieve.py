@@ -51,22 +51,23 @@ class SieveStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def _user(self, address: str) -> str:
+    @staticmethod
+    def _user(s: Session, address: str) -> str:
+        """The normalised address of an existing user (in the verb's own transaction)."""
         try:
             addr = addresses.normalize(address)
         except AddressError as e:
             raise SieveStoreError(str(e)) from None
-        with self._tx() as s:
-            if s.scalar(select(User.id).where(User.address == addr)) is None:
-                raise SieveStoreError(f"user {addr} does not exist", "NONEXISTENT")
+        if s.scalar(select(User.id).where(User.address == addr)) is None:
+            raise SieveStoreError(f"user {addr} does not exist", "NONEXISTENT")
         return addr
 
     def _tx(self) -> Guard:
         return Guard(self.db)
 
     def scripts(self, address: str) -> list[ScriptInfo]:
-        addr = self._user(address)
         with self._tx() as s:
+            addr = self._user(s, address)
             rows = s.execute(select(SieveScript.name, SieveScript.active, SieveScript.content)
                              .where(SieveScript.address == addr)
                              .order_by(SieveScript.name)).all()
@@ -74,8 +75,8 @@ class SieveStore:
 
     def get(self, address: str, name: str | None = None) -> tuple[str, str]:
         """(name, text) of the named script, or of the active one without a name."""
-        addr = self._user(address)
         with self._tx() as s:
+            addr = self._user(s, address)
             q = select(SieveScript.name, SieveScript.content).where(SieveScript.address == addr)
             q = q.where(SieveScript.name == name) if name is not None else q.where(
                 SieveScript.active.is_(True))
@@ -87,22 +88,26 @@ class SieveStore:
 
     def have_space(self, address: str, name: str, size: int) -> None:
         """SieveStoreError (QUOTA...) unless a script of ``size`` bytes named ``name`` fits."""
-        addr = self._user(address)
+        with self._tx() as s:
+            self._check_space(s, self._user(s, address), name, size)
+
+    @staticmethod
+    def _check_space(s: Session, addr: str, name: str, size: int) -> None:
         if size > MAX_SCRIPT_BYTES:
             raise SieveStoreError(f"a script may hold at most {MAX_SCRIPT_BYTES} bytes",
                                   "QUOTA/MAXSIZE")
-        with self._tx() as s:
-            names = set(s.scalars(select(SieveScript.name).where(SieveScript.address == addr)))
+        names = set(s.scalars(select(SieveScript.name).where(SieveScript.address == addr)))
         if name not in names and len(names) >= MAX_SCRIPTS:
             raise SieveStoreError(f"a user may keep at most {MAX_SCRIPTS} scripts",
                                   "QUOTA/MAXSCRIPTS")
 
     def put(self, address: str, name: str, text: str, activate: bool = False) -> str:
-        """Store (or replace) a script already checked by the caller; the user's address."""
+        """Store (or replace) a script already checked by the caller, in one transaction;
+        the user's address."""
         check_name(name)
-        addr = self._user(address)
-        self.have_space(addr, name, len(text.encode()))
         with self._tx() as s:
+            addr = self._user(s, address)
+            self._check_space(s, addr, name, len(text.encode()))
             row = s.scalar(select(SieveScript).where(SieveScript.address == addr,
                                                      SieveScript.name == name))
             if row is None:
@@ -110,23 +115,25 @@ class SieveStore:
             else:
                 row.content = text
                 row.updated = utcnow()
-        if activate:
-            self.activate(addr, name)
+            if activate:
+                s.flush()
+                self._activate(s, addr, name)
         return addr
 
     def activate(self, address: str, name: str | None) -> None:
         """Make ``name`` the active script; None: no script active."""
-        addr = self._user(address)
         with self._tx() as s:
-            if name is not None and s.scalar(select(SieveScript.id).where(
-                    SieveScript.address == addr, SieveScript.name == name)) is None:
-                raise SieveStoreError(f"{addr} has no script {name!r}", "NONEXISTENT")
-            s.execute(update(SieveScript).where(SieveScript.address == addr)
-                      .values(active=False))
+            addr = self._user(s, address)
             if name is not None:
-                s.execute(update(SieveScript).where(SieveScript.address == addr,
-                                                    SieveScript.name == name)
-                          .values(active=True))
+                self._script(s, addr, name)  # NONEXISTENT if it is not there
+            self._activate(s, addr, name)
+
+    @staticmethod
+    def _activate(s: Session, addr: str, name: str | None) -> None:
+        s.execute(update(SieveScript).where(SieveScript.address == addr).values(active=False))
+        if name is not None:
+            s.execute(update(SieveScript).where(SieveScript.address == addr,
+                                                SieveScript.name == name).values(active=True))
 
     @staticmethod
     def _script(s: Session, addr: str, name: str) -> SieveScript:
@@ -137,8 +144,8 @@ class SieveStore:
         return row
 
     def delete(self, address: str, name: str) -> None:
-        addr = self._user(address)
         with self._tx() as s:
+            addr = self._user(s, address)
             row = self._script(s, addr, name)
             if row.active:
                 raise SieveStoreError(f"script {name!r} is active: deactivate it first",
@@ -147,8 +154,8 @@ class SieveStore:
 
     def rename(self, address: str, old: str, new: str) -> None:
         check_name(new)
-        addr = self._user(address)
         with self._tx() as s:
+            addr = self._user(s, address)
             row = self._script(s, addr, old)
             if s.scalar(select(SieveScript.id).where(SieveScript.address == addr,
                                                      SieveScript.name == new)) is not None:
