@@ -27,7 +27,7 @@ import typer
 from admin import runfiles, sdnotify
 from admin.context import context
 from admin.logs import reopen_logs, setup_logging
-from mta.supervision import restart_delay
+from mta.supervision import PARENT_PIPE, inherited_config, restart_delay
 from store import telemetry
 from store.config import Config, ConfigError, LiveConfig, parse_address, reloaded
 from store.config import load as load_config
@@ -141,7 +141,8 @@ def raise_file_limit() -> None:
 def serve(ctx: typer.Context, role: Role) -> None:
     """Run one process in the foreground, logging to stderr."""
     c = context(ctx)
-    cfg = c.config
+    under_mta = role is Role.queue and os.environ.get(PARENT_PIPE)
+    cfg = inherited_config() if under_mta else c.config
     setup_logging(cfg, role.value)
     raise_file_limit()
     if cfg.metrics.listen:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pickle
 import signal
 import ssl
 import sys
@@ -26,7 +27,7 @@ from mta.session import Defences, Mode, SMTPHandler
 from mta.smtp.protocol import SMTPProtocol
 from mta.smtp.server import Connections, start_listeners
 from mta.spool import Spool
-from mta.supervision import restart_delay
+from mta.supervision import PARENT_PIPE, restart_delay
 from store.config import Config, ListenerLimits, LiveConfig
 from store.db import Database
 from store.directory import CachedDirectory
@@ -90,9 +91,6 @@ async def _serve_until(stop: asyncio.Event, servers: list[asyncio.base_events.Se
     for s in servers:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(s.wait_closed(), 5)
-
-
-PARENT_PIPE = "POCHTA_QUEUE_PARENT_PIPE"  # set by serve mta: our stdin is a pipe from it
 
 
 async def run_queue(cfg: Config, stop: asyncio.Event,
@@ -174,8 +172,10 @@ class QueueChild:
 
 
 async def supervise_queue(config_path: str | None, stop: asyncio.Event,
+                          current: Callable[[], Config],
                           child: QueueChild | None = None) -> None:
-    """Run ``pochta serve queue`` as our child until ``stop``; restart it if it dies."""
+    """Run ``pochta serve queue`` as our child until ``stop``; restart it if it dies. It runs
+    with our current config (inherited_config), sent on its stdin."""
     cmd = [sys.executable, "-m", "admin"] + (["--config", config_path] if config_path else [])
     restarts = 0
     while not stop.is_set():
@@ -185,6 +185,11 @@ async def supervise_queue(config_path: str | None, stop: asyncio.Event,
             # NOTIFY_SOCKET is the MTA's: systemd hears the unit's main process only.
             env={**{k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
                  PARENT_PIPE: "1"}, start_new_session=True)
+        assert proc.stdin is not None
+        frame = pickle.dumps(current())
+        proc.stdin.write(len(frame).to_bytes(8, "big") + frame)
+        with contextlib.suppress(ConnectionError):  # it died at once: the restart below
+            await proc.stdin.drain()
         if child is not None:
             child.proc = proc
         exited = asyncio.create_task(proc.wait())
@@ -251,7 +256,8 @@ async def run_mta(cfg: Config, stop: asyncio.Event, config_path: str | None = No
     if live is not None:
         live.subscribe(apply)
     queue_stop = asyncio.Event()
-    queue = asyncio.create_task(supervise_queue(config_path, queue_stop, queue_child))
+    queue = asyncio.create_task(
+        supervise_queue(config_path, queue_stop, lambda: serving.cfg, queue_child))
     servers = await start_listeners(
         cfg.mta.listen, protocol_factory(serving, connections, tls, require_auth=False),
         key="mta.listen")

@@ -3,6 +3,7 @@ disk, and log files reopened for logrotate; `log_target` to a file and to syslog
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import smtplib
@@ -102,6 +103,12 @@ def test_a_broken_config_is_refused_and_the_running_one_stays(stack):
     assert wait_for(lambda: "reload refused, the running config stays" in logged(s))
     send(s, "still serving", rcpts=("bob@example.com", "amy@example.com"))
     wait_mail(s, "amy@example.com", 1)
+    # A queue runner that dies now is restarted on the config its MTA runs, not the broken file.
+    runner = json.loads((s.base / "run" / "queue.json").read_text())["pid"]
+    os.kill(runner, signal.SIGKILL)
+    assert wait_for(lambda: logged(s).count("queue ready") == 2, 30), logged(s)
+    send(s, "after a restart")
+    wait_mail(s, "bob@example.com", 2)
 
 
 def peer_common_name(port: int) -> str:
