@@ -27,9 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.run import free_port, load, pochta_bin, proc_cpu, proc_rss_mb, wait_files  # noqa: E402
 from mta.envelope import Envelope, Recipient  # noqa: E402
 
+DOWN = {("down.test.", "MX"): ["10 mx.down.test."], ("mx.down.test.", "A"): ["127.0.0.1"]}
 
-def dns_stub(port: int) -> tuple[socket.socket, list[bool]]:
-    """down.test: MX mx.down.test, A 127.0.0.1 (nothing listens on the SMTP port)."""
+
+def dns_stub(port: int, zones: dict[tuple[str, str], list[str]] = DOWN
+             ) -> tuple[socket.socket, list[bool]]:
+    """Answers ``zones`` ((name, type): records, TTL 60); by default down.test: MX
+    mx.down.test, A 127.0.0.1 (nothing listens on the SMTP port)."""
     import threading
 
     import dns.message
@@ -39,7 +43,6 @@ def dns_stub(port: int) -> tuple[socket.socket, list[bool]]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", port))
     sock.settimeout(0.2)
-    zones = {("down.test.", "MX"): ["10 mx.down.test."], ("mx.down.test.", "A"): ["127.0.0.1"]}
     running = [True]
 
     def serve() -> None:

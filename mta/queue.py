@@ -54,11 +54,13 @@ class QueueRunner:
     deliver to one remote domain. A message whose due recipients all go to remote domains
     that are at their limit waits without an attempt slot (``waiting``), and is taken again
     when one of those deliveries ends: a slow or tarpitting destination holds its own slots
-    only, never local delivery or other domains.
+    only, never local delivery or other domains. 100 attempts, as Postfix's process limit: an
+    attempt is a coroutine waiting on a distant host most of its time (the local courier
+    has its own, lower, limit).
     """
 
     def __init__(self, cfg: Config, spool: Spool, directory: Directory, local: Courier,
-                 remote: Courier, bouncer: Bouncer, concurrency: int = 32,
+                 remote: Courier, bouncer: Bouncer, concurrency: int = 100,
                  per_destination: int = 4, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.spool = spool

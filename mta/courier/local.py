@@ -3,6 +3,7 @@ idle connections."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from mta.courier.lmtp import LMTPClient, LMTPError
@@ -15,19 +16,27 @@ log = logging.getLogger("pochta.queue")
 
 
 class LocalDelivery:
-    """The local courier (mta/courier/__init__.py)."""
+    """The local courier (mta/courier/__init__.py). At most ``max_connections`` deliveries to
+    the MDA at once: the queue runner's attempts are many more (remote hosts are slow), and
+    the MDA's disk gains nothing from more (Postfix's LMTP limit is 20)."""
 
-    def __init__(self, cfg: Config, max_idle: int = 32) -> None:
+    def __init__(self, cfg: Config, max_connections: int = 32) -> None:
         self.address = cfg.mda.listen
         self.hostname = cfg.hostname
         self.timeout = cfg.delivery.lmtp_timeout
-        self.max_idle = max_idle
+        self.max_idle = max_connections
+        self.slots = asyncio.Semaphore(max_connections)
         self.idle: list[LMTPClient] = []
 
     async def deliver(self, env: Envelope, rcpts: list[Recipient], data: bytes | SpooledMessage,
                       retry: bool = False) -> dict[str, Reply]:
         """``retry``: an earlier attempt may have delivered some of ``rcpts`` without our
         knowing (see LMTPClient.deliver)."""
+        async with self.slots:
+            return await self._deliver(env, rcpts, data, retry)
+
+    async def _deliver(self, env: Envelope, rcpts: list[Recipient], data: bytes | SpooledMessage,
+                       retry: bool) -> dict[str, Reply]:
         addrs = list(dict.fromkeys(r.address for r in rcpts))
         while True:
             client = self.idle.pop() if self.idle else None
