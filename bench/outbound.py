@@ -35,6 +35,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -67,7 +68,7 @@ class SinkReport:
 
 
 def sink_main(port: int, tls_files: tuple[str, str] | None, delay: float,
-              count: multiprocessing.Value, control: Connection) -> None:  # type: ignore[valid-type]
+              count: Synchronized[int], control: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tls = None
     if tls_files:
@@ -155,7 +156,7 @@ def sink_main(port: int, tls_files: tuple[str, str] | None, delay: float,
 class Sink:
     def __init__(self, tls_files: tuple[str, str] | None, delay: float) -> None:
         self.port = free_port()
-        self.count = multiprocessing.Value("i", 0)
+        self.count: Synchronized[int] = multiprocessing.Value("i", 0)
         self.control, child = multiprocessing.Pipe()
         self.proc = multiprocessing.get_context("fork").Process(
             target=sink_main, args=(self.port, tls_files, delay, self.count, child), daemon=True)
