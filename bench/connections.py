@@ -19,9 +19,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
+import sys
 import time
+from pathlib import Path
 
-from bench.run import Pochta, count_ids, load, message, proc_rss_mb, send_one, wait_files
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.run import (  # noqa: E402
+    Pochta,
+    count_ids,
+    load,
+    message,
+    proc_rss_mb,
+    send_one,
+    wait_files,
+)
 
 
 async def open_idle(port: int, n: int) -> list[asyncio.StreamWriter]:

@@ -131,7 +131,7 @@ class Envelope:
 
 
 _RECIPIENT_FIELDS = fields(Recipient)
-_RECIPIENT_STRINGS = ("status", "last_relay")
+_RECIPIENT_STRINGS = ("status", "last_relay", "last_reply")
 _ENVELOPE_STRINGS = ("mail_from", "body")
 _SHARED: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
 

@@ -21,6 +21,7 @@ import dataclasses
 import heapq
 import logging
 import socket
+import sys
 import time
 from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -615,7 +616,7 @@ class QueueRunner:
             held = reply.relay == HELD  # not an attempt: nothing was tried
             if not held:
                 r.attempts += 1
-            r.last_reply = reply.line
+            r.last_reply = sys.intern(reply.line)  # one string for a dead MX's 100,000
             relay = r.last_relay = reply.relay or "mda"
             if held and now - env.created < d.max_queue_lifetime:
                 r.next_attempt = now + d.retry_max  # until a release makes it due at once

@@ -9,6 +9,8 @@ import ipaddress
 import logging
 import os
 import ssl
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,13 +48,29 @@ def make_self_signed(cert: Path, key: Path, hostname: str) -> None:
     atomic_write(cert, certificate.public_bytes(serialization.Encoding.PEM), mode=0o644)
 
 
+def make_self_signed_apart(cert: Path, key: Path, hostname: str) -> None:
+    """make_self_signed in a process of its own: the server that needs the pair at its first
+    start does not keep cryptography's 8 MB for the rest of its life."""
+    code = ("import sys; from pathlib import Path; from store.tlscert import make_self_signed; "
+            "make_self_signed(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(cert), str(key), hostname],
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ConfigError(f"cannot make a self-signed certificate in {cert.parent}: {e}"
+                          ) from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"cannot make a self-signed certificate in {cert.parent}: {last}")
+
+
 def server_context(cfg: Config) -> ssl.SSLContext:
     """The listeners' TLS context; makes the default self-signed pair when it is missing."""
     cert, key = Path(cfg.tls.cert), Path(cfg.tls.key)
     # Ours to make: the default pair, or a stand-in until ACME gets the real one.
     default_dirs = (Path(cfg.data_dir) / "tls", Path(cfg.data_dir) / "acme")
     if not cert.exists() and not key.exists() and cert.parent in default_dirs:
-        make_self_signed(cert, key, cfg.hostname)
+        make_self_signed_apart(cert, key, cfg.hostname)
         from store.privileges import give_state
 
         give_state(cfg)  # made as root: the dropped processes read it again at a reload

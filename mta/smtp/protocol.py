@@ -119,9 +119,7 @@ def valid_orcpt(value: str) -> bool:
 class SMTPProtocol(BaseSMTP):
     def __init__(self, handler: Any, *, max_errors: int = 10, **kwargs: Any) -> None:
         kwargs.setdefault("command_call_limit", CALL_LIMITS)
-        super().__init__(handler, **kwargs)
-        self.max_errors = max_errors
-        self.errors = 0
+        super().__init__(handler, max_errors=max_errors, **kwargs)
 
     def _create_envelope(self) -> SMTPEnvelope:
         return SMTPEnvelope()

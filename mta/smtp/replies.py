@@ -20,6 +20,7 @@ QUEUED = "250 2.0.0 Ok: queued as {id}"
 
 # 4xx: try again later
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
+TOO_MANY_CALLS = "421 4.7.0 {verb} sent too many times"
 DIRECTORY_UNAVAILABLE = "451 4.3.0 Directory temporarily unavailable, try again later"
 SPOOL_ERROR = "451 4.3.0 Could not queue the message, try again later"
 LOCAL_ERROR = "451 4.3.0 Local error in processing, try again later"

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import operator
 import os
 import re
 import socket
@@ -25,9 +26,10 @@ import ssl
 import stat
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, _AuthMechAttr, login_always_fail, syntax
+from aiosmtpd.smtp import SMTP, Envelope, Session, _AuthMechAttr, login_always_fail, syntax
 
 from mta.smtp import replies
 from mta.smtp.data import CHUNK as DATA_CHUNK
@@ -196,7 +198,25 @@ class BoundOnUse(Mapping[str, Any]):
         return len(self._names)
 
 
-EMPTY_TABLE = BoundOnUse(None, {})  # a closed session's verb and hook tables
+class SessionVerbs(BoundOnUse):
+    """A session's verb table, counting each lookup of aiosmtpd's command loop against the
+    listener's call limits (aiosmtpd's own count is a table per session from its first
+    moment, an idle one's too): over its limit, a verb's method is the 421 and the close.
+    HELP's look-up of its argument counts too: "HELP NOOP" is one NOOP more."""
+
+    __slots__ = ()
+
+    def get(self, verb: str, default: Any = None) -> Any:
+        proto: BaseSMTP = self._obj
+        limits = proto._settings.call_limits
+        if limits is not None and verb in self._names:
+            calls = proto._calls
+            if calls is None:
+                calls = proto._calls = {}
+            calls[verb] = count = calls.get(verb, 0) + 1
+            if count > limits.get(verb, limits.get("*", 20)):
+                return functools.partial(proto.over_call_limit, verb)
+        return super().get(verb, default)
 
 
 def _introspect(proto: SMTP, handler: Any) -> tuple[dict[str, tuple[str, bool]], Names, Names]:
@@ -216,78 +236,156 @@ def _introspect(proto: SMTP, handler: Any) -> tuple[dict[str, tuple[str, bool]],
     return _INTROSPECTED[key]
 
 
+@dataclass(frozen=True, eq=False)
+class ListenerSettings:
+    """What every session of one listener shares: aiosmtpd keeps it per connection (some 25
+    attributes each); here one object per listener and config, read through properties."""
+
+    handler: Any
+    connections: Connections
+    listener: str
+    ident: str
+    hostname: str
+    data_size_limit: int | None
+    enable_SMTPUTF8: bool
+    decode_data: bool
+    tls_context: ssl.SSLContext | None
+    require_starttls: Any
+    timeout: float
+    auth_required: bool
+    auth_require_tls: bool
+    authenticator: Any
+    call_limits: dict[str, int] | None
+    max_errors: int
+    auth: dict[str, tuple[str, bool]]  # mechanism -> (attribute, on the protocol itself)
+    hooks: BoundOnUse
+    verbs: Names
+    loop: asyncio.AbstractEventLoop
+
+
+_SETTINGS: dict[tuple[Any, ...], ListenerSettings] = {}
+
+
+def listener_settings(proto: BaseSMTP, handler: Any, connections: Connections, listener: str,
+                      max_errors: int, *, data_size_limit: int | None = None,
+                      enable_SMTPUTF8: bool = False, decode_data: bool = False,
+                      hostname: str | None = None, ident: str | None = None,
+                      tls_context: ssl.SSLContext | None = None, require_starttls: bool = False,
+                      timeout: float = 300, auth_required: bool = False,
+                      auth_require_tls: bool = True,
+                      command_call_limit: dict[str, int] | None = None,
+                      authenticator: Any = None) -> ListenerSettings:
+    """The shared settings for these arguments: made once, then found by their values."""
+    loop = asyncio.get_event_loop()
+    key = (type(proto), handler, connections, listener, max_errors, data_size_limit,
+           enable_SMTPUTF8, decode_data, hostname, ident, tls_context, require_starttls,
+           timeout, auth_required, auth_require_tls, id(command_call_limit), authenticator, loop)
+    found = _SETTINGS.get(key)
+    if found is None:
+        assert hostname, "pass the configured hostname: None makes aiosmtpd call getfqdn()"
+        auth, hooks, verbs = _introspect(proto, handler)
+        if len(_SETTINGS) >= 64:
+            _SETTINGS.clear()  # reloads made new handlers: the old keys go
+        found = _SETTINGS[key] = ListenerSettings(
+            handler=handler, connections=connections, listener=listener, ident=ident or "ESMTP",
+            hostname=hostname, data_size_limit=data_size_limit,
+            enable_SMTPUTF8=enable_SMTPUTF8, decode_data=decode_data, tls_context=tls_context,
+            require_starttls=tls_context and require_starttls,  # as aiosmtpd (may be None)
+            timeout=timeout, auth_required=auth_required, auth_require_tls=auth_require_tls,
+            authenticator=authenticator, call_limits=command_call_limit,
+            max_errors=max_errors, auth=auth, hooks=BoundOnUse(handler, hooks), verbs=verbs,
+            loop=loop)
+    return found
+
+
+def _shared(name: str, doc: str = "") -> Any:
+    return property(operator.attrgetter(f"_settings.{name}"), doc=doc)
+
+
 class BaseSMTP(SMTP):
     """aiosmtpd's SMTP with enhanced status codes, connection limits and a polite timeout."""
 
-    def __init__(self, handler: Handler, *, connections: Connections, listener: str = "smtp",
-                 **kwargs: Any) -> None:
-        self._fast_init(handler, **kwargs)
-        self.connections = connections
-        self.listener = listener  # the metrics' label: smtp, submission, submissions, lmtp
-        self.peer_ip = ""
-        self._in_greeting_reply = False
-        self._held: list[bytes] = []  # replies not sent yet: they go out with the next one
-        self._hold_all = False  # within EHLO: every line waits for the last
-        self._admitted = False
+    # aiosmtpd's per-connection attributes that only a reload changes: the listener's.
+    event_handler = _shared("handler")
+    connections = _shared("connections")
+    listener = _shared("listener", "the metrics' label: smtp, submission, submissions, lmtp")
+    __ident__ = _shared("ident")
+    hostname = _shared("hostname")
+    data_size_limit = _shared("data_size_limit")
+    enable_SMTPUTF8 = _shared("enable_SMTPUTF8")
+    _decode_data = _shared("decode_data")
+    tls_context = _shared("tls_context")
+    require_starttls = _shared("require_starttls")
+    _timeout_duration = _shared("timeout")
+    _auth_require_tls = _shared("auth_require_tls")
+    _authenticator = _shared("authenticator")
+    _handle_hooks = _shared("hooks")
+    max_errors = _shared("max_errors")
+    loop = _shared("loop")
+    _proxy_timeout = None
+    _enforce_call_limit = False  # counted in _smtp_methods (SessionVerbs): no table per session
+    # What aiosmtpd sets per connection to a value that a session changes only rarely (STARTTLS,
+    # our counters): the class holds the initial value, an assignment makes the session's own.
+    _tls_handshake_okay = True
+    _tls_protocol = None
+    _original_transport = None
+    _timeout_handle = None
+    _handler_coroutine = None
+    _deadline = 0.0
+    _in_greeting_reply = False
+    _hold_all = False  # within EHLO: every line waits for the last
+    _admitted = False
+    _calls: dict[str, int] | None = None  # commands so far, by verb (for call limits)
+    errors = 0
+    peer_ip = ""
+    session: Session | None = None
+    envelope: Envelope | None = None
+    transport: asyncio.BaseTransport | None = None
 
-    def _fast_init(self, handler: Any, *, data_size_limit: int | None = None,
-                   enable_SMTPUTF8: bool = False, decode_data: bool = False,
-                   hostname: str | None = None, ident: str | None = None,
-                   tls_context: ssl.SSLContext | None = None, require_starttls: bool = False,
-                   timeout: float = 300, auth_required: bool = False,
-                   auth_require_tls: bool = True,
-                   command_call_limit: dict[str, int] | None = None,
-                   authenticator: Any = None) -> None:
-        """aiosmtpd 1.4's SMTP.__init__ without its per-connection introspection.
+    def __init__(self, handler: Handler, *, connections: Connections, listener: str = "smtp",
+                 max_errors: int = 0, **kwargs: Any) -> None:
+        """aiosmtpd 1.4's SMTP.__init__ without its per-connection introspection and tables.
 
         SMTP.__init__ walks dir() of the protocol and the handler and builds an inspect
-        signature on every connection: a sixth of the MTA's CPU per message in the benchmark.
-        This sets the same attributes from names found once per class pair;
-        tests/test_smtpserver.py checks it against SMTP.__init__.
+        signature on every connection (a sixth of the MTA's CPU per message in the
+        benchmark), and sets some 50 attributes: more than CPython shares between instances,
+        so each idle session carried a 1.6 KB dict. tests/component/test_smtpserver.py
+        checks that every attribute reads as after SMTP.__init__.
         """
-        self.__ident__ = ident or "ESMTP"
-        self.loop = asyncio.get_event_loop()
+        self._settings = listener_settings(self, handler, connections, listener, max_errors,
+                                           **kwargs)
         asyncio.StreamReaderProtocol.__init__(
             self, asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
             client_connected_cb=self._cb_client_connected, loop=self.loop)
-        self.event_handler = handler
-        self.data_size_limit = data_size_limit
-        self.enable_SMTPUTF8 = enable_SMTPUTF8
-        self._decode_data = decode_data
-        self.command_size_limits.clear()
-        assert hostname, "pass the configured hostname: None makes aiosmtpd call getfqdn()"
-        self.hostname = hostname
-        self.tls_context = tls_context
-        self.require_starttls = tls_context and require_starttls  # as aiosmtpd (may be None)
-        self._timeout_duration = timeout
-        self._timeout_handle = None
-        self._deadline = 0.0
-        self._tls_handshake_okay = True
-        self._tls_protocol = None
-        self._original_transport = None
-        self.session = None
-        self.envelope = None
-        self.transport = None
-        self._handler_coroutine = None
-        self._auth_require_tls = auth_require_tls
-        self._proxy_timeout = None
-        self._authenticator = authenticator
-        self._auth_callback = None if authenticator is not None else login_always_fail
-        self._auth_required = auth_required
-        auth, hooks, verbs = _introspect(self, handler)
-        self._auth_methods = {
-            mech: _AuthMechAttr(getattr(self if builtin else handler, name), builtin)
-            for mech, (name, builtin) in auth.items()} if auth else {}
-        # aiosmtpd declares these tables as dicts; it only reads them (get, in, []).
-        self._handle_hooks = BoundOnUse(handler, hooks)  # type: ignore[assignment]
-        self._ehlo_hook_ver = "new" if "EHLO" in hooks else None
-        self._smtp_methods = BoundOnUse(self, verbs)  # type: ignore[assignment]
-        if command_call_limit is None:
-            self._enforce_call_limit = False
-        else:
-            self._enforce_call_limit = True
-            self._call_limit_base = command_call_limit
-            self._call_limit_default = command_call_limit.get("*", 20)
+        self._auth_required = self._settings.auth_required
+        self._held: list[bytes] = []  # replies not sent yet: they go out with the next one
+
+    @property
+    def _ehlo_hook_ver(self) -> str | None:  # type: ignore[override]
+        return "new" if "EHLO" in self._settings.hooks else None
+
+    @property
+    def _auth_methods(self) -> dict[str, _AuthMechAttr]:  # type: ignore[override]
+        """Only AUTH and EHLO on submission read it: bound when they do."""
+        return {mech: _AuthMechAttr(getattr(self if builtin else self.event_handler, name),
+                                    builtin)
+                for mech, (name, builtin) in self._settings.auth.items()}
+
+    @property
+    def _smtp_methods(self) -> SessionVerbs:  # type: ignore[override]
+        return SessionVerbs(self, self._settings.verbs)
+
+    @property
+    def _auth_callback(self) -> Any:  # type: ignore[override]
+        return None if self._authenticator is not None else login_always_fail
+
+    @property
+    def _call_limit_base(self) -> dict[str, int]:  # type: ignore[override]
+        return self._settings.call_limits or {}
+
+    @property
+    def _call_limit_default(self) -> int:  # type: ignore[override]
+        return (self._settings.call_limits or {}).get("*", 20)
 
     @property
     def handler(self) -> Handler:
@@ -378,9 +476,11 @@ class BaseSMTP(SMTP):
         """
         self._handler_coroutine = None
         self._client_connected_cb = None
-        self._smtp_methods = self._handle_hooks = EMPTY_TABLE  # type: ignore[assignment]
-        self._auth_methods = {}
         self._reader = self._writer = None  # type: ignore[assignment]
+
+    async def over_call_limit(self, verb: str, _arg: str | None) -> None:
+        log.warning("%s: over the limit for %s", self.peer_ip or "local", verb)
+        self.say_and_close(replies.TOO_MANY_CALLS.format(verb=verb))
 
     def _close_transport(self) -> None:
         if self.transport is not None:
