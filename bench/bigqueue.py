@@ -7,13 +7,16 @@ what that does to local mail. Not a test: it prints figures and a met/MISSED lin
 Measured: the queue runner's RSS per queued message; restart to the first local delivery;
 `pochta queue list`'s first page; local mail's end-to-end rate with the queue full against
 an empty queue. The remote domain's DNS points at a closed port on 127.0.0.1 (connection
-refused), as the issue describes. Postfix's side of the same load is not measured yet.
+refused), as the issue describes. With ``--compare-postfix``, Postfix (../shared/bench) gets
+the same number of messages for the dead MX and drains them to the same sink. Only the drain
+is compared with Postfix; the other figures are pochta's alone for now.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
@@ -24,7 +27,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.run import free_port, load, pochta_bin, proc_cpu, proc_rss_mb, wait_files  # noqa: E402
+from bench.run import (  # noqa: E402
+    POSTFIX_DIR,
+    free_port,
+    load,
+    pochta_bin,
+    proc_cpu,
+    proc_rss_mb,
+    wait_files,
+)
 from mta.envelope import Envelope, Recipient  # noqa: E402
 
 DOWN = {("down.test.", "MX"): ["10 mx.down.test."], ("mx.down.test.", "A"): ["127.0.0.1"]}
@@ -184,6 +195,44 @@ smtp_port = {self.mx_port}
                 p.kill()
 
 
+def postfix_drain(n: int, mx_port: int) -> tuple[int, float, int]:
+    """Postfix's side of the drain: n messages for down.test (a transport map to the dead MX's
+    port: Postfix must not ask the system's resolver) injected with smtp-source, deferred,
+    then the sink up and `postqueue -f`. (messages drained, seconds, connections)."""
+    subprocess.run(["bash", str(POSTFIX_DIR / "setup.sh")], check=True, capture_output=True)
+    subprocess.run(["postsuper", "-d", "ALL"], capture_output=True)
+    transport = Path("/tmp/bench-postfix/transport")
+    transport.parent.mkdir(exist_ok=True)
+    transport.write_text(f"down.test smtp:[127.0.0.1]:{mx_port}\n")
+    subprocess.run(["postconf", "-e", f"transport_maps = texthash:{transport}"], check=True)
+    subprocess.run(["bash", str(POSTFIX_DIR / "start.sh")], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        subprocess.run(["smtp-source", "-s", "20", "-m", str(n), "-l", "4096",
+                        "-f", "sender@bench.test", "-t", "u@down.test", "127.0.0.1:2525"],
+                       check=True, capture_output=True, timeout=1800)
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline and (
+                queued("deferred") < n or queued("incoming") or queued("active")):
+            time.sleep(0.5)
+        sink = Sink(mx_port)
+        t0 = time.monotonic()
+        subprocess.run(["postqueue", "-f"], check=True)
+        while sink.count < n and time.monotonic() < deadline:
+            time.sleep(0.2)
+        drained = time.monotonic() - t0
+        sink.stop()
+        return sink.count, drained, sink.connections
+    finally:
+        subprocess.run(["bash", str(POSTFIX_DIR / "stop.sh")], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        subprocess.run(["postsuper", "-d", "ALL"], capture_output=True)
+
+
+def queued(name: str) -> int:
+    return sum(len(files) for _, _, files in os.walk(f"/var/spool/postfix/{name}"))
+
+
 def fill(spool: Path, n: int) -> None:
     """n committed 4 KB messages for down.test, as the MTA writes them (no fsync: setup)."""
     body = b"Subject: queued\r\n\r\n" + b"x" * 4000 + b"\r\n"
@@ -209,13 +258,14 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", "--messages", type=int, default=100_000)
     parser.add_argument("--local", type=int, default=1000, help="local messages per rate run")
+    parser.add_argument("--compare-postfix", action="store_true",
+                        help="and Postfix's drain of the same number of messages")
     parser.add_argument("--profile", metavar="FILE",
                         help="py-spy's collapsed stacks of the queue runner while it drains")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="pochta-bigq-"))
     s = Stack(folder)
     dns_sock, running = dns_stub(s.dns_port)
-    verdicts = []
     try:
         s.start()
         empty_rss = proc_rss_mb(s.queue_pid())
@@ -256,10 +306,19 @@ def main() -> None:
         if spy is not None:
             spy.send_signal(2)  # SIGINT: py-spy writes what it sampled
             spy.wait(60)
+        rate = sink.count / drained
         print(f"drain once the MX is back (flush): {sink.count} messages in {drained:.1f} s "
-              f"over {sink.connections} connections, {sink.count / drained:.0f} msg/s "
-              f"(Postfix's side not measured yet)")
-        verdicts = [
+              f"over {sink.connections} connections, {rate:.0f} msg/s")
+        s.stop()
+        verdicts: list[tuple[str, bool, str]] = []
+        if args.compare_postfix:
+            count, seconds, conns = postfix_drain(args.messages, free_port())
+            theirs = count / seconds
+            print(f"Postfix's drain of the same queue (postqueue -f): {count} messages in "
+                  f"{seconds:.1f} s over {conns} connections, {theirs:.0f} msg/s")
+            verdicts.append(("drain rate >= Postfix's", rate >= theirs,
+                             f"{rate:.0f} against {theirs:.0f} msg/s"))
+        verdicts += [
             ("runner RSS grows < 1 KB per queued message", per_message_kb < 1.0,
              f"{per_message_kb:.2f} KB"),
             ("restart to first local delivery < 10 s", delivered < 10, f"{delivered:.2f} s"),

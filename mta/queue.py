@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import heapq
 import logging
+import math
 import socket
 import sys
 import time
@@ -45,6 +46,7 @@ from store.directory import Directory, DirectoryUnavailable, lookup
 
 log = logging.getLogger("pochta.queue")
 
+TICKS_PER_SECOND = 10  # the timers' resolution
 HEARTBEAT_INTERVAL = 5.0  # seconds between heartbeats (and, at most, gauge updates)
 GAUGE_SHARE = 0.02  # the queue gauges walk every envelope: at most this share of the time
 
@@ -71,10 +73,14 @@ class QueueRunner:
         self.bouncer = bouncer
         self.clock = clock
         self.items: dict[str, Envelope] = {}
-        # What to try when: ids due now in arrival order, later ones by due time. Entries may
-        # be stale (an id twice, an old time); each is checked against its envelope when taken.
+        # What to try when: ids due now, in arrival order. Entries may be stale (an id twice,
+        # an old time); each is checked against its envelope when taken.
         self.ready: deque[str] = deque()
-        self.timers: list[tuple[float, str]] = []
+        # Later ones by tick (a tenth of a second, rounded up: never early), a heap of the
+        # ticks beside: a queue of 100,000 for a dead MX waits in a few hundred lists, not
+        # 100,000 (time, id) tuples of 100 bytes each.
+        self.timers: dict[int, list[str]] = {}
+        self.ticks: list[int] = []
         self.busy: set[str] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.wake = asyncio.Event()
@@ -127,7 +133,15 @@ class QueueRunner:
         if due <= self.clock():
             self.ready.append(env.id)
         else:
-            heapq.heappush(self.timers, (due, env.id))
+            self._at(due, env.id)
+
+    def _at(self, due: float, qid: str) -> None:
+        tick = math.ceil(due * TICKS_PER_SECOND)
+        ids = self.timers.get(tick)
+        if ids is None:
+            ids = self.timers[tick] = []
+            heapq.heappush(self.ticks, tick)
+        ids.append(qid)
 
     async def listen(self, wait: float = 30.0) -> None:
         """Take notices (mta/notice.py); waits while an older runner of this spool exits."""
@@ -200,8 +214,8 @@ class QueueRunner:
                 self.reporter.next_check = time.monotonic() + CHECK_EVERY
                 self._spawn(self.reporter.run_once())
             now = self.clock()
-            while self.timers and self.timers[0][0] <= now:
-                self.ready.append(heapq.heappop(self.timers)[1])
+            while self.ticks and self.ticks[0] <= now * TICKS_PER_SECOND:
+                self.ready.extend(self.timers.pop(heapq.heappop(self.ticks)))
             while self.ready and len(self.busy) < self.concurrency:
                 qid = self.ready.popleft()
                 env = self.items.get(qid)
@@ -211,7 +225,7 @@ class QueueRunner:
                 if due is None:
                     continue
                 if due > now:
-                    heapq.heappush(self.timers, (due, qid))
+                    self._at(due, qid)
                     continue
                 destinations = self._take_destinations(env, now)
                 if destinations is None:
@@ -220,8 +234,8 @@ class QueueRunner:
                 self._spawn(self._attempt(env, destinations))
             # A finished attempt, a notice or stop sets wake; else the earliest timer (capped:
             # the wall clock may be set back).
-            wait = HEARTBEAT_INTERVAL if not self.timers else min(HEARTBEAT_INTERVAL,
-                                                                  self.timers[0][0] - now)
+            wait = HEARTBEAT_INTERVAL if not self.ticks else min(
+                HEARTBEAT_INTERVAL, self.ticks[0] / TICKS_PER_SECOND - now)
             try:
                 await asyncio.wait_for(self.wake.wait(), max(0.0, wait))
             except TimeoutError:
@@ -457,7 +471,7 @@ class QueueRunner:
                         break
             if env.id in self.items:
                 if retry_soon:  # locked by the CLI for now
-                    heapq.heappush(self.timers, (self.clock() + 1.0, env.id))
+                    self._at(self.clock() + 1.0, env.id)
                 else:
                     self._schedule(env)
             self.wake.set()
