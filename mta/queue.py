@@ -135,6 +135,11 @@ class QueueRunner:
         else:
             self._at(due, env.id)
 
+    def _release_due(self, now: float) -> None:
+        """What the timers hold for ``now`` or before goes to ``ready``."""
+        while self.ticks and self.ticks[0] <= now * TICKS_PER_SECOND:
+            self.ready.extend(self.timers.pop(heapq.heappop(self.ticks)))
+
     def _at(self, due: float, qid: str) -> None:
         tick = math.ceil(due * TICKS_PER_SECOND)
         ids = self.timers.get(tick)
@@ -214,8 +219,7 @@ class QueueRunner:
                 self.reporter.next_check = time.monotonic() + CHECK_EVERY
                 self._spawn(self.reporter.run_once())
             now = self.clock()
-            while self.ticks and self.ticks[0] <= now * TICKS_PER_SECOND:
-                self.ready.extend(self.timers.pop(heapq.heappop(self.ticks)))
+            self._release_due(now)
             while self.ready and len(self.busy) < self.concurrency:
                 qid = self.ready.popleft()
                 env = self.items.get(qid)
