@@ -73,6 +73,10 @@ class Envelope:
     # Every recipient is final but the sender's report could not be spooled yet: try again
     # then. The message stays in the queue until its report is durable.
     report_at: float = 0.0
+    # Not stored: found in the spool rather than announced (or a report maybe sent before a
+    # crash), so an earlier runner may have delivered some recipients without recording it:
+    # the MDA checks for those copies (XRETRY), reports say so.
+    recovered: bool = field(default=False, compare=False, repr=False)
 
     @property
     def pending(self) -> list[Recipient]:
@@ -102,7 +106,7 @@ class Envelope:
         return "new"
 
     def to_json(self) -> bytes:
-        raw = {f.name: getattr(self, f.name) for f in fields(self)}
+        raw = {f.name: getattr(self, f.name) for f in _STORED_FIELDS}
         raw["recipients"] = [{f.name: getattr(r, f.name) for f in _RECIPIENT_FIELDS}
                              for r in self.recipients]
         return json.dumps(raw, ensure_ascii=False, separators=(",", ":")).encode()
@@ -131,6 +135,7 @@ class Envelope:
 
 
 _RECIPIENT_FIELDS = fields(Recipient)
+_STORED_FIELDS = [f for f in fields(Envelope) if f.name != "recovered"]
 _RECIPIENT_STRINGS = ("status", "last_relay", "last_reply")
 _ENVELOPE_STRINGS = ("mail_from", "body")
 _SHARED: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}

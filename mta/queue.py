@@ -86,9 +86,6 @@ class QueueRunner:
         self.wake = asyncio.Event()
         self.concurrency = concurrency
         self.fresh: set[str] = set()  # just written: in the page cache, read without a thread
-        # Found in the spool rather than announced: an earlier runner may have delivered some
-        # recipients and died before recording it (the MDA then checks for those copies).
-        self.recovered: set[str] = set()
         self.notices: NoticeSocket | None = None
         self.commands: deque[Notice] = deque()  # flush and rescan requests, in order
         # (id, recipient) of held relay domains released by a flush or ETRN, until attempted
@@ -112,7 +109,7 @@ class QueueRunner:
         self.items[env.id] = env
         self.fresh.add(env.id)
         if maybe_sent:
-            self.recovered.add(env.id)
+            env.recovered = True
         self.ready.append(env.id)
         self.wake.set()
 
@@ -188,7 +185,7 @@ class QueueRunner:
         for env in await asyncio.to_thread(self.spool.recover):
             if env.id not in self.items:  # a notice may have brought it in already
                 self.items[env.id] = env
-                self.recovered.add(env.id)
+                env.recovered = True
                 self._schedule(env)
         if self.items:
             log.info("recovered %d message(s) from the spool", len(self.items))
@@ -409,7 +406,7 @@ class QueueRunner:
                     await asyncio.to_thread(self.spool.quarantine, qid, e)
                     continue
                 self.items[qid] = env
-                self.recovered.add(qid)
+                env.recovered = True
                 self._schedule(env)
 
     def _take_destinations(self, env: Envelope, now: float) -> tuple[set[str], set[str]] | None:
@@ -500,7 +497,6 @@ class QueueRunner:
         if got is None:
             if not self.spool.committed(env.id):
                 self.items.pop(env.id, None)  # deleted by `pochta queue delete`
-                self.recovered.discard(env.id)
                 return True
             return False
         fd, data = got
@@ -528,14 +524,13 @@ class QueueRunner:
                 await asyncio.to_thread(self.spool.checkin, env, fd, False)
         if reported:
             self.items.pop(env.id, None)
-            self.recovered.discard(env.id)
         return True
 
     async def _report(self, env: Envelope, data: bytes | SpooledMessage) -> bool:
         """The sender's final report (DSN) spooled durably; False (and a retry time in the
         envelope) if it could not be: the message must not leave the queue before it."""
         try:
-            await self.bouncer.bounce(env, data, env.id in self.recovered)
+            await self.bouncer.bounce(env, data, env.recovered)
             return True
         except Exception as e:  # disk full, I/O error, the directory down, a bug
             log.error("%s: cannot queue the sender's report, keeping the message: %r", env.id, e)
@@ -546,7 +541,7 @@ class QueueRunner:
                              delayed: list[Recipient]) -> None:
         try:
             await self.bouncer.notify(env, data, [(r, "delayed") for r in delayed],
-                                      env.id in self.recovered)
+                                      env.recovered)
         except Exception as e:
             log.error("%s: cannot queue the delay report (tried again later): %r", env.id, e)
             for r in delayed:
@@ -583,7 +578,7 @@ class QueueRunner:
             return {r.address: Reply(451, f"4.3.0 directory unavailable: {e}") for r in rcpts}
         groups: list[tuple[list[Recipient], str, Awaitable[dict[str, Reply]]]] = []
         if local:
-            retry = env.id in self.recovered or any(r.attempts for r in local)
+            retry = env.recovered or any(r.attempts for r in local)
             groups.append((local, "mda", self.local.deliver(env, local, data, retry)))
         try:
             forwarded = await self._forwarded(env, remote)
