@@ -69,6 +69,9 @@ def dns_stub(port: int, zones: dict[tuple[str, str], list[str]] = DOWN
             if (name, rtype) in zones:
                 r.answer.append(dns.rrset.from_text_list(name, 60, "IN", rtype,
                                                          zones[(name, rtype)]))
+            else:  # "no such record", which a resolver may remember (RFC 2308)
+                r.authority.append(dns.rrset.from_text(
+                    "test.", 60, "IN", "SOA", "ns.test. hostmaster.test. 1 60 60 60 60"))
             sock.sendto(r.to_wire(), peer)
 
     threading.Thread(target=serve, daemon=True).start()

@@ -12,12 +12,14 @@ authenticated is ``secure``: only then are its TLSA records looked up (DANE, RFC
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
 import dns.asyncresolver
 import dns.exception
 import dns.flags
+import dns.message
 import dns.rdatatype
 import dns.resolver
 from dns.rdtypes.ANY.MX import MX
@@ -61,12 +63,25 @@ def better_than(by_pref: dict[int, list[str]], ourselves: str) -> dict[int, list
     return {pref: names for pref, names in by_pref.items() if pref < min(mine)}
 
 
+def negative_ttl(response: dns.message.Message) -> float:
+    """How long "no such record" may be remembered (RFC 2308 §5): the SOA's TTL or its
+    minimum, whichever is lower; 0 (not at all) without an SOA."""
+    for rrset in response.authority:
+        if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+            return float(min(rrset.ttl, rrset[0].minimum))
+    return 0.0
+
+
 class Resolver:
     def __init__(self, server: str = "", timeout: float = 5.0, dnssec: bool = False) -> None:
         self.r = configured(dns.asyncresolver.Resolver, server, timeout)
         # Answers kept for their TTL: a queue draining to one domain asked for its MX and
         # addresses once per message, most of the runner's CPU (py-spy, bench/bigqueue.py).
         self.r.cache = dns.resolver.LRUCache(10_000)
+        # And what query() made of them, until they expire: dnspython's cached path (a
+        # resolution object, names parsed, the cache's lock) was still a fifth of the runner's
+        # time when a queue drained to one domain.
+        self.answers: dict[tuple[str, str], tuple[float, list[dns.rdata.Rdata] | None, bool]] = {}
         self.dnssec = dnssec
         if dnssec:
             self.r.flags = dns.flags.RD | dns.flags.AD
@@ -78,18 +93,34 @@ class Resolver:
     async def query(self, name: str, rtype: str) -> tuple[list[dns.rdata.Rdata] | None, bool]:
         """``_query``'s answers, and whether they were authenticated (the AD bit, trusted
         only with ``dnssec``)."""
+        key = (name.lower(), rtype)
+        kept = self.answers.get(key)
+        if kept is not None:
+            if kept[0] > time.time():
+                return kept[1], kept[2]
+            del self.answers[key]
         try:
             answer = await self.r.resolve(name, rtype, search=False)
             secure = self.dnssec and bool(answer.response.flags & dns.flags.AD)
+            self._keep(key, answer.expiration, list(answer), secure)
             return list(answer), secure
-        except dns.resolver.NoAnswer:
-            return None, False  # (an authenticated "no such record" is not needed here)
+        except dns.resolver.NoAnswer as e:
+            # (an authenticated "no such record" is not needed here)
+            self._keep(key, time.time() + negative_ttl(e.response()), None, False)
+            return None, False
         except dns.resolver.NXDOMAIN:
             raise RouteError(True, "5.1.2", f"domain {name} does not exist (NXDOMAIN)") from None
         except (dns.exception.Timeout, dns.resolver.NoNameservers, dns.resolver.LifetimeTimeout):
             raise RouteError(False, "4.4.3", f"DNS lookup of {name} {rtype} failed") from None
         except dns.exception.DNSException as e:
             raise RouteError(False, "4.4.3", f"DNS lookup of {name} {rtype} failed: {e}") from None
+
+    def _keep(self, key: tuple[str, str], expires: float, answers: list[dns.rdata.Rdata] | None,
+              secure: bool) -> None:
+        if expires > time.time():
+            if len(self.answers) >= 10_000:
+                self.answers.clear()
+            self.answers[key] = (expires, answers, secure)
 
     async def addresses(self, name: str) -> list[str]:
         return [ip for ip, _ in await self.secure_addresses(name)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 
 import dns.flags
@@ -28,6 +29,10 @@ class FakeDNS:
         self.zones: dict[tuple[str, str], list[str]] = {}
         self.servfail: set[str] = set()
         self.secure: set[str] = set()
+        # TTL 0: the tests change records while the servers run, and a resolver that caches
+        # (ours does, for the TTL) must see the change at once.
+        self.ttl = 0
+        self.asked: Counter[tuple[str, str]] = Counter()  # (name., type) -> questions
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
@@ -64,14 +69,13 @@ class FakeDNS:
             question = q.question[0]
             name = question.name.to_text().lower()
             rtype = dns.rdatatype.to_text(question.rdtype)
+            self.asked[(name, rtype)] += 1
             if name in self.secure:
                 r.flags |= dns.flags.AD
             if name in self.servfail:
                 r.set_rcode(dns.rcode.SERVFAIL)
             elif (name, rtype) in self.zones:
-                # TTL 0: the tests change records while the servers run, and a resolver
-                # that caches (ours does, for the TTL) must see the change at once.
-                r.answer.append(dns.rrset.from_text_list(name, 0, "IN", rtype,
+                r.answer.append(dns.rrset.from_text_list(name, self.ttl, "IN", rtype,
                                                          self.zones[(name, rtype)]))
             elif not any(n == name for n, _ in self.zones):
                 r.set_rcode(dns.rcode.NXDOMAIN)
