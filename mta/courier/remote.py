@@ -82,6 +82,9 @@ class _Retry(Exception):
 IDLE_REUSE = 2.0  # seconds a connection waits for the next message to its host (Postfix: 2 s)
 MAX_REUSE = 100  # messages over one connection, then a fresh one
 MAX_IDLE = 64  # idle connections kept in all
+# Messages over the spill size (mta/smtp/data.py: 1 MiB) read into memory for remote hosts at
+# once: at most 8 x the size limit in memory, however many attempts run.
+LARGE_AT_ONCE = 8
 
 
 class IdleConnections:
@@ -176,6 +179,7 @@ class Outbound:
         self.smarthost = (parse_address(cfg.delivery.smarthost, "delivery.smarthost")
                           if cfg.delivery.smarthost else None)
         self.total = asyncio.Semaphore(total)
+        self.large_messages = asyncio.Semaphore(LARGE_AT_ONCE)
         self.tls = _insecure_context()
         scale = cfg.delivery.timeout_scale
         self.timeouts = {"connect": CONNECT_TIMEOUT * scale, "greeting": GREETING_TIMEOUT * scale,
@@ -194,8 +198,15 @@ class Outbound:
                       retry: bool = False) -> dict[str, Reply]:
         """The Courier interface (mta/courier/__init__.py); ``retry`` means nothing to a remote host."""
         if isinstance(data, SpooledMessage):
-            # aiosmtplib sends from memory: a large message is read in for remote delivery.
-            data = await asyncio.to_thread(data.read)
+            # aiosmtplib sends from memory: a large message is read in for remote delivery,
+            # a few at a time (the runner makes up to 100 attempts at once).
+            async with self.large_messages:
+                loaded = await asyncio.to_thread(data.read)
+                return await self._deliver(env, rcpts, loaded)
+        return await self._deliver(env, rcpts, data)
+
+    async def _deliver(self, env: Envelope, rcpts: list[Recipient], data: bytes
+                       ) -> dict[str, Reply]:
         by_domain: dict[str, list[Recipient]] = defaultdict(list)
         for r in rcpts:
             by_domain[addresses.domain_of(r.address)].append(r)
