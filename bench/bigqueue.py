@@ -36,6 +36,7 @@ from bench.run import (  # noqa: E402
     proc_rss_mb,
     wait_files,
 )
+from bench.sink import SinkSessions  # noqa: E402
 from mta.envelope import Envelope, Recipient  # noqa: E402
 
 DOWN = {("down.test.", "MX"): ["10 mx.down.test."], ("mx.down.test.", "A"): ["127.0.0.1"]}
@@ -79,51 +80,33 @@ def dns_stub(port: int, zones: dict[tuple[str, str], list[str]] = DOWN
 
 
 class Sink:
-    """The MX once it is back: a minimal SMTP server (PIPELINING) that counts messages."""
+    """The MX once it is back, in a thread of ours: it counts messages and connections."""
 
     def __init__(self, port: int) -> None:
         import threading
 
         self.port = port
-        self.count = 0
-        self.connections = 0
+        self.sessions = SinkSessions()
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
 
         def run() -> None:
             asyncio.set_event_loop(self.loop)
-            self.server = self.loop.run_until_complete(
-                asyncio.start_server(self.session, "127.0.0.1", port, backlog=512))
+            self.server = self.loop.run_until_complete(asyncio.start_server(
+                self.sessions.session, "127.0.0.1", port, backlog=512, limit=1 << 20))
             ready.set()
             self.loop.run_forever()
 
         threading.Thread(target=run, daemon=True).start()
         ready.wait(10)
 
-    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            writer.write(b"220 sink.test ESMTP\r\n")
-            while line := await reader.readline():
-                verb = line[:4].upper()
-                if verb == b"EHLO":
-                    writer.write(b"250-sink.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
-                elif verb == b"DATA":
-                    writer.write(b"354 go ahead\r\n")
-                    await writer.drain()
-                    await reader.readuntil(b"\r\n.\r\n")
-                    self.count += 1
-                    writer.write(b"250 2.0.0 stored\r\n")
-                elif verb == b"QUIT":
-                    writer.write(b"221 bye\r\n")
-                    break
-                else:
-                    writer.write(b"250 2.0.0 ok\r\n")
-                await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            writer.close()
+    @property
+    def count(self) -> int:
+        return self.sessions.count
+
+    @property
+    def connections(self) -> int:
+        return self.sessions.connections
 
     def stop(self) -> None:
         # The loop's thread is a daemon: it ends with the benchmark, sessions and all.

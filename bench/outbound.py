@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import re
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
@@ -40,16 +38,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import run  # noqa: E402
 from bench.bigqueue import dns_stub  # noqa: E402
 from bench.run import (  # noqa: E402
     POSTFIX_DIR,
     _reply,
     free_port,
     message,
-    pochta_bin,
     proc_cpu,
     to_trash,
 )
+from bench.sink import SinkSessions  # noqa: E402
 
 DOMAINS = [f"d{i}.test" for i in range(20)]
 
@@ -74,72 +73,17 @@ def sink_main(port: int, tls_files: tuple[str, str] | None, delay: float,
     if tls_files:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(*tls_files)
-    ids: Counter[str] = Counter()
-    active: Counter[str] = Counter()
-    state = {"connections": 0, "most": 0}
-    msgid = re.compile(rb"Message-ID: <([^>]+)>", re.IGNORECASE)
 
-    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        state["connections"] += 1
-        domains: set[str] = set()
-        secure = False
+    def counted() -> None:
+        with count.get_lock():
+            count.value += 1
 
-        def end_transaction() -> None:
-            for d in domains:
-                active[d] -= 1
-            domains.clear()
-
-        try:
-            writer.write(b"220 sink.test ESMTP\r\n")
-            while line := await reader.readline():
-                verb = line[:4].upper()
-                if verb == b"EHLO":
-                    offer = b"250-STARTTLS\r\n" if tls and not secure else b""
-                    writer.write(b"250-sink.test\r\n250-PIPELINING\r\n" + offer +
-                                 b"250 8BITMIME\r\n")
-                elif verb == b"STAR" and tls and not secure:
-                    writer.write(b"220 2.0.0 go ahead\r\n")
-                    await writer.drain()
-                    await writer.start_tls(tls)
-                    secure = True
-                    continue
-                elif verb == b"RCPT":
-                    domain = line.split(b"@")[-1].split(b">")[0].decode().lower()
-                    if domain not in domains:
-                        domains.add(domain)
-                        active[domain] += 1
-                        state["most"] = max(state["most"], active[domain])
-                    writer.write(b"250 2.1.5 ok\r\n")
-                elif verb == b"DATA":
-                    writer.write(b"354 go ahead\r\n")
-                    await writer.drain()
-                    data = await reader.readuntil(b"\r\n.\r\n")
-                    if delay:
-                        await asyncio.sleep(delay)
-                    m = msgid.search(data)
-                    ids[m.group(1).decode() if m else "?"] += 1
-                    with count.get_lock():
-                        count.value += 1
-                    end_transaction()
-                    writer.write(b"250 2.0.0 stored\r\n")
-                elif verb == b"RSET":
-                    end_transaction()
-                    writer.write(b"250 2.0.0 ok\r\n")
-                elif verb == b"QUIT":
-                    writer.write(b"221 2.0.0 bye\r\n")
-                    break
-                else:
-                    writer.write(b"250 2.0.0 ok\r\n")
-                await writer.drain()
-        except (OSError, ssl.SSLError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            end_transaction()
-            writer.close()
+    sessions = SinkSessions(tls, delay, counted)
 
     async def main() -> None:
-        servers = [await asyncio.start_server(session, mx_address(i), port, backlog=512,
-                                              limit=1 << 20) for i in range(len(DOMAINS))]
+        servers = [await asyncio.start_server(sessions.session, mx_address(i), port,
+                                              backlog=512, limit=1 << 20)
+                   for i in range(len(DOMAINS))]
         control.send("ready")
         loop = asyncio.get_running_loop()
         asked = asyncio.Event()
@@ -148,7 +92,7 @@ def sink_main(port: int, tls_files: tuple[str, str] | None, delay: float,
         control.recv()
         for s in servers:
             s.close()
-        control.send(SinkReport(ids, state["connections"], state["most"]))
+        control.send(SinkReport(sessions.ids, sessions.connections, sessions.most_at_once))
 
     asyncio.run(main())
 
@@ -173,59 +117,24 @@ class Sink:
 
 # -- the two relays ---------------------------------------------------------------------------
 
-class Pochta:
-    name = "pochta"
+class Pochta(run.Pochta):
+    """bench/run.py's pochta, relaying for 127.0.0.0/8 to the MXes the DNS stub names."""
 
     def __init__(self, sink_port: int, dns_port: int) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="pochta-outbound-"))
-        self.port = free_port()
-        cfg = self.dir / "pochta.toml"
-        cfg.write_text(f"""
-hostname = "mx.bench.test"
-data_dir = "{self.dir}"
-log_level = "warning"
-[mta]
-listen = ["127.0.0.1:{self.port}"]
-relay_networks = ["127.0.0.0/8"]
-[msa]
-listen = []
-listen_tls = []
-[mda]
-listen = "127.0.0.1:{free_port()}"
+        super().__init__('relay_networks = ["127.0.0.0/8"]', sections=f"""
 [delivery]
 resolver = "127.0.0.1:{dns_port}"
 smtp_port = {sink_port}
 """)
-        run = [pochta_bin(), "--config", str(cfg)]
-        subprocess.run(run + ["db", "upgrade"], check=True, capture_output=True)
-        self.logs = {role: open(self.dir / f"{role}.log", "wb")  # noqa: SIM115 -- closed in stop()
-                     for role in ("mda", "mta")}
-        self.procs = {role: subprocess.Popen(run + ["serve", role], stderr=self.logs[role])
-                      for role in ("mda", "mta")}
-        wait_port(self.port)
-        self.queue_pid = child_of(self.procs["mta"].pid)
+        self.queue_pid = self.pids()["queue"]
 
     def cpu(self) -> float:
-        return sum(proc_cpu(p) for p in (self.procs["mta"].pid, self.queue_pid))
-
-    def stop(self, keep: bool) -> None:
-        for p in self.procs.values():
-            p.send_signal(signal.SIGTERM)
-        for p in self.procs.values():
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        for f in self.logs.values():
-            f.close()
-        if keep:
-            print(f"  pochta lost or duplicated mail: logs and spool kept in {self.dir}")
-        else:
-            to_trash(self.dir)
+        return proc_cpu(self.procs["mta"].pid) + proc_cpu(self.queue_pid)
 
 
 class Postfix:
     name = "postfix"
+    keep = False  # its queue and log are in /var/spool/postfix and /tmp/bench-postfix anyway
 
     def __init__(self, sink_port: int, tls: bool) -> None:
         subprocess.run(["bash", str(POSTFIX_DIR / "setup.sh")], check=True, capture_output=True)
@@ -244,36 +153,10 @@ class Postfix:
     def cpu(self) -> float:
         return 0.0
 
-    def stop(self, keep: bool) -> None:
+    def stop(self) -> None:
         subprocess.run(["bash", str(POSTFIX_DIR / "stop.sh")], stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
         subprocess.run(["postsuper", "-d", "ALL"], capture_output=True)
-
-
-def wait_port(port: int) -> None:
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
-
-
-def child_of(pid: int) -> int:
-    """The queue runner (serve mta's child), once it has finished starting."""
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        if children:
-            child, last = int(children[0]), -1.0
-            while time.time() < deadline and (now := proc_cpu(child)) != last:
-                last = now
-                time.sleep(0.3)
-            return child
-        time.sleep(0.05)
-    raise TimeoutError("no queue runner")
 
 
 # -- the load ---------------------------------------------------------------------------------
@@ -351,7 +234,8 @@ def run_one(kind: str, tls: bool, n: int, size: int, dns_port: int,
         return Result(system.name, tls, len(ours) / elapsed, report.connections,
                       report.most_at_once, 1000 * cpu / n, lost, dup)
     finally:
-        system.stop(keep=report is None or lost > 0 or dup > 0)
+        system.keep = report is None or lost > 0 or dup > 0
+        system.stop()
         if sink.proc.is_alive():
             sink.proc.kill()
 

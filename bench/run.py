@@ -171,9 +171,10 @@ class Pochta:
     event_loop = "asyncio"
     keep = False  # set when a run lost or duplicated mail: its logs are the evidence
 
-    def __init__(self, mta_limits: str = "") -> None:
+    def __init__(self, mta_limits: str = "", sections: str = "") -> None:
         """``mta_limits``: [mta] lines that change a default (the memory test's 1000 idle
-        sessions need max_connections above 200); the throughput runs use the defaults."""
+        sessions need max_connections above 200); the throughput runs use the defaults.
+        ``sections``: more of the config (bench/outbound.py's [delivery])."""
         self.dir = Path(tempfile.mkdtemp(prefix="pochta-bench-"))
         self.port = free_port()
         self.mta_limits = mta_limits
@@ -191,7 +192,7 @@ listen = []
 listen_tls = []
 [mda]
 listen = "127.0.0.1:{free_port()}"
-""")
+{sections}""")
         self.cfg = cfg
         run = [pochta_bin(), "--config", str(cfg)]
         subprocess.run(run + ["db", "upgrade"], check=True, capture_output=True)
