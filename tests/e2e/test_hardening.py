@@ -167,6 +167,21 @@ def test_command_lines_with_bad_bytes_or_orcpt_are_refused_at_the_door(world):
     r.close()
 
 
+def test_a_command_repeated_past_its_limit_ends_the_session(world):
+    """Call limits (mta/smtp/protocol.py CALL_LIMITS): the 101st NOOP gets 421 and the close;
+    other verbs have counts of their own."""
+    s, *_ = world
+    r = Raw(s.mta_port)
+    assert r.cmd("EHLO client.test").startswith("250")
+    for _ in range(100):
+        assert r.cmd("NOOP").startswith("250")
+    assert r.cmd("RSET").startswith("250")
+    assert r.cmd("NOOP") == "421 4.7.0 NOOP sent too many times"
+    with pytest.raises(ConnectionError):
+        r.reply()
+    r.close()
+
+
 def test_a_fault_in_remote_delivery_never_redelivers_the_local_copies(tmp_path):
     """An item queued by an earlier version with a non-ASCII ORCPT (aiosmtplib raises on it):
     the local recipient gets one copy, the remote one is deferred, counted and expires."""
