@@ -13,13 +13,15 @@ aiosmtpd's public names from here.
 aiosmtpd is pinned to 1.4.x (pyproject.toml) because ``server`` relies on these private
 names of its SMTP class; audit them here before an upgrade:
 
-- ``__init__`` is replaced (``BaseSMTP.__init__``): it sets ``_tls_context``,
-  ``_tls_handshake_okay``, ``_tls_protocol``, ``_original_transport``, ``_decode_data``,
-  ``_timeout_duration``, ``_timeout_handle``, ``_handler_coroutine``, ``_auth_require_tls``,
-  ``_auth_required``, ``_authenticator``, ``_auth_callback``, ``_proxy_timeout``,
-  ``_enforce_call_limit``, ``_call_limit_base``, ``_call_limit_default``, and builds
-  ``_auth_methods`` (of ``_AuthMechAttr``), ``_handle_hooks``, ``_smtp_methods`` and
-  ``_ehlo_hook_ver`` once per (protocol, handler) class instead of per connection;
+- ``__init__`` is replaced (``BaseSMTP.__init__``): what aiosmtpd sets per connection is read
+  instead from one ``ListenerSettings`` per listener through properties (``hostname``,
+  ``tls_context``, ``data_size_limit``, ``event_handler``, ``_timeout_duration``,
+  ``_auth_require_tls``, ``_authenticator``, ``_auth_callback``, ``_decode_data``,
+  ``_handle_hooks``, ``_ehlo_hook_ver``, ``_auth_methods``, ``_smtp_methods``,
+  ``_call_limit_base``, ``_call_limit_default``) or class defaults (``_tls_handshake_okay``,
+  ``_tls_protocol``, ``_original_transport``, ``_timeout_handle``, ``_handler_coroutine``,
+  ``_proxy_timeout``, ``session``, ``envelope``, ``transport``); ``_enforce_call_limit`` is
+  off and ``_smtp_methods`` counts the calls instead;
 - ``_handle_client`` (wrapped: admission, pregreet), ``_cb_client_connected`` (the strict
   line reader), ``_reader`` / ``_writer`` and the reader's ``_buffer`` and ``_limit``;
 - ``_call_handler_hook``, ``_set_post_data_state``, ``_reset_timeout``, ``_timeout_cb``,
