@@ -86,8 +86,6 @@ class QueueRunner:
         self.wake = asyncio.Event()
         self.concurrency = concurrency
         self.fresh: set[str] = set()  # just written: in the page cache, read without a thread
-        self.removing: dict[str, int] = {}  # finished, files not removed yet: id -> locked fd
-        self.remover: asyncio.Task[None] | None = None
         self.notices: NoticeSocket | None = None
         self.commands: deque[Notice] = deque()  # flush and rescan requests, in order
         # (id, recipient) of held relay domains released by a flush or ETRN, until attempted
@@ -399,7 +397,7 @@ class QueueRunner:
     async def _rescan(self) -> None:
         """Load what the spool holds and this runner does not know."""
         for qid in await asyncio.to_thread(self.spool.ids):
-            if qid not in self.items and qid not in self.removing:
+            if qid not in self.items:
                 try:
                     env = await asyncio.to_thread(self.spool.load, qid)
                 except FileNotFoundError:
@@ -490,8 +488,7 @@ class QueueRunner:
         """One attempt for the due recipients but those for ``blocked`` domains; False if the
         item was busy (try again soon). ``turned``: instead, the pending recipients of these
         ODMR domains, due or not, go to this customer's connection (ATRN)."""
-        fresh = env.id in self.fresh
-        if fresh:
+        if env.id in self.fresh:
             # Just written, so in the page cache: a few syscalls, cheaper than a thread trip.
             self.fresh.discard(env.id)
             got = self.spool.checkout(env.id)
@@ -521,34 +518,13 @@ class QueueRunner:
             if env.finished:
                 reported = await self._report(env, data)
         finally:
-            if reported and fresh:
-                self.spool.checkin(env, fd, True)  # one unlink (no .json yet): not worth a thread
-            elif reported:
-                self._remove_later(env.id, fd)
+            if reported:
+                self.spool.checkin(env, fd, True)  # two unlinks, no fsync: not worth a thread
             else:
                 await asyncio.to_thread(self.spool.checkin, env, fd, False)
         if reported:
             self.items.pop(env.id, None)
         return True
-
-    def _remove_later(self, qid: str, fd: int) -> None:
-        """A finished item that had earlier attempts: its files (message and .json) go in the
-        next batch of a worker thread, its lock held until then. Their unlinks, one by one on
-        the loop, were a quarter of a draining runner's time; the attempt's slot is free now."""
-        self.removing[qid] = fd
-        if self.remover is None or self.remover.done():
-            self.remover = asyncio.create_task(self._removals())
-            self.tasks.add(self.remover)
-            self.remover.add_done_callback(self.tasks.discard)
-
-    async def _removals(self) -> None:
-        while self.removing:
-            batch = list(self.removing.items())
-            try:
-                await asyncio.to_thread(self.spool.remove_all, batch)
-            finally:
-                for qid, _ in batch:
-                    del self.removing[qid]
 
     async def _report(self, env: Envelope, data: bytes | SpooledMessage) -> bool:
         """The sender's final report (DSN) spooled durably; False (and a retry time in the

@@ -426,17 +426,6 @@ class Spool:
             return False
         return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
 
-    def remove_all(self, items: list[tuple[str, int]]) -> None:
-        """Remove finished items, each (id, its locked descriptor), and release their locks;
-        one that fails is logged and stays for the next runner (delivered again, never lost)."""
-        for qid, fd in items:
-            try:
-                self.remove(qid)
-            except OSError as e:
-                log.error("%s: cannot remove the delivered item: %s", qid, e)
-            finally:
-                os.close(fd)
-
     def checkin(self, env: Envelope, fd: int, done: bool | None = None) -> None:
         """Record an attempt's outcome, or remove the item once ``done`` (default: every
         recipient final; the runner says False while the sender's report is owed), and
