@@ -83,6 +83,16 @@ def test_large_messages_to_a_remote_host_arrive_whole(world):
         assert got[i].endswith(body), i  # after our Received header
 
 
+def test_a_message_deferred_then_sent_leaves_nothing_in_the_spool(world):
+    """Its .json (written at the deferral) and message file both go once it is sent."""
+    s, mx = world
+    mx.handler.rcpt_replies["later@remote.test"] = ["451 4.3.0 try later", "250 2.1.5 OK"]
+    send_from(s, RELAY_CLIENT, "later@remote.test", "deferred-once")
+    assert wait_for(lambda: any(b"deferred-once" in m.data for m in mx.messages), 30)
+    spool = s.base / "spool"
+    assert wait_for(lambda: not list(spool.glob("*.msg")) and not list(spool.glob("*.json")))
+
+
 @pytest.mark.parametrize("network", ["0.0.0.0/0", "10.0.0.0/7", "::/0", "2001:db8::/31"])
 def test_a_relay_network_that_makes_an_open_relay_is_refused_at_start(tmp_path, network):
     s = Stack(tmp_path, mta={"relay_networks": [network]})
