@@ -20,8 +20,10 @@ COMPARATORS = ("i;octet", "i;ascii-casemap")
 MATCH_TYPES = {":is": None, ":contains": None, ":matches": None, ":regex": "regex"}
 ADDRESS_PARTS = {":all": None, ":localpart": None, ":domain": None, ":user": "subaddress",
                  ":detail": "subaddress"}
+# RFC 5229 §4.1's modifiers (":quoteregex" is the regex draft's; ":encodeurl" belongs to
+# enotify, which we do not offer).
 SET_MODIFIERS = (":lower", ":upper", ":lowerfirst", ":upperfirst", ":quotewildcard",
-                 ":quoteregex", ":length", ":encodeurl")
+                 ":quoteregex", ":length")
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ COMMANDS: dict[str, Signature] = {
                          min_positional=1),
     "removeflag": Signature(positional=("strings", "strings"), extension="imap4flags",
                             min_positional=1),
-    "set": Signature(tags=_tags(dict.fromkeys(SET_MODIFIERS)), positional=("string", "string"),
+    "set": Signature(tags=_tags({m: "regex" if m == ":quoteregex" else None
+                                 for m in SET_MODIFIERS}), positional=("string", "string"),
                      extension="variables"),
 }
 
