@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any, cast
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import CursorResult, delete, select, update
 from sqlalchemy.orm import Session
 
 from store import addresses
@@ -176,25 +177,30 @@ class SieveStore:
     def vacation_due(self, address: str, sender: str, handle: str, period: float,
                      now: float) -> bool:
         """True (and remembered) if ``address`` has not answered ``sender`` for ``handle``
-        within ``period`` seconds; False if it has."""
+        within ``period`` seconds; False if it has. Of concurrent deliveries (a storm from
+        one sender, on any host) exactly one gets True: the insert of a new key and the
+        renewal of an old one each succeed for one transaction only."""
         key = hashlib.sha256(f"{address.lower()}\0{sender.lower()}\0{handle}".encode()
                              ).hexdigest()
-        for _ in range(2):  # a concurrent delivery may insert the same key first
+        for _ in range(2):
             try:
                 with self._tx() as s:
-                    row = s.get(VacationReply, key)
-                    if row is not None and row.sent > now - period:
-                        return False
-                    if row is None:
-                        s.add(VacationReply(key=key, address=address.lower(), sent=now))
-                    else:
-                        row.sent = now
+                    # A conditional update, not read-then-write: two transactions that both
+                    # read an expired row would both answer.
+                    renewed = cast("CursorResult[Any]", s.execute(update(VacationReply).where(
+                        VacationReply.key == key, VacationReply.sent <= now - period,
+                    ).values(sent=now)))
+                    if renewed.rowcount:
+                        return True
+                    if s.get(VacationReply, key) is not None:
+                        return False  # answered within the period
+                    s.add(VacationReply(key=key, address=address.lower(), sent=now))
                 return True
-            except DirectoryError:  # the key was inserted meanwhile
+            except DirectoryError:  # a concurrent delivery inserted the key first
                 continue
         return False
 
     def forget_vacations(self, older_than: float) -> int:
         with self._tx() as s:
-            return int(s.execute(delete(VacationReply).where(
-                VacationReply.sent < older_than)).rowcount)  # type: ignore[attr-defined]
+            return cast("CursorResult[Any]", s.execute(delete(VacationReply).where(
+                VacationReply.sent < older_than))).rowcount
