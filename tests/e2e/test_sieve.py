@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import smtplib
+from concurrent.futures import ThreadPoolExecutor
 
 import dkim
 import dns.resolver
@@ -34,7 +35,7 @@ def world(tmp_path_factory):
               delivery={"resolver": dns_server.address, "smtp_port": port})
     s.setup_users("example.com", "bob@example.com", "amy@example.com", "cat@example.com",
                   "dan@example.com", "eve@example.com", "fay@example.com", "gus@example.com",
-                  "hal@example.com", "ivy@example.com")
+                  "hal@example.com", "ivy@example.com", "jay@example.com")
     s.start("up")
     yield s, mx, dns_server
     s.stop_all()
@@ -159,6 +160,29 @@ vacation :days 7 :subject "Away" "I am away until Monday.";
     answered = re.search(rb"In-Reply-To: (<question\.[0-2]@origin\.test>)", reply)
     assert answered and b"References: " + answered.group(1) in reply
     assert b"I am away until Monday." in reply
+
+
+def test_a_vacation_storm_from_one_sender_sends_one_reply(world):
+    s, mx, _ = world
+    put(s, "jay@example.com", 'require "vacation";\nvacation :subject "Storm away" "Away.";\n')
+
+    def burst(first: int) -> None:
+        with smtplib.SMTP("127.0.0.1", s.mta_port, timeout=30) as c:
+            for i in range(first, first + 250):
+                c.sendmail("storm@remote.test", ["jay@example.com"],
+                           (f"From: storm@remote.test\r\nTo: jay@example.com\r\n"
+                            f"Subject: storm {i}\r\n\r\nagain\r\n").encode())
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(burst, range(0, 1000, 250)))
+    send(s, "calm@remote.test", "jay@example.com", "after the storm")
+    wait_mail(s, "jay@example.com", 1001, timeout=120)  # all kept: every reply decided
+    # Every reply the MDA decided on is in the queue now; once the queue is empty, the sink
+    # has all of them.
+    assert wait_for(lambda: s.pochta("queue", "list").stdout.strip().endswith(
+        "0 message(s) in the queue"), 60)
+    answered = [m.rcpts[0] for m in mx.messages if b"Storm away" in m.data]
+    assert sorted(answered) == ["calm@remote.test", "storm@remote.test"]
 
 
 def test_reject_returns_the_message_with_the_reason(world):
