@@ -17,7 +17,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from store.fsio import ensure_dir, wait_for_lock
@@ -48,9 +48,51 @@ def from_line(mail_from: str, when: float | None = None) -> bytes:
     return f"From {sender} {stamp}\n".encode()
 
 
-def entry(message: bytes, mail_from: str, when: float | None = None) -> bytes:
-    """One complete mbox entry for ``message`` (LF line endings)."""
-    body = quote(message)
+# The headers Dovecot keeps a message's mbox state in. A sender's own would set its flags,
+# its UID or the folder's UIDVALIDITY, so they are dropped on the way in (as Dovecot's own
+# delivery does); flags a Sieve script sets are written into them instead.
+_STATE_HEADER = re.compile(
+    rb"(?im)^(?:content-length|status|x-imap|x-imapbase|x-keywords|x-status|x-uid)[ \t]*:")
+_STATUS = {"\\Seen": b"R"}
+_X_STATUS = {"\\Answered": b"A", "\\Flagged": b"F", "\\Draft": b"T", "\\Deleted": b"D"}
+
+
+def with_state(message: bytes, flags: Sequence[str] = ()) -> bytes:
+    """``message`` (LF endings) without a sender's mbox state headers, with ``flags`` (IMAP
+    flags and keywords) as ``Status``, ``X-Status`` and ``X-Keywords`` at the end of its
+    header section."""
+    end = message.find(b"\n\n")
+    head, body = (message[:end + 1], message[end + 1:]) if end >= 0 else (message, b"")
+    if not flags and not _STATE_HEADER.search(head):
+        return message
+    kept: list[bytes] = []
+    dropping = False
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t"):  # a continuation belongs to the field before it
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = _STATE_HEADER.match(line) is not None
+        if not dropping:
+            kept.append(line)
+    if kept and not kept[-1].endswith(b"\n"):
+        kept[-1] += b"\n"
+    status = b"".join(_STATUS.get(f, b"") for f in flags)
+    x_status = b"".join(_X_STATUS.get(f, b"") for f in flags)
+    keywords = [f for f in flags if not f.startswith("\\")]
+    if status:
+        kept.append(b"Status: " + status + b"\n")
+    if x_status:
+        kept.append(b"X-Status: " + x_status + b"\n")
+    if keywords:
+        kept.append(b"X-Keywords: " + " ".join(keywords).encode("utf-8", "replace") + b"\n")
+    return b"".join(kept) + (body or b"\n")
+
+
+def entry(message: bytes, mail_from: str, when: float | None = None,
+          flags: Sequence[str] = ()) -> bytes:
+    """One complete mbox entry for ``message`` (LF line endings) with its ``flags``."""
+    body = quote(with_state(message, flags))
     if not body.endswith(b"\n"):
         body += b"\n"
     return from_line(mail_from, when) + body + b"\n"
@@ -77,9 +119,9 @@ class MboxWriter:
             return self._locks.setdefault(str(path), threading.Lock())
 
     def deliver(self, path: Path, message: bytes, mail_from: str,
-                owner: tuple[int, int] | None = None) -> None:
+                owner: tuple[int, int] | None = None, flags: Sequence[str] = ()) -> None:
         ensure_dir(path.parent, 0o700, owner)
-        data = entry(message, mail_from)
+        data = entry(message, mail_from, flags=flags)
         with self._thread_lock(path), _dotlock(path), _open_locked(path) as fd:
             if owner is not None:
                 os.fchown(fd, *owner)

@@ -1,5 +1,7 @@
+import pytest
+
 from mda.maildir import UniqueNames
-from mda.mbox import entry, quote, split_entries, unquote
+from mda.mbox import entry, quote, split_entries, unquote, with_state
 from mda.message import stored_message
 
 
@@ -17,6 +19,19 @@ def test_mboxrd_quoting_round_trip():
     assert unquote(q) == text
     mbox = entry(text, "a@b") + entry(b"second\n", "<>")
     assert split_entries(mbox) == [text, b"second\n"]
+
+
+def test_mbox_state_headers_are_ours_only():
+    forged = (b"Subject: hi\nStatus: RO\nX-Status: D\nX-UID: 7\nX-IMAPbase: 1 2\n"
+              b"X-Keywords: $Junk\n  more\ncontent-length : 9\nTo: b@c\n\nbody\nStatus: RO\n")
+    assert with_state(forged) == b"Subject: hi\nTo: b@c\n\nbody\nStatus: RO\n"
+    flagged = with_state(b"Subject: hi\n\nbody\n", ["\\Seen", "\\Flagged", "$Label1"])
+    assert flagged == (b"Subject: hi\nStatus: R\nX-Status: F\nX-Keywords: $Label1\n\n"
+                       b"body\n")
+    plain = b"Subject: hi\n\nbody\n"
+    assert with_state(plain) is plain  # nothing to do: the same bytes
+    assert split_entries(entry(forged, "a@b", flags=["\\Seen"]))[0].startswith(
+        b"Subject: hi\nTo: b@c\nStatus: R\n\n")
 
 
 def test_header_prepending():
@@ -223,3 +238,27 @@ def test_copies_for_many_recipients_are_made_one_at_a_time(tmp_path):
     assert all(r.startswith("250") for r in replies)
     assert len(list((tmp_path / "example.com" / "bob" / "new").iterdir())) == 20
     assert peak < 3 * len(data), f"peak {peak / 1e6:.1f} MB for a {len(data) / 1e6:.0f} MB message"
+
+
+def test_dovecot_subscriptions_file(tmp_path):
+    from mda.subscriptions import HEADER, OldFormat, subscribe, with_folder
+
+    assert with_folder(b"", "Lists/pochta") == HEADER + b"Lists\tpochta\n"
+    assert with_folder(HEADER + b"Lists\tpochta\n", "Lists/pochta") is None
+    assert with_folder(HEADER + b"A", "Caf\u00e9") == HEADER + b"A\nCaf&AOk-\n"
+    with pytest.raises(OldFormat):
+        with_folder(b"Lists.pochta\n", "B")
+    path = tmp_path / "subscriptions"
+    assert subscribe(path, "Junk") and not subscribe(path, "Junk")
+    assert path.read_bytes() == HEADER + b"Junk\n"
+    assert not (tmp_path / "subscriptions.lock").exists()
+    (tmp_path / "subscriptions.lock").write_bytes(b"")  # Dovecot holds it: we wait, then fail
+    import mda.subscriptions as subs
+
+    saved, subs.LOCK_WAIT = subs.LOCK_WAIT, 0.1
+    try:
+        with pytest.raises(TimeoutError):
+            subscribe(path, "Other")
+    finally:
+        subs.LOCK_WAIT = saved
+    assert path.read_bytes() == HEADER + b"Junk\n"
