@@ -82,6 +82,18 @@ def mail_owner(cfg: Config) -> tuple[int, int]:
     return os.getuid(), os.getgid()
 
 
+def namespace_conf(cfg: Config) -> str:
+    """One namespace with "/" between levels, so that Sieve's maildir++ folder ``.A.B`` is
+    ``A/B`` in IMAP (as with mbox), and the special-use folders clients look for; the Junk
+    folder the MDA files spam into is made and subscribed at login."""
+    junk = cfg.spam.junk_folder if cfg.spam.rspamd else ""
+    boxes = [("Drafts", "\\Drafts", ""), ("Sent", "\\Sent", ""), ("Trash", "\\Trash", "")]
+    boxes.append((junk or "Junk", "\\Junk", "\n    auto = subscribe" if junk else ""))
+    mailboxes = "".join(f'  mailbox "{name}" {{\n    special_use = {use}{auto}\n  }}\n'
+                        for name, use, auto in boxes)
+    return f"namespace inbox {{\n  inbox = yes\n  separator = /\n{mailboxes}}}\n"
+
+
 def dovecot_conf(cfg: Config, sql_path: Path) -> str:
     uid, gid = mail_owner(cfg)
     home = Path(cfg.data_dir) / "dovecot-home"
@@ -110,7 +122,7 @@ userdb {{
   driver = sql
   args = {sql_path}
 }}
-"""
+{namespace_conf(cfg)}"""
 
 
 def dovecot_config(

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mda import maildir
+from mda import maildir, subscriptions
 from mda.mbox import MboxWriter
 from mda.message import stored_message
 from mda.paths import UnsafeAddress, mailbox_path
@@ -188,18 +188,22 @@ class Deliverer:
         path, message = prepared
         if self.format == "mbox":
             target = mbox_folder_path(path, folder) if folder else path
+            new_folder = bool(folder) and not target.exists()
             try:
-                self.mbox.deliver(target, message, job.mail_from, self.owner)
+                self.mbox.deliver(target, message, job.mail_from, self.owner, flags)
             except OSError as e:
                 if folder and e.errno not in STORAGE_FULL:
                     raise FolderUnavailable(f"{target}: {e.strerror or e}") from e
                 return self._failed(job.rcpt, target, e)
+            if new_folder:
+                self._subscribe(subscriptions.mbox_file(path), folder)
             return self._delivered(job.rcpt, len(message), str(target))
         key = job.key
+        new_folder = False
         if folder:
             try:
                 target = maildir.folder_path(path, folder)
-                maildir.ensure_folder(target, self.owner)
+                new_folder = maildir.ensure_folder(target, self.owner)
             except (ValueError, OSError) as e:
                 if isinstance(e, OSError) and e.errno in STORAGE_FULL:
                     return self._failed(job.rcpt, path, e)
@@ -219,7 +223,16 @@ class Deliverer:
         except OSError as e:
             return self._failed(job.rcpt, target, e)
         [error] = commit_files([item])
+        if new_folder and error is None:
+            self._subscribe(subscriptions.maildir_file(path), folder)
         return self._outcome(job.rcpt, target, item, len(message), error)
+
+    def _subscribe(self, path: Path, folder: str) -> None:
+        """A folder made for a Sieve fileinto, subscribed so that mail clients show it."""
+        try:
+            subscriptions.subscribe(path, folder, self.owner)
+        except OSError as e:
+            log.warning("folder %r not subscribed in %s: %s", folder, path, e)
 
     def _mailbox(self, job: Job) -> Path | str:
         """The job's mailbox path, or the refusal reply."""

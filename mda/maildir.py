@@ -115,12 +115,15 @@ def imap_utf7(name: str) -> str:
     return "".join(out)
 
 
-def ensure_folder(path: Path, owner: tuple[int, int] | None = None) -> None:
-    """A maildir++ folder: a maildir with the ``maildirfolder`` marker file."""
+def ensure_folder(path: Path, owner: tuple[int, int] | None = None) -> bool:
+    """A maildir++ folder: a maildir with the ``maildirfolder`` marker file; whether it was
+    made now."""
     ensure_maildir(path, owner)
     marker = path / "maildirfolder"
-    if not marker.exists():
-        fd = os.open(marker, os.O_WRONLY | os.O_CREAT, 0o600)
-        if owner is not None:
-            os.fchown(fd, *owner)
-        os.close(fd)
+    if marker.exists():
+        return False
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT, 0o600)
+    if owner is not None:
+        os.fchown(fd, *owner)
+    os.close(fd)
+    return True

@@ -160,34 +160,54 @@ def test_dovecot_config_logs_users_in_with_pochta_passwords(tmp_path, shared_dir
         stack.stop_all()
 
 
-def test_dovecot_shows_a_sieve_fileinto_folder(tmp_path, shared_dir):
-    """Sieve's fileinto "Lists/pochta" makes a maildir++ folder Dovecot lists as such, with
-    the message in it and the flag the script set."""
-    stack = Stack(tmp_path, mda={"mailbox_root": str(shared_dir / "mail"),
+def generated_conf(stack: Stack, shared_dir: Path) -> str:
+    """`pochta dovecot-config` as a user runs it, without TLS (no certificate in these tests)
+    and with a home Dovecot's mail processes can write."""
+    conf = "\n".join(line for line in stack.pochta("dovecot-config").stdout.splitlines()
+                     if not line.startswith(("ssl", "mail_home")))
+    return conf + f"\nmail_home = {shared_dir}/home/%d/%n\n"
+
+
+@pytest.mark.parametrize("fmt", ["maildir", "mbox"])
+def test_dovecot_shows_a_sieve_fileinto_folder(tmp_path, shared_dir, fmt):
+    """Sieve's fileinto "Lists/pochta" makes a folder Dovecot (configured by `pochta
+    dovecot-config`) lists as Lists/pochta, subscribed, with the message in it and the flags
+    the script set; a sender's own mbox state headers set nothing."""
+    stack = Stack(tmp_path, mda={"mailbox_root": str(shared_dir / "mail"), "format": fmt,
                                  "mail_owner": MAIL_OWNER})
     stack.setup_users("example.com", "bob@example.com")
     stack.pochta("sieve", "put", "bob@example.com", "-", stdin=(
         'require ["fileinto", "imap4flags"];\n'
-        'if header :contains "subject" "caf" { fileinto :flags "\\\\Flagged" "Lists/pochta"; }\n'))
+        'if header :contains "subject" "caf" {\n'
+        '  fileinto :flags ["\\\\Flagged", "\\\\Seen"] "Lists/pochta";\n}\n'))
     stack.start("mda")
     dv = None
+    forged = MSG.replace(b"\r\n\r\n", b"\r\nStatus: RO\r\nX-Status: D\r\n\r\n", 1)
     try:
         _, data = lmtp_send(stack.mda_listen, "a@remote.test", ["bob@example.com"], MSG)
         assert data[0].startswith("250")
-        dv = Dovecot(tmp_path / "dovecot",
-                     static_conf(f"maildir:{shared_dir}/mail/%d/%n", shared_dir))
+        _, data = lmtp_send(stack.mda_listen, "a@remote.test", ["bob@example.com"],
+                            forged.replace(b"caf", b"tea"))
+        assert data[0].startswith("250")
+        dv = Dovecot(tmp_path / "dovecot", generated_conf(stack, shared_dir))
         m = imaplib.IMAP4("127.0.0.1", dv.imap_port, timeout=15)
         try:
-            m.authenticate("PLAIN", lambda _: b"\0bob@example.com\0static-pw")
+            m.authenticate("PLAIN", lambda _: b"\0bob@example.com\0pw")
             typ, listing = m.list()
-            assert typ == "OK" and any(b'"Lists.pochta"' in line or b"Lists.pochta" in line
+            assert typ == "OK" and any(line.endswith(b' "/" Lists/pochta')
                                        for line in listing), listing
-            typ, data = m.select('"Lists.pochta"', readonly=True)
+            typ, subscribed = m.lsub()
+            assert typ == "OK" and any(line.endswith(b' "/" Lists/pochta')
+                                       for line in subscribed), subscribed
+            typ, data = m.select("Lists/pochta", readonly=True)
             assert typ == "OK" and int(data[0]) == 1, dv.log()
             typ, fetched = m.fetch("1", "(FLAGS BODY.PEEK[])")
-            assert b"\\Flagged" in fetched[0][0] and fetched[0][1] == expected("bob@example.com")
+            assert b"\\Flagged" in fetched[0][0] and b"\\Seen" in fetched[0][0]
+            assert fetched[0][1] == expected("bob@example.com")
             typ, data = m.select("INBOX", readonly=True)
-            assert int(data[0]) == 0
+            assert int(data[0]) == 1
+            typ, fetched = m.fetch("1", "(FLAGS BODY.PEEK[HEADER])")
+            assert b"\\Seen" not in fetched[0][0] and b"\\Deleted" not in fetched[0][0]
         finally:
             m.logout()
     finally:
