@@ -36,6 +36,11 @@ class ProtocolError(Exception):
     """A command we cannot parse: answered NO, the session goes on."""
 
 
+class Unrecoverable(ProtocolError):
+    """Input we cannot find the end of (a line or literal over the limits): answered BYE,
+    the session ends."""
+
+
 def quote(s: str) -> str:
     if len(s) < 1024 and '"' not in s and "\\" not in s and "\r" not in s and "\n" not in s:
         return f'"{s}"'
@@ -78,7 +83,10 @@ async def read_command(reader: asyncio.StreamReader) -> list[str] | None:
     """One command with its literals ({n+} or {n}) read in; None at end of stream."""
     words: list[str] = []
     while True:
-        line = await reader.readline()
+        try:
+            line = await reader.readline()
+        except ValueError:  # asyncio's limit: no end of line within it
+            raise Unrecoverable("line too long") from None
         if not line:
             return None
         if len(line) > MAX_LINE:
@@ -89,7 +97,7 @@ async def read_command(reader: asyncio.StreamReader) -> list[str] | None:
             return words
         size = int(m.group(1))
         if size > MAX_SCRIPT_BYTES + 1024:
-            raise ProtocolError("literal too large")
+            raise Unrecoverable("literal too large")
         words += tokens(line[:m.start()])
         data = await reader.readexactly(size)
         words.append(data.decode("utf-8", "replace"))
@@ -160,6 +168,9 @@ class Session:
             try:
                 async with asyncio.timeout(IDLE_TIMEOUT):
                     words = await read_command(self.reader)
+            except Unrecoverable as e:
+                await self.send(f'BYE "{e}"\r\n')
+                return
             except ProtocolError as e:
                 await self.send(f'NO "{e}"\r\n')
                 continue
@@ -221,9 +232,12 @@ class Session:
                 return None
             response = words[0]
         try:
-            _, login, password = base64.b64decode(response, validate=True).decode().split("\0")
+            authzid, login, password = base64.b64decode(response, validate=True).decode(
+            ).split("\0")
         except (ValueError, UnicodeDecodeError):
             return 'NO "malformed PLAIN response"\r\n'
+        if authzid and authzid.lower() != login.lower():
+            return 'NO "acting for another user is not allowed"\r\n'
         user = await asyncio.to_thread(self.server.directory.authenticate, login, password)
         if user is None:
             self.failures += 1

@@ -119,3 +119,30 @@ def test_no_auth_before_tls_and_bad_passwords_end_the_session(world):
                 answers.append(t.readline())
             assert answers[0].startswith(b"NO") and answers[2].startswith(b"BYE")
             assert t.readline() == b""  # closed
+
+
+def test_garbage_gets_an_answer_and_no_traceback(world):
+    s, port, _ = world
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        f = sock.makefile("rb")
+        while not f.readline().startswith(b"OK"):
+            pass
+        sock.sendall(b"\xff\xfe\x00 NOOP\r\n")
+        assert f.readline().startswith(b"NO")
+        sock.sendall(b'CAPABILITY "unterminated\r\n')
+        assert f.readline().startswith(b"NO")
+        sock.sendall(b"X" * 100_000 + b"\r\n")  # a line far over the limit
+        answer = f.readline()
+        assert answer.startswith(b"BYE") and b"too long" in answer
+        try:  # closed: with the rest of that line unread, by a reset
+            assert f.readline() == b""
+        except ConnectionResetError:
+            pass
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        f = sock.makefile("rb")
+        while not f.readline().startswith(b"OK"):
+            pass
+        sock.sendall(b"PUTSCRIPT \"x\" {999999999+}\r\n")  # a literal over the size limit
+        answer = f.readline()
+        assert answer.startswith(b"BYE"), answer
+    assert "Traceback" not in s.log("up")
