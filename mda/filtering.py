@@ -12,6 +12,7 @@ MTA returns the message with that text in a DSN (never to ``<>``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import re
@@ -38,7 +39,7 @@ from sieve import (
 )
 from sieve.interpreter import normalize_folder
 from store import addresses, metrics
-from store.directory import DirectoryUnavailable
+from store.directory import Directory, DirectoryUnavailable
 from store.sieve import SieveStore
 
 log = logging.getLogger("pochta.sieve")
@@ -50,12 +51,14 @@ VACATION_KEPT = 31 * 86400.0  # longer than the longest :days (30): older state 
 class SieveDelivery:
     def __init__(self, deliverer: Deliverer, store: SieveStore, spool_dir: str | Path,
                  hostname: str, limits: Limits | None = None,
-                 clock: Callable[[], float] = time.time, junk_folder: str = "") -> None:
+                 clock: Callable[[], float] = time.time, junk_folder: str = "",
+                 directory: Directory | None = None) -> None:
         # The default rule before any user's script (rspamd on): what the MTA marked
         # X-Spam-Flag: YES goes into this folder. "": off.
         self.junk_folder = junk_folder
         self.deliverer = deliverer
         self.store = store
+        self.directory = directory  # who owns a vacation :from address (None: nobody else)
         self.hostname = hostname
         self.limits = limits or Limits()
         self.clock = clock
@@ -186,6 +189,11 @@ class SieveDelivery:
         except DirectoryUnavailable as e:
             log.error("to=<%s> vacation: no reply (database: %s)", job.rcpt, e)
             return
+        if v.sender and not self._owns(user, _address_in(v.sender)):
+            # A script is the user's words: it may not sign replies as somebody else.
+            log.warning("to=<%s> vacation :from %s is not the user's: the reply is from <%s>",
+                        job.rcpt, v.sender, user)
+            v = dataclasses.replace(v, sender=None)
         message = vacation.reply(v, user, sender, ctx.headers, self.hostname, self.clock())
         domain = addresses.domain_of(v.sender and _address_in(v.sender) or user)
         out = outbox.Outgoing(mail_from="", recipients=[sender], message=message,
@@ -198,6 +206,24 @@ class SieveDelivery:
             log.error("to=<%s> vacation reply to <%s> not queued: %s", job.rcpt, sender, e)
             return
         log.info("to=<%s> vacation reply to <%s> queued as %s", job.rcpt, sender, qid)
+
+
+    def _owns(self, user: str, address: str) -> bool:
+        """Whether ``address`` is ``user``'s: the same (or with a +detail), or an alias of
+        one of our domains that delivers to the user (the MSA's rule for a sender)."""
+        try:
+            addr = addresses.strip_subaddress(addresses.normalize(address))
+        except addresses.AddressError:
+            return False
+        if addr == user.lower():
+            return True
+        if self.directory is None:
+            return False
+        try:
+            return (self.directory.is_local_domain(addresses.domain_of(addr))
+                    and user.lower() in self.directory.resolve(addr))
+        except DirectoryUnavailable:
+            return False
 
 
 _SPAM_FLAG = re.compile(rb"(?im)^X-Spam-Flag:[ \t]*YES[ \t]*$")

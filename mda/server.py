@@ -30,7 +30,7 @@ async def run(cfg: Config, stop: asyncio.Event,
     handler = LMTPHandler(directory, deliverer,
                           SieveDelivery(deliverer, SieveStore(db), cfg.spool_dir, cfg.hostname,
                                         junk_folder=cfg.spam.junk_folder if cfg.spam.rspamd
-                                        else ""))
+                                        else "", directory=directory))
     connections = Connections(max_total=500, max_per_ip=0)
     current = [cfg]  # the last (re)loaded config, for new connections
 

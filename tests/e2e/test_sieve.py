@@ -35,7 +35,8 @@ def world(tmp_path_factory):
               delivery={"resolver": dns_server.address, "smtp_port": port})
     s.setup_users("example.com", "bob@example.com", "amy@example.com", "cat@example.com",
                   "dan@example.com", "eve@example.com", "fay@example.com", "gus@example.com",
-                  "hal@example.com", "ivy@example.com", "jay@example.com")
+                  "hal@example.com", "ivy@example.com", "jay@example.com",
+                  "kim@example.com", "lou@example.com")
     s.start("up")
     yield s, mx, dns_server
     s.stop_all()
@@ -183,6 +184,21 @@ def test_a_vacation_storm_from_one_sender_sends_one_reply(world):
         "0 message(s) in the queue"), 60)
     answered = [m.rcpts[0] for m in mx.messages if b"Storm away" in m.data]
     assert sorted(answered) == ["calm@remote.test", "storm@remote.test"]
+
+
+def test_vacation_from_only_an_address_of_the_user(world):
+    s, mx, _ = world
+    s.pochta("alias", "add", "boss@example.com", "kim@example.com")
+    script = 'require "vacation";\nvacation :from "{}" :subject "Kim away {}" "Away.";\n'
+    put(s, "kim@example.com", script.format("Boss <boss@example.com>", 1))
+    send(s, "first@remote.test", "kim@example.com", "to kim")
+    reply = wait_for(lambda: next((m for m in mx.messages if b"Kim away 1" in m.data), None))
+    assert b"From: Boss <boss@example.com>" in reply.data  # her alias: allowed
+    put(s, "lou@example.com", script.format("bob@example.com", 2))  # another user's
+    send(s, "second@remote.test", "lou@example.com", "to lou")
+    reply = wait_for(lambda: next((m for m in mx.messages if b"Kim away 2" in m.data), None))
+    assert b"From: lou@example.com" in reply.data and b"bob@example.com" not in reply.data
+    assert "vacation :from bob@example.com is not the user's" in s.log("up")
 
 
 def test_reject_returns_the_message_with_the_reason(world):
