@@ -37,6 +37,7 @@ def world(tmp_path_factory):
                   "dan@example.com", "eve@example.com", "fay@example.com", "gus@example.com",
                   "hal@example.com", "ivy@example.com", "jay@example.com",
                   "kim@example.com", "lou@example.com")
+    s.pochta("dkim", "keygen", "example.com", "--selector", "s1")  # vacation replies: signed
     s.start("up")
     yield s, mx, dns_server
     s.stop_all()
@@ -161,6 +162,9 @@ vacation :days 7 :subject "Away" "I am away until Monday.";
     answered = re.search(rb"In-Reply-To: (<question\.[0-2]@origin\.test>)", reply)
     assert answered and b"References: " + answered.group(1) in reply
     assert b"I am away until Monday." in reply
+    record = "".join(re.findall(r'"([^"]*)"', s.pochta("dns", "example.com").stdout.split(
+        "s1._domainkey.example.com. IN TXT ")[1].splitlines()[0]))
+    assert dkim.verify(reply, dnsfunc=lambda name, timeout=5: record.encode())  # signed by us
 
 
 def test_a_vacation_storm_from_one_sender_sends_one_reply(world):
