@@ -5,6 +5,7 @@ rspamd verdicts, SRS, loops)."""
 from __future__ import annotations
 
 import email
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -178,6 +179,15 @@ def test_srs_round_trip_and_forgeries():
     with pytest.raises(ForgedSrs):
         Srs(key="other" * 8).reverse(addr)
     assert srs.forward("", "example.com") == ""
+    # Forwarded again by another forwarder that uses SRS: SRS1, reversed to the first one's.
+    first_hop = Srs(key="j" * 32).forward("alice@origin.test", "fwd1.test")
+    again = srs.forward(first_hop, "example.com")
+    assert again.upper().startswith("SRS1=") and again.endswith("@example.com")
+    assert srs.reverse(again) == first_hop.lower()
+    # Older than the 21 days a bounce may take: refused (the library's clock, moved on).
+    srs._srs._time_fn = lambda: time.time() + 22 * 86400
+    with pytest.raises(ForgedSrs):
+        srs.reverse(addr)
     assert loops(b"Delivered-To: bob@example.com\nSubject: x", "BOB@example.com")
     assert loops(b"Received: x\n" * 51, "a@b")
     assert not loops(b"Received: x\nSubject: y", "a@b")
