@@ -99,6 +99,54 @@ def probe(addr: str, implicit_tls: bool = False) -> tuple[bool, str]:
     return True, f"{addr} answered in {1000 * (time.monotonic() - start):.0f} ms"
 
 
+def _connect(addr: str) -> socket.socket:
+    host, port = parse_address(addr, "listen")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return socket.create_connection((host, port), timeout=PROBE_TIMEOUT)
+
+
+def probe_managesieve(addr: str) -> tuple[bool, str]:
+    """ManageSieve's greeting: capability lines, then ``OK``; then LOGOUT."""
+    start = time.monotonic()
+    try:
+        with _connect(addr) as sock, sock.makefile("rb") as f:
+            for _ in range(64):
+                line = f.readline(4096)
+                if not line:
+                    return False, f"{addr}: closed without a greeting"
+                if line.startswith((b"OK", b"NO", b"BYE")):
+                    break
+            else:
+                return False, f"{addr}: greeting without end"
+            if not line.startswith(b"OK"):
+                return False, f"{addr}: greeting {line[:80].decode('utf-8', 'replace')!r}"
+            sock.sendall(b"LOGOUT\r\n")
+    except (OSError, ValueError) as e:
+        return False, f"{addr}: {e or 'timed out'}"
+    return True, f"{addr} answered in {1000 * (time.monotonic() - start):.0f} ms"
+
+
+def rspamd_check(cfg: Config) -> Check | None:
+    """rspamd's ``/ping`` when ``[spam] rspamd`` is set: while it does not answer, port-25
+    mail is accepted unscanned (fail_open) or deferred."""
+    if not cfg.spam.rspamd:
+        return None
+    import urllib.error
+    import urllib.request
+
+    url = cfg.spam.rspamd.rstrip("/") + "/ping"
+    effect = ("mail is accepted unscanned (fail_open)" if cfg.spam.fail_open
+              else "port-25 mail is deferred (451)")
+    try:
+        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT) as r:  # noqa: S310 (admin's URL)
+            answer = r.read(64).strip()
+    except (OSError, ValueError, urllib.error.URLError) as e:
+        return Check("rspamd", WARN, f"{url}: {getattr(e, 'reason', e)}; {effect}")
+    if answer != b"pong":
+        return Check("rspamd", WARN, f"{url} answered {answer[:40]!r}; {effect}")
+    return Check("rspamd", OK, f"{url} answered pong")
+
+
 def process_checks(cfg: Config) -> list[Check]:
     out = []
     listeners = [("mta", a, False) for a in cfg.mta.listen]
@@ -109,6 +157,9 @@ def process_checks(cfg: Config) -> list[Check]:
     for role, addr, tls in listeners:
         up, detail = probe(addr, tls)
         out.append(Check(role, OK if up else DOWN, detail))
+    for addr in cfg.managesieve.listen:
+        up, detail = probe_managesieve(addr)
+        out.append(Check("managesieve", OK if up else DOWN, detail))
     mta = [c for c in out if c.name == "mta"]
     if mta and all(c.state == DOWN for c in mta):
         for c in mta:
@@ -280,6 +331,9 @@ def status(ctx: typer.Context,
     checks.append(runner_check(cfg))
     queue, queue_data = queue_summary(cfg)
     checks += [queue, disk_check(cfg), database_check(cfg), certificate_check(cfg)]
+    spam = rspamd_check(cfg)
+    if spam is not None:
+        checks.append(spam)
     dkim, keys = dkim_check(cfg)
     checks.append(dkim)
     word, code = overall(checks)

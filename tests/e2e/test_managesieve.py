@@ -146,3 +146,12 @@ def test_garbage_gets_an_answer_and_no_traceback(world):
         answer = f.readline()
         assert answer.startswith(b"BYE"), answer
     assert "Traceback" not in s.log("up")
+
+
+def test_status_probes_managesieve(world):
+    import json
+
+    s, port, _ = world
+    r = s.pochta("status", "--json", check=False)
+    [check] = [c for c in json.loads(r.stdout)["checks"] if c["name"] == "managesieve"]
+    assert check["state"] == "ok" and f"127.0.0.1:{port} answered" in check["detail"]

@@ -4,6 +4,7 @@ into Junk by the MDA's default rule, and with rspamd stopped mail still comes in
 
 from __future__ import annotations
 
+import json
 import shutil
 import smtplib
 import tempfile
@@ -69,9 +70,17 @@ def test_a_spammy_message_goes_to_junk(world):
     assert b"X-Spam-Flag: YES" in message and b"cheap pills" in message
 
 
+def spam_status(s: Stack) -> dict:
+    r = s.pochta("status", "--json", check=False)
+    return next(c for c in json.loads(r.stdout)["checks"] if c["name"] == "rspamd")
+
+
 def test_rspamd_stopped_means_fail_open(world):
     s, rspamd = world
+    assert spam_status(s)["state"] == "ok"
     rspamd.stop()
+    down = spam_status(s)
+    assert down["state"] == "warn" and "accepted unscanned" in down["detail"]
     before = len(wait_mail(s, "bob@example.com", 1))
     send(s, clean("while rspamd is down"))
     inbox = wait_mail(s, "bob@example.com", before + 1)
