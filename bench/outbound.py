@@ -66,7 +66,7 @@ class SinkReport:
     most_at_once: int  # transactions for one domain at the same time, the highest seen
 
 
-def sink_main(port: int, tls_files: tuple[str, str] | None, delay: float,
+def sink_main(port: int, tls_files: tuple[str, str] | None, delay: float, rtt: float,
               count: Synchronized[int], control: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tls = None
@@ -78,7 +78,7 @@ def sink_main(port: int, tls_files: tuple[str, str] | None, delay: float,
         with count.get_lock():
             count.value += 1
 
-    sessions = SinkSessions(tls, delay, counted)
+    sessions = SinkSessions(tls, delay, counted, rtt)
 
     async def main() -> None:
         servers = [await asyncio.start_server(sessions.session, mx_address(i), port,
@@ -98,12 +98,13 @@ def sink_main(port: int, tls_files: tuple[str, str] | None, delay: float,
 
 
 class Sink:
-    def __init__(self, tls_files: tuple[str, str] | None, delay: float) -> None:
+    def __init__(self, tls_files: tuple[str, str] | None, delay: float, rtt: float) -> None:
         self.port = free_port()
         self.count: Synchronized[int] = multiprocessing.Value("i", 0)
         self.control, child = multiprocessing.Pipe()
         self.proc = multiprocessing.get_context("fork").Process(
-            target=sink_main, args=(self.port, tls_files, delay, self.count, child), daemon=True)
+            target=sink_main, args=(self.port, tls_files, delay, rtt, self.count, child),
+            daemon=True)
         self.proc.start()
         if not self.control.poll(20) or self.control.recv() != "ready":
             raise RuntimeError("the sink did not start")
@@ -211,8 +212,8 @@ class Result:
 
 
 def run_one(kind: str, tls: bool, n: int, size: int, dns_port: int,
-            tls_files: tuple[str, str], delay: float) -> Result:
-    sink = Sink(tls_files if tls else None, delay)
+            tls_files: tuple[str, str], delay: float, rtt: float) -> Result:
+    sink = Sink(tls_files if tls else None, delay, rtt)
     system: Pochta | Postfix = (Pochta(sink.port, dns_port) if kind == "pochta"
                                 else Postfix(sink.port, tls))
     run = f"o{int(time.time() * 1000) % 10**9}"
@@ -259,6 +260,9 @@ def main() -> None:
     parser.add_argument("--mx-delay", type=float, default=0.0, metavar="SECONDS",
                         help="the MX waits this long before its 250 to DATA (a distant host: "
                         "deliveries pile up to the per-destination limits)")
+    parser.add_argument("--rtt", type=float, default=0.0, metavar="SECONDS",
+                        help="the MX is this many seconds away: each time a client waits for "
+                        "its replies costs one round trip (pipelining clients wait less)")
     args = parser.parse_args()
     from store.tlscert import make_self_signed
 
@@ -275,7 +279,8 @@ def main() -> None:
     verdicts = []
     try:
         print(f"{args.messages} x {args.size // 1024} KB to {len(DOMAINS)} domains, 20 injecting "
-              f"sessions, MX delay {args.mx_delay * 1000:.0f} ms; medians of {args.runs}")
+              f"sessions, MX delay {args.mx_delay * 1000:.0f} ms, round trip "
+              f"{args.rtt * 1000:.0f} ms; medians of {args.runs}")
         print(f"{'system':8} {'tls':8} {'msg/s':>7} {'conns':>6} {'msgs/conn':>9} "
               f"{'per-dest':>8} {'cpu ms/msg':>10} {'lost':>4} {'dup':>4}")
         for tls in (False, True):
@@ -283,7 +288,7 @@ def main() -> None:
             for i in range(args.runs):
                 for kind in kinds if i % 2 == 0 else kinds[::-1]:
                     results[kind].append(run_one(kind, tls, args.messages, args.size, dns_port,
-                                                 tls_files, args.mx_delay))
+                                                 tls_files, args.mx_delay, args.rtt))
             med = {k: median(v) for k, v in results.items()}
             for r in med.values():
                 cpu = f"{r.cpu_ms:.2f}" if r.system == "pochta" else "-"

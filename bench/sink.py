@@ -17,9 +17,12 @@ class SinkSessions:
     and the most transactions one recipient domain had at the same time."""
 
     def __init__(self, tls: ssl.SSLContext | None = None, delay: float = 0.0,
-                 on_message: Callable[[], None] = lambda: None) -> None:
+                 on_message: Callable[[], None] = lambda: None, rtt: float = 0.0) -> None:
         self.tls = tls
-        self.delay = delay  # before the 250 to DATA: a distant host
+        self.delay = delay  # before the 250 to DATA: a slow host
+        # A distant host: each time the client waits for replies (it has sent no further
+        # command), they reach it one round trip later. A client that pipelines waits less.
+        self.rtt = rtt
         self.on_message = on_message
         self.count = 0
         self.connections = 0
@@ -60,6 +63,8 @@ class SinkSessions:
                     writer.write(b"250 2.1.5 ok\r\n")
                 elif verb == b"DATA":
                     writer.write(b"354 go ahead\r\n")
+                    if self.rtt:
+                        await asyncio.sleep(self.rtt)
                     await writer.drain()
                     data = await reader.readuntil(b"\r\n.\r\n")
                     if self.delay:
@@ -78,6 +83,9 @@ class SinkSessions:
                     break
                 else:
                     writer.write(b"250 2.0.0 ok\r\n")
+                # The client waits once it sent all it had (asyncio's buffer, a private name).
+                if self.rtt and b"\n" not in reader._buffer:  # type: ignore[attr-defined]
+                    await asyncio.sleep(self.rtt)
                 await writer.drain()
         except (OSError, ssl.SSLError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass

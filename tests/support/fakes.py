@@ -163,9 +163,12 @@ class ScriptedMX:
     tarpit). Received messages are kept in ``messages`` (raw DATA, dot-stuffed as sent).
     """
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, pipelining: bool = False) -> None:
         self.host, self.port = host, port
+        self.pipelining = pipelining  # advertise PIPELINING (RFC 2920)
         self.replies: dict[str, bytes] = {}
+        self.rcpt_replies: dict[bytes, bytes] = {}  # a RCPT line containing the key: its reply
+        self.chunks: list[bytes] = []  # what each recv() after EHLO got, to see what was pipelined
         self.silent: set[str] = set()
         self.messages: list[bytes] = []
         self.connections = 0
@@ -204,18 +207,26 @@ class ScriptedMX:
                 while self.running and conn.recv(65536):
                     pass
                 return
+            greeted = False
             while self.running:
                 while b"\r\n" not in buf:
                     chunk = conn.recv(65536)
                     if not chunk:
                         return
+                    if greeted:
+                        self.chunks.append(chunk)
                     buf += chunk
                 line, _, buf = buf.partition(b"\r\n")
                 verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper().decode("ascii", "replace")
                 if verb == "EHLO":
+                    greeted = True
                     tls = b"250-STARTTLS\r\n" if mode == "tls-silent" else b""
+                    tls += b"250-PIPELINING\r\n" if self.pipelining else b""
                     ok = self._reply(conn, verb, b"250-scripted.test\r\n250-8BITMIME\r\n"
                                      + tls + b"250-SMTPUTF8\r\n250 DSN\r\n")
+                elif verb == "RCPT" and any(k in line for k in self.rcpt_replies):
+                    conn.sendall(next(v for k, v in self.rcpt_replies.items() if k in line))
+                    ok = True
                 elif verb == "STARTTLS" and mode == "tls-silent":
                     conn.sendall(b"220 2.0.0 go ahead\r\n")
                     ok = False  # and never a byte of the handshake
@@ -229,12 +240,16 @@ class ScriptedMX:
                                     struct.pack("ii", 1, 0))  # close sends RST
                     return
                 elif verb == "DATA":
-                    conn.sendall(b"354 go ahead\r\n")
-                    while b"\r\n.\r\n" not in buf:
+                    conn.sendall(b"354 go ahead\r\n")  # even with no recipient: a sloppy peer
+                    while b"\r\n.\r\n" not in buf and not buf.startswith(b".\r\n"):
                         chunk = conn.recv(65536)
                         if not chunk:
                             return
                         buf += chunk
+                    if buf.startswith(b".\r\n"):  # an empty message: nothing to keep
+                        buf = buf[3:]
+                        conn.sendall(b"554 5.5.1 no valid recipients\r\n")
+                        continue
                     data, _, buf = buf.partition(b"\r\n.\r\n")
                     self.messages.append(data)
                     ok = self._reply(conn, "DATA", b"250 2.0.0 stored\r\n")
