@@ -9,7 +9,9 @@ aiosmtplib 5 (``_buffer``, ``_response_waiter``, ``_command_lock``...) are relie
 ``send_bdat`` in remote.py; pyproject.toml keeps aiosmtplib below 6.
 
 Without pipelining a message to a host whose connection is reused costs five round trips
-(RSET, MAIL, RCPT, DATA, the message); with it three, and one write for the envelope.
+(RSET, MAIL, RCPT, DATA, the message); with it two: RSET goes ahead of the envelope in the
+same write, and a connection the host closed while idle shows there (``StaleConnection``:
+nothing was taken, a fresh connection carries the message).
 """
 
 from __future__ import annotations
@@ -70,6 +72,20 @@ def keep_replies(smtp: aiosmtplib.SMTP) -> None:
         protocol.__class__ = KeepingProtocol
 
 
+def pipelines(smtp: aiosmtplib.SMTP) -> bool:
+    """Whether the envelope may go in one write: the host offers PIPELINING and the
+    connection keeps replies."""
+    return smtp.supports_extension("pipelining") and isinstance(smtp.protocol, KeepingProtocol)
+
+
+class StaleConnection(aiosmtplib.SMTPException):
+    """A reused connection did not answer the RSET sent ahead of the envelope: closed by the
+    host while idle. Nothing of the transaction was taken; a fresh connection may try."""
+
+
+RSET_LIMIT = 10.0  # seconds for the reply to the RSET that opens a reused connection
+
+
 @dataclass(frozen=True)
 class EnvelopeReplies:
     mail: aiosmtplib.SMTPResponse
@@ -78,12 +94,14 @@ class EnvelopeReplies:
 
 
 async def send_envelope(smtp: aiosmtplib.SMTP, mail: bytes, rcpts: list[bytes], data: bool,
-                        limits: dict[str, float]) -> EnvelopeReplies:
-    """Write ``MAIL``, the ``RCPT`` lines and (``data``) ``DATA`` at once; read their replies.
-    Every reply is read whatever the earlier ones said, so that the session stays in step. A
-    354 to DATA with nothing accepted is ended with an empty message, as RFC 2920 §3.1 asks."""
+                        limits: dict[str, float], reset: bool = False) -> EnvelopeReplies:
+    """Write ``MAIL``, the ``RCPT`` lines and (``data``) ``DATA`` at once, after ``RSET`` on
+    a reused connection (``reset``); read their replies. Every reply is read whatever the
+    earlier ones said, so that the session stays in step. A 354 to DATA with nothing accepted
+    is ended with an empty message, as RFC 2920 §3.1 asks. ``StaleConnection`` when the RSET
+    gets no 250."""
     protocol = _protocol(smtp)
-    lines = [mail, *rcpts, *([b"DATA"] if data else [])]
+    lines = [*([b"RSET"] if reset else []), mail, *rcpts, *([b"DATA"] if data else [])]
     for line in lines:
         if aiosmtplib.protocol.COMMAND_INJECTION_REGEX.search(line):
             raise ValueError("command contains a control character")
@@ -91,6 +109,15 @@ async def send_envelope(smtp: aiosmtplib.SMTP, mail: bytes, rcpts: list[bytes], 
         async with protocol._command_lock:  # type: ignore[union-attr]
             protocol._response_pending = True
             protocol.write(b"".join(line + b"\r\n" for line in lines))
+            if reset:
+                try:
+                    rset = await protocol.read_response(timeout=min(RSET_LIMIT, limits["mail"]))
+                except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as e:
+                    smtp.close()
+                    raise StaleConnection(f"no reply to RSET: {e}") from None
+                if rset.code != 250:
+                    smtp.close()
+                    raise StaleConnection(f"RSET answered {rset.code} {rset.message}")
             mail_reply = await protocol.read_response(timeout=limits["mail"])
             rcpt_replies = [await protocol.read_response(timeout=limits["rcpt"])
                             for _ in rcpts]

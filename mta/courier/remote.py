@@ -91,9 +91,9 @@ LARGE_AT_ONCE = 8
 class IdleConnections:
     """Connections whose transaction is over, kept for the next message to the same host
     with the same TLS requirement (Postfix's scache): no new TCP, greeting, EHLO, TLS
-    handshake for every message of a newsletter or a queue draining. A connection is taken
-    only after RSET succeeds on it; one that fails is closed and a fresh one made, so reuse
-    never costs a message anything but that round trip."""
+    handshake for every message of a newsletter or a queue draining. A connection is used
+    only after RSET succeeds on it (with PIPELINING, the RSET ahead of the envelope); one that
+    fails is closed and a fresh one made, so reuse never costs a message anything."""
 
     def __init__(self) -> None:
         self.idle: dict[tuple[object, ...], list[tuple[aiosmtplib.SMTP, bool, int, float]]] = {}
@@ -112,6 +112,9 @@ class IdleConnections:
             if now - since > IDLE_REUSE or not smtp.is_connected:
                 await _quit(smtp)
                 continue
+            if pipelining.pipelines(smtp):  # its RSET goes out with the next envelope
+                self.reused += 1
+                return smtp, authenticated, uses
             try:
                 await smtp.rset(timeout=10)
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
@@ -336,8 +339,13 @@ class Outbound:
                                    validate_certs=verify)
         try:
             if taken is not None:
-                results = await self.transaction(env, smtp, rcpts, data, reply, refuse,
-                                                 authenticated)
+                try:
+                    results = await self.transaction(env, smtp, rcpts, data, reply, refuse,
+                                                     authenticated, reused=True)
+                except pipelining.StaleConnection as e:
+                    log.info("%s: %s: %s; on a fresh connection", env.id, relay, e)
+                    return await self._session(env, host, port, rcpts, data, use_tls,
+                                               smarthost, requirement, domain)
                 reusable = True
                 return results
             try:
@@ -453,10 +461,11 @@ class Outbound:
 
     async def transaction(self, env: Envelope, smtp: aiosmtplib.SMTP, rcpts: list[Recipient],
                            data: bytes, reply: Callable[[int, str], Reply],
-                           refuse: Callable[[int, str], Reply], authenticated: bool = False
-                           ) -> dict[str, Reply]:
+                           refuse: Callable[[int, str], Reply], authenticated: bool = False,
+                           reused: bool = False) -> dict[str, Reply]:
         """One mail transaction; ``authenticated``: the peer's identity was verified (a
-        verified smarthost, MTA-STS enforce, DANE), which REQUIRETLS needs."""
+        verified smarthost, MTA-STS enforce, DANE), which REQUIRETLS needs; ``reused``: an
+        idle connection taken without its RSET (pipelining: it goes with the envelope)."""
         options: list[str] = []
         if needs_smtputf8(env, rcpts):
             if not smtp.supports_extension("smtputf8"):
@@ -509,13 +518,12 @@ class Outbound:
                     rcpt_options[-1].append(f"ORCPT={r.orcpt}")
         results: dict[str, Reply] = {}
         accepted: list[str] = []
-        if smtp.supports_extension("pipelining") and isinstance(smtp.protocol,
-                                                                  pipelining.KeepingProtocol):
+        if pipelining.pipelines(smtp):
             got = await pipelining.send_envelope(
                 smtp, command(b"MAIL FROM:", wire_address(env.mail_from), options, encoding),
                 [command(b"RCPT TO:", wire_address(r.address), o, encoding)
                  for r, o in zip(rcpts, rcpt_options, strict=True)],
-                not chunking, self.timeouts)
+                not chunking, self.timeouts, reset=reused)
             if got.mail.code != 250:
                 raise aiosmtplib.SMTPSenderRefused(got.mail.code, got.mail.message,
                                                    env.mail_from)

@@ -26,6 +26,8 @@ def world(tmp_path_factory):
     peer = ScriptedMX(MX_IP, port, pipelining=True)
     dns_server.add("pipe.test", "MX", "10 mx.pipe.test.")
     dns_server.add("mx.pipe.test", "A", MX_IP)
+    dns_server.add("idle.test", "MX", "10 mx.idle.test.")  # its own connections
+    dns_server.add("mx.idle.test", "A", MX_IP)
     s = Stack(tmp_path_factory.mktemp("pipelining"),
               delivery={"resolver": dns_server.address, "smtp_port": port,
                         "retry_initial": 600, "retry_max": 600})
@@ -91,3 +93,19 @@ def test_all_recipients_refused_then_the_next_message_still_goes(world):
     assert wait_for(lambda: any(b"after the refusals" in m for m in peer.messages)), \
         s.log("up")
     assert "Traceback" not in s.log("up")
+
+
+def test_a_reused_connection_the_host_closed_is_replaced_without_a_delay(world):
+    """The RSET goes ahead of the envelope on a reused connection; a host that answers it 421
+    (its idle timer) costs the message nothing: a fresh connection carries it."""
+    s, peer = world
+    peer.plan = ["421-after-message"]
+    submit(s, ["one@idle.test"], "first on the connection")
+    assert wait_for(lambda: any(b"first on the connection" in m for m in peer.messages))
+    submit(s, ["two@idle.test"], "second after the 421")  # within the 2 s the connection idles
+    assert wait_for(lambda: any(b"second after the 421" in m for m in peer.messages)), \
+        s.log("up")
+    log = s.log("up")
+    assert "RSET answered 421" in log and "on a fresh connection" in log
+    assert "to=<two@idle.test>" in log and "attempts=1 status=sent" in log.split(
+        "to=<two@idle.test>")[1].splitlines()[0]

@@ -175,7 +175,9 @@ class ScriptedMX:
         # Per connection, in order: "421-at-rcpt" (421 and close), "reset-in-data" (the
         # connection reset after the first bytes of the message), "tls-silent" (STARTTLS
         # offered and answered 220, then no handshake), "close-after-message" (the
-        # connection closed once a message is stored), else a normal session.
+        # connection closed once a message is stored), "421-after-message" (the next command
+        # after a stored message gets 421 and the connection is closed, as a host whose idle
+        # timer ran out), else a normal session.
         self.plan: list[str] = []
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.sock.settimeout(0.2)
@@ -202,6 +204,7 @@ class ScriptedMX:
         conn.settimeout(120)
         buf = b""
         mode = self.plan.pop(0) if self.plan else "ok"
+        self.messages_in_session = False  # (one session at a time in the tests that ask)
         try:
             if not self._reply(conn, "greeting", b"220 scripted.test ESMTP\r\n"):
                 while self.running and conn.recv(65536):
@@ -218,6 +221,9 @@ class ScriptedMX:
                     buf += chunk
                 line, _, buf = buf.partition(b"\r\n")
                 verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper().decode("ascii", "replace")
+                if mode == "421-after-message" and self.messages_in_session:
+                    conn.sendall(b"421 4.4.2 idle too long, closing\r\n")
+                    return
                 if verb == "EHLO":
                     greeted = True
                     tls = b"250-STARTTLS\r\n" if mode == "tls-silent" else b""
@@ -252,6 +258,7 @@ class ScriptedMX:
                         continue
                     data, _, buf = buf.partition(b"\r\n.\r\n")
                     self.messages.append(data)
+                    self.messages_in_session = True
                     ok = self._reply(conn, "DATA", b"250 2.0.0 stored\r\n")
                     if mode == "close-after-message":
                         return
