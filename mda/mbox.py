@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from store.fsio import ensure_dir, wait_for_lock
+from store.fsio import create_dotlock, ensure_dir, wait_for_lock
 
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
 _QUOTED_FROM = re.compile(rb"^>(>*From )", re.MULTILINE)
@@ -164,21 +164,13 @@ def _open_locked(path: Path) -> Iterator[int]:
 @contextlib.contextmanager
 def _dotlock(path: Path) -> Iterator[None]:
     lock = path.with_name(path.name + ".lock")
-    deadline = time.monotonic() + LOCK_TIMEOUT
-    while True:
-        try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            os.close(fd)
-            break
-        except FileExistsError:
-            with contextlib.suppress(FileNotFoundError):
-                if time.time() - os.stat(lock).st_mtime > DOTLOCK_STALE:
-                    os.unlink(lock)
-                    continue
-            if time.monotonic() > deadline:
-                raise LockTimeout(errno.ETIMEDOUT, f"dotlock {lock} timed out") from None
-            time.sleep(0.02)
+    fd = create_dotlock(lock, LOCK_TIMEOUT, DOTLOCK_STALE)
+    if fd is None:
+        raise LockTimeout(errno.ETIMEDOUT, f"dotlock {lock} timed out")
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
     try:
         yield
     finally:

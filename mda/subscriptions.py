@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from pathlib import Path
 
 from mda.maildir import imap_utf7
+from store.fsio import create_dotlock
 
 HEADER = b"V\t2\n\n"
 LOCK_WAIT = 5.0  # seconds; Dovecot holds the lock for a moment only
@@ -59,19 +59,9 @@ def subscribe(path: Path, folder: str, owner: tuple[int, int] | None = None) -> 
     """Add ``folder`` to the subscriptions file at ``path``; whether it changed. OSError
     (OldFormat, a lock held too long...) when it could not be done."""
     lock = path.with_name(path.name + ".lock")
-    deadline = time.monotonic() + LOCK_WAIT
-    while True:
-        try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            break
-        except FileExistsError:
-            with contextlib.suppress(FileNotFoundError):
-                if time.time() - os.stat(lock).st_mtime > LOCK_STALE:
-                    os.unlink(lock)
-                    continue
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{lock} is held") from None
-            time.sleep(0.05)
+    fd = create_dotlock(lock, LOCK_WAIT, LOCK_STALE, poll=0.05)
+    if fd is None:
+        raise TimeoutError(f"{lock} is held")
     renamed = False
     try:
         try:

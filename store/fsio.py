@@ -257,3 +257,22 @@ def wait_for_lock(fd: int, lock: Callable[[int, int], None], timeout: float,
             if time.monotonic() > deadline:
                 return False
             time.sleep(poll)
+
+
+def create_dotlock(lock: str | os.PathLike[str], timeout: float, stale: float,
+                   poll: float = 0.02) -> int | None:
+    """Create the dotlock file ``lock`` (O_EXCL; mode 0600) and return its fd, waiting until
+    ``timeout`` while another holds it; one older than ``stale`` seconds is taken as left
+    by a dead process and removed. None if it stayed held."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - os.stat(lock).st_mtime > stale:
+                    os.unlink(lock)
+                    continue
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(poll)

@@ -8,6 +8,7 @@ import base64
 import smtplib
 import socket
 import ssl
+from typing import BinaryIO
 
 import pytest
 import trustme
@@ -87,23 +88,27 @@ def test_rename_delete_and_the_active_script_is_protected(client):
     assert client.setactive("filters") or True
 
 
+def greeted(port: int, timeout: float = 10) -> tuple[socket.socket, BinaryIO]:
+    """A raw connection past the greeting (capabilities, then OK)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    f = sock.makefile("rb")
+    while True:
+        line = f.readline()
+        assert line, "closed before the greeting ended"
+        if line.startswith(b"OK"):
+            return sock, f
+
+
 def test_no_auth_before_tls_and_bad_passwords_end_the_session(world):
     s, port, _ = world
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        f = sock.makefile("rb")
-        greeting = b""
-        while not greeting.startswith(b"OK"):
-            line = f.readline()
-            assert line, "closed"
-            greeting = line
+    sock, f = greeted(port)
+    with sock:
         sock.sendall(b'AUTHENTICATE "PLAIN" "AGJvYkBleGFtcGxlLmNvbQBzaWV2ZSBwdw=="\r\n')
         assert f.readline().startswith(b"NO (ENCRYPT-NEEDED)")
         sock.sendall(b"PUTSCRIPT \"x\" {5+}\r\nkeep;\r\n")
         assert f.readline().startswith(b"NO")
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
-        f = raw.makefile("rb")
-        while not f.readline().startswith(b"OK"):
-            pass
+    raw, f = greeted(port, timeout=30)
+    with raw:
         raw.sendall(b"STARTTLS\r\n")
         assert f.readline().startswith(b"OK")
         ctx = ssl.create_default_context()
@@ -123,10 +128,8 @@ def test_no_auth_before_tls_and_bad_passwords_end_the_session(world):
 
 def test_garbage_gets_an_answer_and_no_traceback(world):
     s, port, _ = world
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        f = sock.makefile("rb")
-        while not f.readline().startswith(b"OK"):
-            pass
+    sock, f = greeted(port)
+    with sock:
         sock.sendall(b"\xff\xfe\x00 NOOP\r\n")
         assert f.readline().startswith(b"NO")
         sock.sendall(b'CAPABILITY "unterminated\r\n')
@@ -138,10 +141,8 @@ def test_garbage_gets_an_answer_and_no_traceback(world):
             assert f.readline() == b""
         except ConnectionResetError:
             pass
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        f = sock.makefile("rb")
-        while not f.readline().startswith(b"OK"):
-            pass
+    sock, f = greeted(port)
+    with sock:
         sock.sendall(b"PUTSCRIPT \"x\" {999999999+}\r\n")  # a literal over the size limit
         answer = f.readline()
         assert answer.startswith(b"BYE"), answer
