@@ -68,6 +68,12 @@ def read_reply(sock: socket.socket) -> str:
             raise ConnectionError("reply too long")
 
 
+def _connect(addr: str) -> socket.socket:
+    host, port = parse_address(addr, "listen")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return socket.create_connection((host, port), timeout=PROBE_TIMEOUT)
+
+
 def probe(addr: str, implicit_tls: bool = False) -> tuple[bool, str]:
     """Connect, read the greeting (220), say QUIT; (answered, what happened)."""
     start = time.monotonic()
@@ -77,9 +83,7 @@ def probe(addr: str, implicit_tls: bool = False) -> tuple[bool, str]:
             sock.settimeout(PROBE_TIMEOUT)
             sock.connect(addr[5:])
         else:
-            host, port = parse_address(addr, "listen")
-            host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-            sock = socket.create_connection((host, port), timeout=PROBE_TIMEOUT)
+            sock = _connect(addr)
         with sock:
             if implicit_tls:
                 ctx = ssl.create_default_context()
@@ -97,12 +101,6 @@ def probe(addr: str, implicit_tls: bool = False) -> tuple[bool, str]:
     except (OSError, ConnectionError, ValueError) as e:
         return False, f"{addr}: {e or 'timed out'}"
     return True, f"{addr} answered in {1000 * (time.monotonic() - start):.0f} ms"
-
-
-def _connect(addr: str) -> socket.socket:
-    host, port = parse_address(addr, "listen")
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return socket.create_connection((host, port), timeout=PROBE_TIMEOUT)
 
 
 def probe_managesieve(addr: str) -> tuple[bool, str]:
