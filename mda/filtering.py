@@ -49,16 +49,15 @@ VACATION_KEPT = 31 * 86400.0  # longer than the longest :days (30): older state 
 
 
 class SieveDelivery:
-    def __init__(self, deliverer: Deliverer, store: SieveStore, spool_dir: str | Path,
-                 hostname: str, limits: Limits | None = None,
-                 clock: Callable[[], float] = time.time, junk_folder: str = "",
-                 directory: Directory | None = None) -> None:
+    def __init__(self, deliverer: Deliverer, store: SieveStore, directory: Directory,
+                 spool_dir: str | Path, hostname: str, limits: Limits | None = None,
+                 clock: Callable[[], float] = time.time, junk_folder: str = "") -> None:
         # The default rule before any user's script (rspamd on): what the MTA marked
         # X-Spam-Flag: YES goes into this folder. "": off.
         self.junk_folder = junk_folder
         self.deliverer = deliverer
         self.store = store
-        self.directory = directory  # who owns a vacation :from address (None: nobody else)
+        self.directory = directory  # who owns a vacation :from address
         self.hostname = hostname
         self.limits = limits or Limits()
         self.clock = clock
@@ -209,19 +208,8 @@ class SieveDelivery:
 
 
     def _owns(self, user: str, address: str) -> bool:
-        """Whether ``address`` is ``user``'s: the same (or with a +detail), or an alias of
-        one of our domains that delivers to the user (the MSA's rule for a sender)."""
         try:
-            addr = addresses.strip_subaddress(addresses.normalize(address))
-        except addresses.AddressError:
-            return False
-        if addr == user.lower():
-            return True
-        if self.directory is None:
-            return False
-        try:
-            return (self.directory.is_local_domain(addresses.domain_of(addr))
-                    and user.lower() in self.directory.resolve(addr))
+            return self.directory.owns(user, address)
         except DirectoryUnavailable:
             return False
 

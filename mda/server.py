@@ -28,9 +28,10 @@ async def run(cfg: Config, stop: asyncio.Event,
     deliverer = Deliverer(cfg.mda, cfg.hostname, use_syncfs=cfg.sync_method == "auto")
     directory = CachedDirectory(db, cfg.directory_cache_ttl)
     handler = LMTPHandler(directory, deliverer,
-                          SieveDelivery(deliverer, SieveStore(db), cfg.spool_dir, cfg.hostname,
+                          SieveDelivery(deliverer, SieveStore(db), directory, cfg.spool_dir,
+                                        cfg.hostname,
                                         junk_folder=cfg.spam.junk_folder if cfg.spam.rspamd
-                                        else "", directory=directory))
+                                        else ""))
     connections = Connections(max_total=500, max_per_ip=0)
     current = [cfg]  # the last (re)loaded config, for new connections
 

@@ -272,15 +272,7 @@ class SubmissionHandler(SMTPHandler):
     # -- sender rules -------------------------------------------------------------------------
 
     async def _owns(self, login: str, address: str) -> bool:
-        try:
-            addr = addresses.strip_subaddress(addresses.normalize(address))
-        except addresses.AddressError:
-            return False
-        if addr == login:
-            return True
-        targets = await asyncio.to_thread(self.directory.resolve, addr)
-        return login in targets and await asyncio.to_thread(
-            self.directory.is_local_domain, addresses.domain_of(addr))
+        return await asyncio.to_thread(self.directory.owns, login, address)
 
     async def handle_MAIL(self, server: SMTPProtocol, session: Session, envelope: SMTPEnvelope,
                           address: str, mail_options: list[str]) -> str:

@@ -157,6 +157,19 @@ class Directory:
             self._expand(s, addr, (), out)
             return out
 
+    def owns(self, user: str, address: str) -> bool:
+        """Whether ``user`` may use ``address`` as its own (a sender on submission, a vacation
+        reply's From): the same address, with or without a +detail, or an address of one of
+        our domains that delivers to ``user`` (an alias, a catch-all)."""
+        try:
+            addr = addresses.strip_subaddress(addresses.normalize(address))
+        except AddressError:
+            return False
+        if addr == user.lower():
+            return True
+        return user.lower() in self.resolve(addr) and self.is_local_domain(
+            addresses.domain_of(addr))
+
     def vrfy(self, address: str) -> str | None:
         """The mailbox ``address`` names, or None (RFC 5321 3.5.1: VRFY names a user)."""
         try:

@@ -518,7 +518,8 @@ class Outbound:
                     rcpt_options[-1].append(f"ORCPT={r.orcpt}")
         results: dict[str, Reply] = {}
         accepted: list[str] = []
-        if pipelining.pipelines(smtp):
+        pipelined = pipelining.pipelines(smtp)
+        if pipelined:
             got = await pipelining.send_envelope(
                 smtp, command(b"MAIL FROM:", wire_address(env.mail_from), options, encoding),
                 [command(b"RCPT TO:", wire_address(r.address), o, encoding)
@@ -531,16 +532,8 @@ class Outbound:
                 results[r.address] = reply(resp.code, resp.message)
                 if resp.code in (250, 251):
                     accepted.append(r.address)
-            if not accepted:
-                return results
-            if got.data is not None and got.data.code != 354:
+            if accepted and got.data is not None and got.data.code != 354:
                 raise aiosmtplib.SMTPDataError(got.data.code, got.data.message)
-            if chunking:
-                resp = await send_bdat(smtp, data, self.timeouts["data"])
-            else:
-                resp = await pipelining.send_message(smtp, data, self.timeouts["data"])
-                if resp.code != 250:
-                    raise aiosmtplib.SMTPDataError(resp.code, resp.message)
         else:
             await mail(smtp, wire_address(env.mail_from), options, encoding,
                        self.timeouts["mail"])
@@ -552,12 +545,16 @@ class Outbound:
                     results[r.address] = reply(resp.code, resp.message)
                 except aiosmtplib.SMTPRecipientRefused as e:
                     results[r.address] = reply(e.code, e.message)
-            if not accepted:
-                return results
-            if chunking:  # counted, not dot-stuffed: the message goes as it is, in one write
-                resp = await send_bdat(smtp, data, self.timeouts["data"])
-            else:
-                resp = await smtp.data(data, timeout=self.timeouts["data"])
+        if not accepted:
+            return results
+        if chunking:  # counted, not dot-stuffed: the message goes as it is, in one write
+            resp = await send_bdat(smtp, data, self.timeouts["data"])
+        elif pipelined:  # DATA went with the envelope and got its 354
+            resp = await pipelining.send_message(smtp, data, self.timeouts["data"])
+            if resp.code != 250:
+                raise aiosmtplib.SMTPDataError(resp.code, resp.message)
+        else:
+            resp = await smtp.data(data, timeout=self.timeouts["data"])
         for a in accepted:
             results[a] = Reply(resp.code, resp.message, results[a].relay, dsn_passed=dsn)
         return results
@@ -575,9 +572,8 @@ def command(verb: bytes, path: str, options: list[str], encoding: str) -> bytes:
 
 async def mail(smtp: aiosmtplib.SMTP, sender: str, options: list[str], encoding: str,
                limit: float) -> aiosmtplib.SMTPResponse:
-    response = await smtp.execute_command(
-        b"MAIL", b"FROM:<" + sender.encode(encoding) + b">",
-        *(o.encode("ascii") for o in options), timeout=limit)
+    response = await smtp.execute_command(command(b"MAIL FROM:", sender, options, encoding),
+                                          timeout=limit)
     if response.code != 250:
         raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
     return response
@@ -585,9 +581,8 @@ async def mail(smtp: aiosmtplib.SMTP, sender: str, options: list[str], encoding:
 
 async def rcpt(smtp: aiosmtplib.SMTP, recipient: str, options: list[str], encoding: str,
                limit: float) -> aiosmtplib.SMTPResponse:
-    response = await smtp.execute_command(
-        b"RCPT", b"TO:<" + recipient.encode(encoding) + b">",
-        *(o.encode("ascii") for o in options), timeout=limit)
+    response = await smtp.execute_command(command(b"RCPT TO:", recipient, options, encoding),
+                                          timeout=limit)
     if response.code not in (250, 251):
         raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, recipient)
     return response
